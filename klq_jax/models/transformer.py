@@ -1,0 +1,314 @@
+"""Decoder-only LMs in Flax NNX: Llama family (Llama 2/3, SmolLM2, Mistral, Qwen2), GPT-NeoX (Pythia),
+GPT-2; one block definition, layers stacked and run with `jax.lax.scan`; optional value and score heads.
+
+Conventions (see docs/architecture.md): `logits_btv[:, t]` predicts token `t+1`; `values_bt[:, t]` is the
+value of the state made of tokens `0..t`. Attention takes a key mask over cache slots (`kv_mask_bs`), so
+left-padded prompts, KV-cached decoding and plain forwards share one code path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from klq_jax.models.config import ModelConfig
+from klq_jax.sharding import shard
+
+_NEG_INF = -1e30  # finite, so fully masked rows (left padding) give a uniform softmax instead of NaN
+
+
+@struct.dataclass
+class KVCache:
+    """Per-layer keys and values, stacked over layers: `k_lbskh`, `v_lbskh` [L, B, S, K, hd]."""
+
+    k_lbskh: jax.Array
+    v_lbskh: jax.Array
+
+    @classmethod
+    def zeros(cls, cfg: ModelConfig, batch: int, slots: int, dtype=jnp.float32) -> "KVCache":
+        shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+@struct.dataclass
+class ModelOutput:
+    logits_btv: jax.Array | None
+    values_bt: jax.Array | None
+    scores_b: jax.Array | None
+    hidden_btd: jax.Array
+    cache: KVCache | None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pure pieces.
+
+
+def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
+    """RoPE inverse frequencies over `rotary_dim`, with Llama 3 frequency-dependent scaling if set."""
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, cfg.rotary_dim, 2, dtype=jnp.float32) / cfg.rotary_dim))
+    if cfg.rope_scaling is None:
+        return inv_freq
+    s = dict(cfg.rope_scaling)
+    factor, low, high, old_len = (s["factor"], s["low_freq_factor"], s["high_freq_factor"],
+                                  s["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return jnp.where(is_medium, smoothed, scaled)
+
+
+def rope_cos_sin(cfg: ModelConfig, positions_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
+    freqs_btf = positions_bt[..., None].astype(jnp.float32) * rope_inv_freq(cfg)
+    emb_btr = jnp.concatenate([freqs_btf, freqs_btf], axis=-1)
+    return jnp.cos(emb_btr), jnp.sin(emb_btr)
+
+
+def apply_rope(x_btnh: jax.Array, cos_btr: jax.Array, sin_btr: jax.Array) -> jax.Array:
+    """Rotates the first `rotary_dim` dims of each head (HF's rotate-half layout); the rest pass through."""
+    rot = cos_btr.shape[-1]
+    x_rot, x_pass = x_btnh[..., :rot].astype(jnp.float32), x_btnh[..., rot:]
+    x1, x2 = jnp.split(x_rot, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    out = x_rot * cos_btr[:, :, None, :] + rotated * sin_btr[:, :, None, :]
+    return jnp.concatenate([out.astype(x_btnh.dtype), x_pass], axis=-1)
+
+
+def rms_norm(x, scale, eps):
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (x32 * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def layer_norm(x, scale, bias, eps):
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def activation(name: str, x):
+    if name == "gelu":
+        return jax.nn.gelu(x, approximate=False)
+    if name == "gelu_new":
+        return jax.nn.gelu(x, approximate=True)
+    return jax.nn.silu(x)
+
+
+def attention_mask(q_slots_bt: jax.Array, kv_mask_bs: jax.Array) -> jax.Array:
+    """[B, T, S] bool: a query at cache slot i sees key slots s <= i that hold real tokens."""
+    key_slots_s = jnp.arange(kv_mask_bs.shape[1])
+    causal_bts = key_slots_s[None, None, :] <= q_slots_bt[:, :, None]
+    return causal_bts & kv_mask_bs[:, None, :]
+
+
+def _param(rngs: nnx.Rngs, shape, fan_in, dtype, std=None):
+    std = std if std is not None else 1.0 / math.sqrt(fan_in)
+    return nnx.Param(std * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape, dtype))
+
+
+def _zeros(shape, dtype):
+    return nnx.Param(jnp.zeros(shape, dtype))
+
+
+def _ones(shape, dtype):
+    return nnx.Param(jnp.ones(shape, dtype))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Modules.
+
+
+class Block(nnx.Module):
+    """One transformer layer of any supported family (pre-norm; sequential or parallel residual)."""
+
+    def __init__(self, cfg: ModelConfig, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        d, h, k, hd, f = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
+        p = param_dtype
+        self.cfg = cfg
+        self.ln1_scale = _ones((d,), p)
+        self.ln2_scale = _ones((d,), p)
+        layer_norm_family = cfg.family != "llama"
+        self.ln1_bias = _zeros((d,), p) if layer_norm_family else None
+        self.ln2_bias = _zeros((d,), p) if layer_norm_family else None
+        self.wq_dnh = _param(rngs, (d, h, hd), d, p)
+        self.wk_dkh = _param(rngs, (d, k, hd), d, p)
+        self.wv_dkh = _param(rngs, (d, k, hd), d, p)
+        self.wo_nhd = _param(rngs, (h, hd, d), h * hd, p)
+        self.bq_nh = _zeros((h, hd), p) if cfg.attention_bias else None
+        self.bk_kh = _zeros((k, hd), p) if cfg.attention_bias else None
+        self.bv_kh = _zeros((k, hd), p) if cfg.attention_bias else None
+        self.bo_d = _zeros((d,), p) if cfg.output_bias else None
+        self.w_gate_df = _param(rngs, (d, f), d, p) if cfg.family == "llama" else None
+        self.w_up_df = _param(rngs, (d, f), d, p)
+        self.w_down_fd = _param(rngs, (f, d), f, p)
+        self.b_up_f = _zeros((f,), p) if cfg.mlp_bias else None
+        self.b_down_d = _zeros((d,), p) if cfg.mlp_bias else None
+
+    def _norm(self, x, scale, bias):
+        if bias is None:
+            return rms_norm(x, scale[...], self.cfg.norm_eps)
+        return layer_norm(x, scale[...], bias[...], self.cfg.norm_eps)
+
+    def _attention(self, x_btd, rope, mask_bts, cache_kv, cache_pos):
+        cfg, dt = self.cfg, x_btd.dtype
+        q = jnp.einsum("btd,dnh->btnh", x_btd, self.wq_dnh[...].astype(dt))
+        k = jnp.einsum("btd,dkh->btkh", x_btd, self.wk_dkh[...].astype(dt))
+        v = jnp.einsum("btd,dkh->btkh", x_btd, self.wv_dkh[...].astype(dt))
+        if self.bq_nh is not None:
+            q, k, v = q + self.bq_nh[...].astype(dt), k + self.bk_kh[...].astype(dt), v + self.bv_kh[...].astype(dt)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache_kv is not None:  # write this chunk's keys/values at `cache_pos`, attend over all slots
+            k_cache, v_cache = cache_kv
+            k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), cache_pos, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_pos, axis=1)
+            cache_kv = (k, v)
+        b, t = q.shape[:2]
+        q_btkgh = q.reshape(b, t, cfg.num_kv_heads, cfg.num_groups, cfg.head_dim)
+        scores = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k.astype(dt), preferred_element_type=jnp.float32)
+        scores = scores / math.sqrt(cfg.head_dim)
+        scores = jnp.where(mask_bts[:, None, None], scores, _NEG_INF)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, v.astype(dt)).reshape(b, t, cfg.num_heads, cfg.head_dim)
+        out = jnp.einsum("btnh,nhd->btd", out, self.wo_nhd[...].astype(dt))
+        if self.bo_d is not None:
+            out = out + self.bo_d[...].astype(dt)
+        return out, cache_kv
+
+    def _mlp(self, x_btd):
+        dt = x_btd.dtype
+        up = x_btd @ self.w_up_df[...].astype(dt)
+        if self.b_up_f is not None:
+            up = up + self.b_up_f[...].astype(dt)
+        if self.w_gate_df is not None:
+            hidden = jax.nn.silu(x_btd @ self.w_gate_df[...].astype(dt)) * up
+        else:
+            hidden = activation(self.cfg.activation, up)
+        out = hidden @ self.w_down_fd[...].astype(dt)
+        if self.b_down_d is not None:
+            out = out + self.b_down_d[...].astype(dt)
+        return out
+
+    def __call__(self, x_btd, rope, mask_bts, cache_kv=None, cache_pos=None):
+        h = self._norm(x_btd, self.ln1_scale, self.ln1_bias)
+        attn, cache_kv = self._attention(h, rope, mask_bts, cache_kv, cache_pos)
+        if self.cfg.parallel_residual:
+            x_btd = x_btd + attn + self._mlp(self._norm(x_btd, self.ln2_scale, self.ln2_bias))
+        else:
+            x_btd = x_btd + attn
+            x_btd = x_btd + self._mlp(self._norm(x_btd, self.ln2_scale, self.ln2_bias))
+        return shard(x_btd, ("data", None, None)), cache_kv
+
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class CausalLM(nnx.Module):
+    """A decoder LM with optional heads: `lm_head` (next-token logits), `value_head` (V(s), KLQ/PPO
+    critic on the shared backbone), `score_head` (reward model: score at the last real token)."""
+
+    def __init__(self, cfg: ModelConfig, *, lm_head: bool = True, value_head: bool = False,
+                 score_head: bool = False, score_bias: bool = False, param_dtype=jnp.float32,
+                 dtype=jnp.float32, remat: str = "none", rngs: nnx.Rngs):
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat={remat!r}; accepted: {sorted(REMAT_POLICIES)}")
+        d, p = cfg.hidden_size, param_dtype
+        self.cfg, self.dtype, self.remat = cfg, dtype, remat
+        self.embed_vd = _param(rngs, (cfg.vocab_size, d), d, p, std=0.02)
+        self.pos_embed_pd = _param(rngs, (cfg.max_position_embeddings, d), d, p, std=0.01) \
+            if cfg.family == "gpt2" else None
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_blocks(rngs):
+            return Block(cfg, param_dtype=p, rngs=rngs)
+
+        self.blocks = make_blocks(rngs)
+        self.final_scale = _ones((d,), p)
+        self.final_bias = _zeros((d,), p) if cfg.family != "llama" else None
+        self.lm_head_dv = _param(rngs, (d, cfg.vocab_size), d, p) \
+            if lm_head and not cfg.tie_embeddings else None
+        self.has_lm_head = lm_head
+        self.value_w_d = _zeros((d,), jnp.float32) if value_head else None
+        self.value_b = _zeros((), jnp.float32) if value_head else None
+        self.score_w_d = _param(rngs, (d,), d, jnp.float32) if score_head else None
+        self.score_b = _zeros((), jnp.float32) if score_head and score_bias else None
+
+    def __call__(self, tokens_bt: jax.Array, positions_bt: jax.Array, kv_mask_bs: jax.Array,
+                 cache: KVCache | None = None, cache_pos: jax.Array | int | None = None,
+                 return_logits: bool = True) -> ModelOutput:
+        """Forward over `tokens_bt` at `positions_bt`.
+
+        Without a cache, `kv_mask_bs` is the attention mask of `tokens_bt` (S == T). With a cache of S
+        slots, the tokens are written at slots `cache_pos..cache_pos+T` and `kv_mask_bs` marks which
+        slots hold real tokens (after this write).
+        """
+        cfg, dt = self.cfg, self.dtype
+        x = jnp.take(self.embed_vd[...], tokens_bt, axis=0).astype(dt)
+        if self.pos_embed_pd is not None:
+            x = x + jnp.take(self.pos_embed_pd[...], positions_bt, axis=0).astype(dt)
+        x = shard(x, ("data", None, None))
+        t = tokens_bt.shape[1]
+        start = 0 if cache is None else cache_pos
+        q_slots_bt = jnp.broadcast_to(start + jnp.arange(t)[None, :], tokens_bt.shape)
+        mask_bts = attention_mask(q_slots_bt, kv_mask_bs)
+        rope = rope_cos_sin(cfg, positions_bt) if cfg.rotary_dim else None
+
+        graphdef, block_state = nnx.split(self.blocks)
+
+        def body(x_btd, layer):
+            state, kv = layer
+            return nnx.merge(graphdef, state)(x_btd, rope, mask_bts, kv, cache_pos)
+
+        if REMAT_POLICIES[self.remat] is not None:
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat])
+        kv_in = None if cache is None else (cache.k_lbskh, cache.v_lbskh)
+        x, kv_out = jax.lax.scan(body, x, (block_state, kv_in))
+        new_cache = None if cache is None else KVCache(*kv_out)
+
+        if self.final_bias is None:
+            h = rms_norm(x, self.final_scale[...], cfg.norm_eps)
+        else:
+            h = layer_norm(x, self.final_scale[...], self.final_bias[...], cfg.norm_eps)
+        logits = None
+        if self.has_lm_head and return_logits:
+            w_dv = self.embed_vd[...].T if self.lm_head_dv is None else self.lm_head_dv[...]
+            logits = jnp.einsum("btd,dv->btv", h, w_dv.astype(dt), preferred_element_type=jnp.float32)
+        values = None
+        if self.value_w_d is not None:
+            values = h.astype(jnp.float32) @ self.value_w_d[...] + self.value_b[...]
+        scores = None
+        if self.score_w_d is not None:  # score at the last real token of each row
+            last_b = jnp.max(jnp.where(kv_mask_bs[:, :t], jnp.arange(t)[None, :], 0), axis=1)
+            h_last = jnp.take_along_axis(h, last_b[:, None, None], axis=1)[:, 0].astype(jnp.float32)
+            scores = h_last @ self.score_w_d[...] + (0.0 if self.score_b is None else self.score_b[...])
+        return ModelOutput(logits, values, scores, h, new_cache)
+
+
+def positions_from_mask(attention_mask_bt: jax.Array) -> jax.Array:
+    """Position ids that start at 0 on the first real token of each (left-padded) row."""
+    return jnp.maximum(jnp.cumsum(attention_mask_bt.astype(jnp.int32), axis=1) - 1, 0)
+
+
+def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, Any]:
+    """(graphdef, params) for pure functions; `nnx.merge(graphdef, params)` rebuilds the model."""
+    return nnx.split(model)
+
+
+@dataclasses.dataclass(frozen=True)
+class Heads:
+    lm_head: bool = True
+    value_head: bool = False
+    score_head: bool = False

@@ -1,0 +1,224 @@
+"""Logits parity with transformers' PyTorch models for tiny random configs of every family, export round
+trips, and the one-line errors for bad checkpoints."""
+
+import json
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from klq_jax.models.config import ModelConfigError  # noqa: E402
+from klq_jax.models.hf import CheckpointError, export_model, load_model, read_safetensors, write_safetensors  # noqa: E402
+from klq_jax.models.transformer import positions_from_mask  # noqa: E402
+
+VOCAB = 97
+PAD = 0
+
+TINY = {
+    "llama_gqa_untied": lambda: transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, pad_token_id=PAD, tie_word_embeddings=False),
+    "llama3_rope_scaling_tied": lambda: transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, pad_token_id=PAD, tie_word_embeddings=True, max_position_embeddings=256,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 16}, rope_theta=500000.0),
+    "qwen2_qkv_bias": lambda: transformers.Qwen2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, pad_token_id=PAD, tie_word_embeddings=False, use_sliding_window=False),
+    "gpt_neox_parallel_partial_rotary": lambda: transformers.GPTNeoXConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        rotary_pct=0.25, pad_token_id=PAD, use_parallel_residual=True),
+    "gpt_neox_sequential": lambda: transformers.GPTNeoXConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        rotary_pct=0.5, pad_token_id=PAD, use_parallel_residual=False),
+    "gpt2": lambda: transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, pad_token_id=PAD),
+}
+
+
+def _randomise(model):
+    """Random norms and biases too, so a mapping that drops or misplaces them cannot pass."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "ln_" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+
+
+def _batch(seed=0, padded=True):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (3, 9), generator=g)
+    mask = torch.ones_like(ids)
+    if padded:  # left padding of different lengths, as rollouts have
+        mask[1, :4] = 0
+        mask[2, :1] = 0
+        ids = ids.masked_fill(mask == 0, PAD)
+    return ids, mask
+
+
+def _ours(model, ids, mask):
+    mask_np = mask.numpy().astype(bool)
+    out = model(jnp.asarray(ids.numpy()), positions_from_mask(jnp.asarray(mask_np)), jnp.asarray(mask_np))
+    return out, mask_np
+
+
+def _torch_logits(model, ids, mask):
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.numpy()
+
+
+@pytest.fixture(scope="module", params=sorted(TINY))
+def tiny_checkpoint(request, tmp_path_factory):
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(TINY[request.param]()).eval()
+    _randomise(model)
+    path = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(path)
+    return request.param, path, model
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_logits_match_transformers(tiny_checkpoint, padded):
+    _, path, torch_model = tiny_checkpoint
+    ours = load_model(path)
+    ids, mask = _batch(padded=padded)
+    out, mask_np = _ours(ours, ids, mask)
+    ref = _torch_logits(torch_model, ids, mask)
+    assert np.abs(np.asarray(out.logits_btv) - ref)[mask_np].max() <= 1e-4
+
+
+def test_export_round_trip(tiny_checkpoint, tmp_path):
+    _, path, torch_model = tiny_checkpoint
+    ours = load_model(path, value_head=True)  # the value head is ours alone and is not exported
+    exported = export_model(ours, tmp_path / "export")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(exported).eval()
+    ids, mask = _batch(seed=1)
+    np.testing.assert_allclose(_torch_logits(reloaded, ids, mask), _torch_logits(torch_model, ids, mask),
+                               atol=1e-5, rtol=0)
+    again, mask_np = _ours(load_model(exported), ids, mask)
+    first, _ = _ours(ours, ids, mask)
+    np.testing.assert_array_equal(np.asarray(again.logits_btv), np.asarray(first.logits_btv))
+
+
+@pytest.mark.parametrize("name", ["llama_gqa_untied", "gpt_neox_parallel_partial_rotary", "gpt2"])
+def test_score_head_matches_sequence_classification(name, tmp_path):
+    torch.manual_seed(1)
+    cfg = TINY[name]()
+    cfg.num_labels = 1
+    rm = transformers.AutoModelForSequenceClassification.from_config(cfg).eval()
+    _randomise(rm)
+    rm.save_pretrained(tmp_path)
+    ours = load_model(tmp_path, score_head=True)
+    ids, mask = _batch(seed=2)
+    pos = (mask.cumsum(1) - 1).clamp(min=0)  # GPT-2's learned positions need explicit ids under left padding
+    with torch.no_grad():
+        ref = rm(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, 0].numpy()
+    out, _ = _ours(ours, ids, mask)
+    assert out.logits_btv is None
+    assert np.abs(np.asarray(out.scores_b) - ref).max() <= 1e-4
+    # Export as a sequence-classification folder and back.
+    rm2 = transformers.AutoModelForSequenceClassification.from_pretrained(export_model(ours, tmp_path / "x")).eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(rm2(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, 0].numpy(), ref, atol=1e-5)
+
+
+def test_value_head_shape_and_zero_init(tiny_checkpoint):
+    _, path, _ = tiny_checkpoint
+    ours = load_model(path, value_head=True)
+    out, _ = _ours(ours, *_batch())
+    assert out.values_bt.shape == (3, 9)
+    np.testing.assert_array_equal(np.asarray(out.values_bt), 0.0)
+
+
+def test_sharded_index_and_bf16(tmp_path):
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(TINY["llama_gqa_untied"]()).eval()
+    model.save_pretrained(tmp_path / "fp32")
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    ours_bf16 = load_model(tmp_path / "sharded", param_dtype=jnp.bfloat16)
+    assert ours_bf16.embed_vd[...].dtype == jnp.bfloat16
+    ours_fp32 = load_model(tmp_path / "sharded")  # bf16 on disk, fp32 in memory: exact values of the bf16
+    ref = read_safetensors(tmp_path / "fp32" / "model.safetensors")["model.embed_tokens.weight"]
+    np.testing.assert_array_equal(np.asarray(ours_fp32.embed_vd[...]),
+                                  ref.astype(ml_dtypes.bfloat16).astype(np.float32))
+
+
+def test_safetensors_writer_round_trip(tmp_path):
+    tensors = {"a": np.arange(6, dtype=np.float32).reshape(2, 3),
+               "b": np.ones((4,), dtype=ml_dtypes.bfloat16), "c": np.array([3], dtype=np.int64)}
+    write_safetensors(tensors, tmp_path / "x.safetensors")
+    from safetensors.numpy import load_file
+
+    back = read_safetensors(tmp_path / "x.safetensors")
+    for k, v in tensors.items():
+        np.testing.assert_array_equal(back[k], v)
+    np.testing.assert_array_equal(load_file(tmp_path / "x.safetensors")["a"], tensors["a"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad checkpoints: one clear line each.
+
+
+@pytest.fixture()
+def good_folder(tmp_path):
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(TINY["llama_gqa_untied"]()).save_pretrained(tmp_path / "good")
+    return tmp_path / "good"
+
+
+def _one_line(excinfo):
+    message = str(excinfo.value)
+    assert "\n" not in message
+    return message
+
+
+def test_error_unsupported_architecture(good_folder):
+    config = json.loads((good_folder / "config.json").read_text())
+    config["model_type"] = "t5"
+    (good_folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelConfigError) as e:
+        load_model(good_folder)
+    assert "t5" in _one_line(e) and "llama" in _one_line(e)
+
+
+def test_error_missing_files(good_folder, tmp_path):
+    with pytest.raises(CheckpointError) as e:
+        load_model(tmp_path / "does-not-exist" / "nor-this" / "x")
+    assert "does-not-exist" in _one_line(e)
+    (good_folder / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError) as e:
+        load_model(good_folder)
+    assert "model.safetensors" in _one_line(e)
+    (good_folder / "config.json").unlink()
+    with pytest.raises(CheckpointError) as e:
+        load_model(good_folder)
+    assert "config.json" in _one_line(e)
+
+
+def test_error_shape_mismatch(good_folder):
+    config = json.loads((good_folder / "config.json").read_text())
+    config["intermediate_size"] = 80
+    (good_folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError) as e:
+        load_model(good_folder)
+    message = _one_line(e)
+    assert "blocks.w_" in message and "96" in message and "80" in message and "config implies" in message
+
+
+def test_error_missing_tensor_and_corrupt_file(good_folder):
+    tensors = dict(read_safetensors(good_folder / "model.safetensors"))
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    write_safetensors(tensors, good_folder / "model.safetensors")
+    with pytest.raises(CheckpointError) as e:
+        load_model(good_folder)
+    assert "model.layers.1.mlp.up_proj.weight" in _one_line(e)
+    (good_folder / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    with pytest.raises(CheckpointError) as e:
+        load_model(good_folder)
+    assert "safetensors" in _one_line(e)
