@@ -1,0 +1,150 @@
+"""Batched sampling with a KV cache, the whole decode loop inside one jit.
+
+Prompts of different lengths are left-padded to a length bucket, so a batch shape compiles once and
+later calls with prompts of other lengths in the same bucket reuse it. The loop stops early when every
+row has emitted EOS. Returned log-probabilities are those of the distribution actually sampled from
+(temperature, then top-k / top-p truncation renormalised); with `top_k=0, top_p=1` they equal the
+policy's log-probabilities at that temperature, which is what RL needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from klq_jax.models.transformer import CausalLM, KVCache
+
+
+@struct.dataclass
+class SampleOutput:
+    """`tokens_bt` = left-padded prompt (P slots) + response (N slots, pad after EOS).
+
+    attention_mask_bt: real tokens (prompt and response up to and including EOS).
+    response_mask_bt: response tokens (the actions).
+    logprobs_bt: log-probability of each response token under the sampling distribution (0 elsewhere).
+    eos_b: whether the row emitted EOS within `max_new_tokens`.
+    """
+
+    tokens_bt: jax.Array
+    attention_mask_bt: jax.Array
+    response_mask_bt: jax.Array
+    logprobs_bt: jax.Array
+    eos_b: jax.Array
+    prompt_len: int = struct.field(pytree_node=False)
+
+
+def filter_logits(logits_bv: jax.Array, temperature, top_k: int, top_p) -> jax.Array:
+    """Temperature, then top-k (static k, 0 = off), then nucleus top-p (1.0 = off); removed logits -inf."""
+    logits_bv = logits_bv.astype(jnp.float32) / temperature
+    if top_k:
+        kth_bv = jax.lax.top_k(logits_bv, top_k)[0][:, -1:]
+        logits_bv = jnp.where(logits_bv < kth_bv, -jnp.inf, logits_bv)
+    sorted_bv = jnp.sort(logits_bv, axis=-1)[:, ::-1]
+    cum_bv = jnp.cumsum(jax.nn.softmax(sorted_bv, axis=-1), axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
+    keep_count_b = jnp.sum(cum_bv - jax.nn.softmax(sorted_bv, axis=-1) < top_p, axis=-1)
+    threshold_b1 = jnp.take_along_axis(sorted_bv, jnp.maximum(keep_count_b - 1, 0)[:, None], axis=-1)
+    return jnp.where((top_p < 1.0) & (logits_bv < threshold_b1), -jnp.inf, logits_bv)
+
+
+def bucket_length(n: int, multiple: int = 32) -> int:
+    return max(multiple, -(-n // multiple) * multiple)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "top_k", "eos_ids", "pad_id",
+                                             "cache_dtype"))
+def _generate(graphdef, state, prompt_bp, prompt_mask_bp, rng, temperature, top_p, *, max_new_tokens: int,
+              top_k: int, eos_ids: tuple[int, ...], pad_id: int, cache_dtype) -> SampleOutput:
+    model: CausalLM = nnx.merge(graphdef, state)
+    b, p = prompt_bp.shape
+    n = max_new_tokens
+    kv_mask_bs = jnp.concatenate([prompt_mask_bp, jnp.zeros((b, n), bool)], axis=1)
+    prompt_len_b = jnp.sum(prompt_mask_bp, axis=1)
+    positions_bp = jnp.maximum(jnp.cumsum(prompt_mask_bp, axis=1) - 1, 0)
+    cache = KVCache.zeros(model.cfg, b, p + n, cache_dtype)
+    out = model(prompt_bp, positions_bp, kv_mask_bs, cache=cache, cache_pos=0)
+    last_logits_bv = out.logits_btv[:, -1]
+    eos_v = jnp.asarray(eos_ids)
+
+    def cond(carry):
+        i, done_b = carry[0], carry[3]
+        return (i < n) & ~jnp.all(done_b)
+
+    def step(carry):
+        i, tokens_bn, logps_bn, done_b, cache, kv_mask_bs, logits_bv, rng = carry
+        rng, key = jax.random.split(rng)
+        filtered_bv = filter_logits(logits_bv, temperature, top_k, top_p)
+        token_b = jax.random.categorical(key, filtered_bv, axis=-1)
+        logp_b = jnp.take_along_axis(jax.nn.log_softmax(filtered_bv, axis=-1), token_b[:, None], axis=-1)[:, 0]
+        active_b = ~done_b
+        token_b = jnp.where(active_b, token_b, pad_id)
+        tokens_bn = tokens_bn.at[:, i].set(token_b)
+        logps_bn = logps_bn.at[:, i].set(jnp.where(active_b, logp_b, 0.0))
+        kv_mask_bs = kv_mask_bs.at[:, p + i].set(active_b)
+        done_b = done_b | jnp.isin(token_b, eos_v)
+        out = model(token_b[:, None], (prompt_len_b + i)[:, None], kv_mask_bs, cache=cache, cache_pos=p + i)
+        return i + 1, tokens_bn, logps_bn, done_b, out.cache, kv_mask_bs, out.logits_btv[:, 0], rng
+
+    init = (jnp.int32(0), jnp.full((b, n), pad_id, jnp.int32), jnp.zeros((b, n), jnp.float32),
+            jnp.zeros((b,), bool), out.cache, kv_mask_bs, last_logits_bv, rng)
+    _, tokens_bn, logps_bn, done_b, _, kv_mask_bs, _, _ = jax.lax.while_loop(cond, step, init)
+    response_mask_bn = kv_mask_bs[:, p:]
+    return SampleOutput(
+        tokens_bt=jnp.concatenate([prompt_bp, tokens_bn], axis=1),
+        attention_mask_bt=kv_mask_bs,
+        response_mask_bt=jnp.concatenate([jnp.zeros((b, p), bool), response_mask_bn], axis=1),
+        logprobs_bt=jnp.concatenate([jnp.zeros((b, p), jnp.float32), logps_bn], axis=1),
+        eos_b=done_b, prompt_len=p)
+
+
+@dataclasses.dataclass
+class Sampler:
+    """Samples from an NNX CausalLM. `state` may be swapped per call (the policy changes every update)."""
+
+    graphdef: nnx.GraphDef
+    eos_ids: tuple[int, ...]
+    pad_id: int
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    bucket: int = 32
+    cache_dtype: jnp.dtype = jnp.float32
+
+    @classmethod
+    def for_model(cls, model: CausalLM, **kwargs) -> "Sampler":
+        return cls(graphdef=nnx.graphdef(model), **kwargs)
+
+    def pad_prompts(self, prompts: Sequence[Sequence[int]], length: int | None = None):
+        length = length or bucket_length(max(len(x) for x in prompts), self.bucket)
+        tokens = np.full((len(prompts), length), self.pad_id, np.int32)
+        mask = np.zeros((len(prompts), length), bool)
+        for row, prompt in enumerate(prompts):
+            if len(prompt) > length:
+                raise ValueError(f"prompt {row} has {len(prompt)} tokens; at most {length} accepted")
+            if len(prompt):
+                tokens[row, length - len(prompt):] = prompt
+                mask[row, length - len(prompt):] = True
+        return tokens, mask
+
+    def __call__(self, state, prompts: Sequence[Sequence[int]], rng: jax.Array, *,
+                 prompt_length: int | None = None, max_new_tokens: int | None = None,
+                 temperature: float | None = None) -> SampleOutput:
+        tokens, mask = self.pad_prompts(prompts, prompt_length)
+        return _generate(self.graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), rng,
+                         jnp.float32(self.temperature if temperature is None else temperature),
+                         jnp.float32(self.top_p), max_new_tokens=max_new_tokens or self.max_new_tokens,
+                         top_k=self.top_k, eos_ids=tuple(self.eos_ids), pad_id=self.pad_id,
+                         cache_dtype=self.cache_dtype)
+
+
+def greedy(sampler: Sampler, state, prompts, max_new_tokens: int | None = None) -> SampleOutput:
+    """Greedy decoding: top-1 sampling (temperature irrelevant), for evaluation and parity tests."""
+    return dataclasses.replace(sampler, top_k=1, top_p=1.0)(state, prompts, jax.random.key(0),
+                                                            max_new_tokens=max_new_tokens)

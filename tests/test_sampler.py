@@ -1,0 +1,138 @@
+"""The jit sampler: greedy equals transformers' generate, cached decoding equals a full forward, EOS
+stopping and masks, top-k/top-p filtering, one compilation per shape bucket."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from klq_jax.models import sampler as sampler_lib  # noqa: E402
+from klq_jax.models.hf import load_model  # noqa: E402
+from klq_jax.models.sampler import Sampler, filter_logits, greedy  # noqa: E402
+from klq_jax.models.transformer import positions_from_mask  # noqa: E402
+
+PAD, EOS = 0, 1
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=61, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, pad_token_id=PAD,
+                                   eos_token_id=EOS, bos_token_id=2)
+    torch_model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # sharpen the random model so greedy choices are far from ties
+        torch_model.lm_head.weight.mul_(8.0)
+    path = tmp_path_factory.mktemp("tiny")
+    torch_model.save_pretrained(path)
+    return torch_model, load_model(path)
+
+
+PROMPTS = [[5, 9, 14], [7, 3, 22, 41, 8, 19, 30], [11]]
+
+
+def test_greedy_matches_transformers_generate(tiny):
+    torch_model, model = tiny
+    sampler = Sampler.for_model(model, eos_ids=(EOS,), pad_id=PAD, max_new_tokens=12, bucket=8)
+    out = greedy(sampler, nnx.state(model), PROMPTS)
+    p = out.prompt_len
+    for row, prompt in enumerate(PROMPTS):
+        with torch.no_grad():
+            ref = torch_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                       max_new_tokens=12, do_sample=False, eos_token_id=EOS, pad_token_id=PAD)
+        ref_new = ref[0, len(prompt):].tolist()
+        ours = np.asarray(out.tokens_bt[row, p:])[np.asarray(out.response_mask_bt[row, p:])].tolist()
+        assert ours == ref_new
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sample_logprobs_equal_full_forward(tiny, temperature):
+    """The KV-cached loop's log-probabilities equal a plain forward over the sampled sequences."""
+    _, model = tiny
+    sampler = Sampler.for_model(model, eos_ids=(EOS,), pad_id=PAD, max_new_tokens=10, bucket=8,
+                                temperature=temperature)
+    out = sampler(nnx.state(model), PROMPTS, jax.random.key(3))
+    mask = out.attention_mask_bt
+    logits = model(out.tokens_bt, positions_from_mask(mask), mask).logits_btv
+    logp_all = jax.nn.log_softmax(logits[:, :-1] / temperature, axis=-1)
+    ref = jnp.take_along_axis(logp_all, out.tokens_bt[:, 1:, None], axis=-1)[..., 0]
+    resp = np.asarray(out.response_mask_bt[:, 1:])
+    np.testing.assert_allclose(np.asarray(out.logprobs_bt[:, 1:])[resp], np.asarray(ref)[resp], atol=2e-5)
+    assert np.all(np.asarray(out.logprobs_bt)[~np.asarray(out.response_mask_bt)] == 0)
+
+
+def test_eos_stops_and_masks(tiny):
+    _, model = tiny
+    sampler = Sampler.for_model(model, eos_ids=(EOS, 7), pad_id=PAD, max_new_tokens=30, bucket=8)
+    out = sampler(nnx.state(model), PROMPTS * 4, jax.random.key(0))
+    p = out.prompt_len
+    tokens, resp, eos = (np.asarray(x) for x in (out.tokens_bt[:, p:], out.response_mask_bt[:, p:], out.eos_b))
+    for row in range(tokens.shape[0]):
+        n_valid = resp[row].sum()
+        assert resp[row, :n_valid].all() and not resp[row, n_valid:].any()  # contiguous response
+        assert (tokens[row, n_valid:] == PAD).all()
+        hit = np.isin(tokens[row, :n_valid], [EOS, 7])
+        assert eos[row] == hit.any()
+        if hit.any():  # stops right at the first EOS
+            assert hit.argmax() == n_valid - 1
+        else:
+            assert n_valid == 30
+
+
+def _numpy_filter(logits, temperature, top_k, top_p):
+    x = logits.astype(np.float64) / temperature
+    out = np.full_like(x, -np.inf)
+    for b in range(x.shape[0]):
+        order = np.argsort(-x[b])
+        keep = order[:top_k] if top_k else order
+        full = np.exp(x[b, keep] - x[b, keep].max())
+        full /= full.sum()
+        cum = np.cumsum(full)
+        n = np.searchsorted(cum, top_p) + 1 if top_p < 1.0 else len(keep)
+        out[b, keep[:n]] = x[b, keep[:n]]
+    return out
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (5, 1.0), (0, 0.8), (10, 0.5), (1, 1.0)])
+def test_filter_logits_matches_numpy(top_k, top_p):
+    logits = np.random.default_rng(0).normal(size=(4, 50)).astype(np.float32) * 2
+    ours = np.asarray(filter_logits(jnp.asarray(logits), 0.8, top_k, jnp.float32(top_p)))
+    ref = _numpy_filter(logits, 0.8, top_k, top_p)
+    np.testing.assert_array_equal(np.isinf(ours), np.isinf(ref))
+    np.testing.assert_allclose(ours[~np.isinf(ours)], ref[~np.isinf(ref)], rtol=1e-6)
+
+
+def test_sampling_frequencies_match_distribution():
+    """First-token frequencies over many rows follow softmax(logits / T) restricted by top-k."""
+    logits = jnp.asarray([[2.0, 1.0, 0.5, -1.0, 0.0]])
+    filtered = filter_logits(logits, 0.5, 3, jnp.float32(1.0))
+    keys = jax.random.split(jax.random.key(0), 20000)
+    draws = np.asarray(jax.vmap(lambda k: jax.random.categorical(k, filtered[0]))(keys))
+    freq = np.bincount(draws, minlength=5) / len(draws)
+    expected = np.asarray(jax.nn.softmax(filtered[0]))
+    assert freq[3] == 0 and freq[4] == 0
+    np.testing.assert_allclose(freq, expected, atol=0.015)
+
+
+def test_one_compilation_per_bucket(tiny):
+    _, model = tiny
+    sampler = Sampler.for_model(model, eos_ids=(EOS,), pad_id=PAD, max_new_tokens=6, bucket=16)
+    state = nnx.state(model)
+    sampler(state, [[3, 4]], jax.random.key(0))  # warm this shape
+    before = sampler_lib._generate._cache_size()
+    for prompts in ([[3, 4, 5]], [[9] * 15], [[1, 2, 3, 4, 5, 6]]):  # all within the 16-token bucket
+        sampler(state, prompts, jax.random.key(1))
+    assert sampler_lib._generate._cache_size() == before
+    sampler(state, [[3] * 17], jax.random.key(0))  # the next bucket compiles once
+    assert sampler_lib._generate._cache_size() == before + 1
+
+
+def test_prompt_too_long_is_rejected(tiny):
+    _, model = tiny
+    sampler = Sampler.for_model(model, eos_ids=(EOS,), pad_id=PAD, max_new_tokens=4)
+    with pytest.raises(ValueError, match="prompt 0 has 9 tokens; at most 8 accepted"):
+        sampler(nnx.state(model), [[2] * 9], jax.random.key(0), prompt_length=8)
