@@ -73,24 +73,31 @@ def rope_cos_sin(cfg: ModelConfig, positions_bt: jax.Array) -> tuple[jax.Array, 
 def apply_rope(x_btnh: jax.Array, cos_btr: jax.Array, sin_btr: jax.Array) -> jax.Array:
     """Rotates the first `rotary_dim` dims of each head (HF's rotate-half layout); the rest pass through."""
     rot = cos_btr.shape[-1]
-    x_rot, x_pass = x_btnh[..., :rot].astype(jnp.float32), x_btnh[..., rot:]
+    x_rot, x_pass = x_btnh[..., :rot].astype(_at_least_f32(x_btnh.dtype)), x_btnh[..., rot:]
     x1, x2 = jnp.split(x_rot, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
     out = x_rot * cos_btr[:, :, None, :] + rotated * sin_btr[:, :, None, :]
     return jnp.concatenate([out.astype(x_btnh.dtype), x_pass], axis=-1)
 
 
+def _at_least_f32(dtype):
+    """Normalisation and RoPE run in float32 for bf16/fp16 activations (and in float64 for float64)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def rms_norm(x, scale, eps):
-    x32 = x.astype(jnp.float32)
+    ct = _at_least_f32(x.dtype)
+    x32 = x.astype(ct)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return (x32 * scale.astype(jnp.float32)).astype(x.dtype)
+    return (x32 * scale.astype(ct)).astype(x.dtype)
 
 
 def layer_norm(x, scale, bias, eps):
-    x32 = x.astype(jnp.float32)
+    ct = _at_least_f32(x.dtype)
+    x32 = x.astype(ct)
     mean = jnp.mean(x32, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + eps) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps) * scale.astype(ct) + bias.astype(ct)
     return y.astype(x.dtype)
 
 
