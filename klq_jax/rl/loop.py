@@ -1,0 +1,184 @@
+"""The online RL loop, one for KLQ and PPO, written against injected functions.
+
+Per iteration:
+
+    prompts -> sample_fn (rollout with the current policy) -> reward_fn
+      -> ref_logprob_fn (one reference forward) and the policy forward (old logprobs and values)
+      -> compute_targets (KLQ lambda-returns or PPO GAE) -> update (epochs x minibatches)
+      -> metrics (and the adaptive KL coefficient, if configured)
+
+Injected functions (the tests use a tabular tree MDP; the trainer plugs in the LM):
+
+    sample_fn(params, prompt_batch, rng) -> Rollout      (`Rollout.from_samples(...)`: tokens, masks,
+                                                          sampler logprobs, eos/truncated flags)
+    reward_fn(prompt_batch, rollout) -> rewards_b        (host or device array, float; the prompt batch
+                                                          is passed for rewards that need more than the
+                                                          tokens, e.g. a reference answer)
+    ref_logprob_fn(tokens_bt, positions_bt, attention_mask_bt) -> ref_logp_bt   (aligned to actions,
+                                                          at the sampling temperature)
+    apply_fn(params, tokens_bt, positions_bt, attention_mask_bt) -> (logits_btv, values_bt)
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+import time
+from typing import Any, Callable, Iterable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from klq_jax.rl import losses
+from klq_jax.rl.train_step import ApplyFn, Rollout, TrainState, compute_targets, make_update
+
+Array = jax.Array
+SampleFn = Callable[[Any, Any, Array], Rollout]
+RewardFn = Callable[[Any, Rollout], Any]
+RefLogprobFn = Callable[[Array, Array, Array], Array]
+Callback = Callable[[int, TrainState, dict], None]
+
+
+def make_policy_forward(apply_fn: ApplyFn, temperature: float):
+    """Jitted `forward(params, tokens_bt, positions_bt, attention_mask_bt) -> (logp_bt, values_bt, entropy_bt)`,
+    all aligned to actions (`losses.shift_to_actions`)."""
+
+    @jax.jit
+    def forward(params, tokens_bt, positions_bt, attention_mask_bt):
+        logits_btv, values_bt = apply_fn(params, tokens_bt, positions_bt, attention_mask_bt)
+        logp_bt, values_bt = losses.shift_to_actions(logits_btv, values_bt, tokens_bt, temperature)
+        return logp_bt, values_bt, losses.action_entropy(logits_btv, temperature)
+
+    return forward
+
+
+def make_ref_logprob_fn(ref_apply_fn: Callable, ref_params, temperature: float) -> RefLogprobFn:
+    """`ref_logprob_fn` from a reference model `ref_apply_fn(params, tokens, positions, mask) -> logits`
+    (or a tuple starting with the logits). The parameters are passed to the jitted function as an
+    argument, not closed over (a closure would bake them into the program as constants)."""
+
+    @jax.jit
+    def ref_logprobs(params, tokens_bt, positions_bt, attention_mask_bt):
+        out = ref_apply_fn(params, tokens_bt, positions_bt, attention_mask_bt)
+        logits_btv = out[0] if isinstance(out, tuple) else out
+        return losses.shift_to_actions(logits_btv, None, tokens_bt, temperature)[0]
+
+    return functools.partial(ref_logprobs, ref_params)
+
+
+def rollout_metrics(batch: Rollout, raw_rewards_b: Array, entropy_bt: Array, kl_coef) -> dict[str, Array]:
+    """Metrics of a sampled batch, before the update (device arrays; pure and jittable).
+
+    `kl` is the k1 estimate of the sequence KL `E[sum_t log pi_old - log pi_ref]`, `objective`
+    is `reward - kl_coef * kl` (the LM-RLHF objective J, with the raw reward).
+    """
+    mask = batch.response_mask_bt
+    kl_b = jnp.sum(jnp.where(mask, losses.kl_k1(batch.old_logp_bt, batch.ref_logp_bt), 0.0), axis=1)
+    kl3_b = jnp.sum(jnp.where(mask, losses.kl_k3(batch.old_logp_bt, batch.ref_logp_bt), 0.0), axis=1)
+    reward = jnp.mean(raw_rewards_b)
+    kl = jnp.mean(kl_b)
+    return {
+        "rollout/reward": reward,
+        "rollout/reward_train": jnp.mean(batch.rewards_b),
+        "rollout/kl": kl,
+        "rollout/kl_k3": jnp.mean(kl3_b),
+        "rollout/objective": reward - kl_coef * kl,
+        "rollout/entropy": losses.masked_mean(entropy_bt, mask),
+        "rollout/response_length": jnp.mean(jnp.sum(mask, axis=1).astype(jnp.float32)),
+        "rollout/eos_rate": jnp.mean(batch.eos_b.astype(jnp.float32)),
+        "rollout/truncated_rate": jnp.mean(batch.truncated_b.astype(jnp.float32)),
+        "rollout/logp_mismatch": losses.masked_mean(jnp.abs(batch.sample_logp_bt - batch.old_logp_bt), mask),
+        "rollout/advantage_abs": losses.masked_mean(jnp.abs(batch.advantages_bt), mask),
+        "rollout/kl_coef": jnp.asarray(kl_coef, jnp.float32),
+        "rollout/response_tokens": jnp.sum(mask).astype(jnp.float32),
+    }
+
+
+def _shaped_rewards(raw_rewards_b: Array, batch: Rollout, algo_cfg) -> Array:
+    if algo_cfg.missing_eos_penalty:
+        return losses.missing_eos_rewards(raw_rewards_b, batch.truncated_b, algo_cfg.missing_eos_reward)
+    return raw_rewards_b
+
+
+def run(
+    *,
+    state: TrainState,
+    apply_fn: ApplyFn,
+    optimizer,
+    algo_cfg,
+    sample_fn: SampleFn,
+    reward_fn: RewardFn,
+    ref_logprob_fn: RefLogprobFn,
+    prompts: Iterable,
+    rng: Array,
+    num_iterations: int | None = None,
+    start_iteration: int = 0,
+    callback: Callback | None = None,
+) -> Iterator[tuple[TrainState, dict[str, float]]]:
+    """Run the online loop; yields `(state, metrics)` after every iteration.
+
+    `prompts` is an iterable of prompt batches in whatever form `sample_fn` takes; the loop stops
+    when it is exhausted or after `num_iterations` iterations. Iterations are numbered from
+    `start_iteration` (set it when resuming: the per-iteration rng is `fold_in(rng, iteration)`, so a
+    resumed run draws the same keys it would have). `state` is donated to the update: use only the
+    states this generator yields. `metrics` are host floats: `rollout/*` (before the update),
+    `train/*` (averaged over the update's steps), `time/*` (seconds per phase), `perf/*`.
+    `callback(iteration, state, metrics)` runs before each yield (logging, checkpoints).
+    Raises `FloatingPointError` naming the metric if any metric is NaN or infinite.
+    """
+    forward = make_policy_forward(apply_fn, algo_cfg.temperature)
+    update = make_update(apply_fn, algo_cfg, optimizer)
+    targets_fn = jax.jit(functools.partial(compute_targets, algo_cfg=algo_cfg))
+    shape_rewards = jax.jit(functools.partial(_shaped_rewards, algo_cfg=algo_cfg))
+    summarise = jax.jit(rollout_metrics)
+
+    # islice stops before pulling a batch it will not use (a resumable prompt stream stays exact).
+    for it, prompt_batch in zip(itertools.count(start_iteration), itertools.islice(prompts, num_iterations)):
+        k_sample, k_update = jax.random.split(jax.random.fold_in(rng, it))
+        times: dict[str, float] = {}
+        t_iter = t = time.perf_counter()
+
+        def lap(name, out):
+            nonlocal t
+            jax.block_until_ready(out)
+            now = time.perf_counter()
+            times[f"time/{name}"] = now - t
+            t = now
+            return out
+
+        batch = lap("sample", sample_fn(state.params, prompt_batch, k_sample))
+        raw_rewards = lap("reward", jnp.asarray(reward_fn(prompt_batch, batch), jnp.float32))
+        ref_logp = lap("reference", ref_logprob_fn(batch.tokens_bt, batch.positions_bt, batch.attention_mask_bt))
+        old_logp, old_values, entropy = lap(
+            "forward", forward(state.params, batch.tokens_bt, batch.positions_bt, batch.attention_mask_bt))
+        batch = batch.replace(rewards_b=shape_rewards(raw_rewards, batch), old_logp_bt=old_logp,
+                              ref_logp_bt=ref_logp, old_values_bt=old_values)
+        batch = targets_fn(batch, state.kl_coef)
+        stats = lap("targets", summarise(batch, raw_rewards, entropy, state.kl_coef))
+        state, train_metrics = update(state, batch, k_update, algo_cfg.epochs, algo_cfg.num_minibatches)
+        lap("update", train_metrics)
+
+        metrics = {k: float(v) for k, v in jax.device_get(stats).items()}
+        metrics.update({f"train/{k}": float(v) for k, v in jax.device_get(train_metrics).items()})
+        metrics.update(times)
+        total = time.perf_counter() - t_iter
+        batch_size = int(batch.tokens_bt.shape[0])
+        metrics.update({
+            "iteration": float(it), "episodes": float((it + 1) * batch_size),  # a fixed batch size
+            "time/iteration": total,
+            "perf/tokens_per_s": metrics["rollout/response_tokens"] / max(total, 1e-9),
+        })
+        bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+        if bad:
+            raise FloatingPointError(f"non-finite metrics at iteration {it}: {', '.join(sorted(bad))}")
+
+        if algo_cfg.kl_target and algo_cfg.kl_target > 0:
+            new_coef = losses.adaptive_kl_coef(np.float32(metrics["rollout/kl_coef"]), metrics["rollout/kl"],
+                                               algo_cfg.kl_target, algo_cfg.kl_horizon, batch_size)
+            state = state.replace(kl_coef=jnp.asarray(new_coef, jnp.float32))
+
+        if callback is not None:
+            callback(it, state, metrics)
+        yield state, metrics

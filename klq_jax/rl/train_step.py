@@ -1,0 +1,320 @@
+"""Train state, optimiser, targets and the jitted KLQ / PPO train step and update.
+
+The policy is any `apply_fn(params, tokens_bt, positions_bt, attention_mask_bt) ->
+(logits_btv, values_bt)` with a value head (see docs/architecture.md for the alignment). The
+algorithm is chosen by `algo_cfg.algo` ("klq" or "ppo"); both share everything but the loss:
+
+    KLQ: loss = mean_t 0.5 * (Q_theta(s_t, a_t) - G_t)^2,
+         Q_theta = V_theta + beta * (log pi_theta - log pi_ref),  G_t = Q_old + alpha * A_t
+    PPO: loss = mean_t clipped surrogate(A_t, whitened) + vf_coef * clipped value loss(V_old + A_t)
+
+Token losses are accumulated as sums and token counts over microbatches and divided once, so the
+gradient equals the one of the full-minibatch mean whatever `num_microbatches` is.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from klq_jax.rl import losses
+from klq_jax.rl.losses import LossOutput
+
+Array = jax.Array
+ApplyFn = Callable[[Any, Array, Array, Array], tuple[Array, Array]]
+
+ALGOS = ("klq", "ppo")
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def default_algo_config() -> ml_collections.ConfigDict:
+    """Algorithm settings shared by the train step, the targets and the loop."""
+    c = ml_collections.ConfigDict()
+    c.algo = "klq"              # "klq" or "ppo"
+    c.kl_coef = 0.05            # beta: KL coefficient of the objective (initial value if adaptive)
+    c.temperature = 1.0         # sampling temperature; logprobs at rollout and update use it
+    c.lam = 0.95                # GAE / lambda-return lambda (gamma is 1)
+    # KLQ
+    c.alpha = 1.0               # step size on the lambda-return correction, in (0, 1]
+    c.q_clip = 0.0              # clip of Q_theta around Q_old (0 = off)
+    # PPO
+    c.clip_eps = 0.2            # ratio clip
+    c.value_clip_eps = 0.2      # value clip around V_old (0 = off)
+    c.vf_coef = 0.1             # value-loss weight
+    c.whiten_advantages = True  # whiten advantages over the batch's valid tokens
+    # both
+    c.missing_eos_penalty = False  # replace the reward of responses truncated without EOS ...
+    c.missing_eos_reward = -1.0    # ... by this value
+    c.kl_target = 0.0           # adaptive KL controller target per sequence (0 = fixed beta)
+    c.kl_horizon = 10000.0      # controller horizon, in sequences
+    c.epochs = 4                # passes over each rollout batch
+    c.num_minibatches = 4       # optimiser steps per epoch
+    c.num_microbatches = 1      # gradient accumulation inside one optimiser step
+    return c
+
+
+def default_optim_config() -> ml_collections.ConfigDict:
+    """AdamW with global-norm clipping and a warmup + constant/cosine schedule."""
+    c = ml_collections.ConfigDict()
+    c.learning_rate = 1e-5
+    c.schedule = "constant"     # "constant" or "cosine"
+    c.warmup_steps = 0
+    c.total_steps = 1000        # optimiser steps, for the cosine decay
+    c.end_lr_ratio = 0.0        # cosine: final lr = end_lr_ratio * learning_rate
+    c.b1 = 0.9
+    c.b2 = 0.999
+    c.eps = 1e-8
+    c.weight_decay = 0.0        # applied to parameters with ndim >= 2 only
+    c.max_grad_norm = 1.0       # 0 = no clipping
+    return c
+
+
+def make_schedule(cfg) -> optax.Schedule:
+    """Linear warmup from 0 over `warmup_steps`, then constant or cosine decay."""
+    lr, warm = float(cfg.learning_rate), int(cfg.warmup_steps)
+    if cfg.schedule == "constant":
+        main = optax.constant_schedule(lr)
+    elif cfg.schedule == "cosine":
+        main = optax.cosine_decay_schedule(lr, max(int(cfg.total_steps) - warm, 1), alpha=float(cfg.end_lr_ratio))
+    else:
+        raise ValueError(f"optim.schedule={cfg.schedule!r}: expected 'constant' or 'cosine'")
+    if warm <= 0:
+        return main
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), main], [warm])
+
+
+def make_optimizer(cfg) -> optax.GradientTransformation:
+    """`clip_by_global_norm(max_grad_norm)` then AdamW on `make_schedule(cfg)`."""
+    decay_mask = lambda params: jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)  # noqa: E731
+    adamw = optax.adamw(
+        make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+        weight_decay=cfg.weight_decay, mask=decay_mask,
+    )
+    if cfg.max_grad_norm and cfg.max_grad_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), adamw)
+    return adamw
+
+
+# ----------------------------------------------------------------------------- pytrees
+
+
+@flax.struct.dataclass
+class Rollout:
+    """One batch of sampled sequences and everything computed from it, aligned to actions.
+
+    `rewards_b` is the sequence reward used for training (after any missing-EOS penalty).
+    `advantages_bt`: KLQ the raw GAE `A_t` of the KL-penalised reward; PPO the same, whitened if
+    configured. `targets_bt`: the regression target, KLQ `G_t = Q_old + alpha * A_t`, PPO the value
+    target `V_old + A_t` (unwhitened).
+    """
+
+    tokens_bt: Array          # int32 (B, T): left-padded prompt + response + right padding
+    positions_bt: Array       # int32 (B, T)
+    attention_mask_bt: Array  # bool (B, T): real tokens
+    response_mask_bt: Array   # bool (B, T): actions
+    sample_logp_bt: Array     # float32 (B, T): logprobs reported by the sampler
+    eos_b: Array              # bool (B,): response ended with EOS
+    truncated_b: Array        # bool (B,): response hit the length limit without EOS
+    rewards_b: Array          # float32 (B,)
+    old_logp_bt: Array        # float32 (B, T): rollout policy, one forward at update temperature
+    ref_logp_bt: Array        # float32 (B, T): reference policy
+    old_values_bt: Array      # float32 (B, T): V_old(s_t)
+    advantages_bt: Array      # float32 (B, T)
+    targets_bt: Array         # float32 (B, T)
+
+    @classmethod
+    def from_samples(cls, tokens_bt, positions_bt, attention_mask_bt, response_mask_bt,
+                     sample_logp_bt, eos_b, truncated_b=None) -> "Rollout":
+        """What a sampler knows; the other fields are zeros until the loop fills them.
+
+        `truncated_b` defaults to `~eos_b` (every response ends at EOS or at the length limit).
+        """
+        zeros_bt = jnp.zeros(tokens_bt.shape, jnp.float32)
+        eos_b = jnp.asarray(eos_b, bool)
+        return cls(
+            tokens_bt=jnp.asarray(tokens_bt, jnp.int32),
+            positions_bt=jnp.asarray(positions_bt, jnp.int32),
+            attention_mask_bt=jnp.asarray(attention_mask_bt, bool),
+            response_mask_bt=jnp.asarray(response_mask_bt, bool),
+            sample_logp_bt=jnp.asarray(sample_logp_bt, jnp.float32),
+            eos_b=eos_b,
+            truncated_b=~eos_b if truncated_b is None else jnp.asarray(truncated_b, bool),
+            rewards_b=jnp.zeros(tokens_bt.shape[:1], jnp.float32),
+            old_logp_bt=zeros_bt, ref_logp_bt=zeros_bt, old_values_bt=zeros_bt,
+            advantages_bt=zeros_bt, targets_bt=zeros_bt,
+        )
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training; `kl_coef` is beta (adapted by the loop if asked)."""
+
+    step: Array
+    params: Any
+    opt_state: Any
+    kl_coef: Array
+
+    @classmethod
+    def create(cls, params, optimizer: optax.GradientTransformation, kl_coef) -> "TrainState":
+        return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                   kl_coef=jnp.asarray(kl_coef, jnp.float32))
+
+
+def _check_algo(algo_cfg) -> str:
+    if algo_cfg.algo not in ALGOS:
+        raise ValueError(f"algo={algo_cfg.algo!r}: expected one of {ALGOS}")
+    return algo_cfg.algo
+
+
+# ----------------------------------------------------------------------------- targets
+
+
+def compute_targets(batch: Rollout, kl_coef, algo_cfg) -> Rollout:
+    """Fill `advantages_bt` and `targets_bt` from rewards, old/ref logprobs and old values.
+
+    KLQ: `G_t = Q_old + alpha * A_t` (`losses.klq_targets`); PPO: `A_t` = GAE of the KL-penalised
+    reward, value target `V_old + A_t`, then `A_t` whitened over valid tokens if configured.
+    Pure and jittable (`algo_cfg` is closed over / static).
+    """
+    algo = _check_algo(algo_cfg)
+    mask = batch.response_mask_bt
+    r_bt = losses.terminal_rewards(batch.rewards_b, mask)
+    if algo == "klq":
+        targets, adv = losses.klq_targets(
+            r_bt, batch.old_values_bt, batch.old_logp_bt, batch.ref_logp_bt, mask,
+            kl_coef, algo_cfg.lam, algo_cfg.alpha)
+    else:
+        rtilde = losses.kl_penalised_rewards(r_bt, batch.old_logp_bt, batch.ref_logp_bt, mask, kl_coef)
+        adv = losses.gae_advantages(rtilde, batch.old_values_bt, mask, algo_cfg.lam)
+        targets = jnp.where(mask, batch.old_values_bt + adv, 0.0)
+        if algo_cfg.whiten_advantages:
+            adv = losses.masked_whiten(adv, mask)
+    return batch.replace(advantages_bt=adv, targets_bt=targets)
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def make_loss_fn(apply_fn: ApplyFn, algo_cfg):
+    """`loss_fn(params, minibatch, kl_coef) -> (loss_sum, metrics)`.
+
+    `loss_sum` is the sum over valid tokens (differentiate it, divide by the token count once);
+    `metrics` is a dict of `LossOutput`s (`metrics["loss"].count` is the token count).
+    """
+    algo = _check_algo(algo_cfg)
+    temperature = algo_cfg.temperature
+
+    def loss_fn(params, mb: Rollout, kl_coef):
+        logits_btv, values_bt = apply_fn(params, mb.tokens_bt, mb.positions_bt, mb.attention_mask_bt)
+        logp, values = losses.shift_to_actions(logits_btv, values_bt, mb.tokens_bt, temperature)
+        mask = mb.response_mask_bt
+        sg = jax.lax.stop_gradient
+        # KL(pi_old || pi_theta) by k3, samples from pi_old. (No entropy here: it would cost another
+        # full-vocabulary pass per step; the loop reports the rollout policy's entropy.)
+        metrics = {"approx_kl": losses.masked_sum(losses.kl_k3(mb.old_logp_bt, sg(logp)), mask)}
+        if algo == "klq":
+            q = losses.klq_q_values(values, logp, mb.ref_logp_bt, kl_coef)
+            q_old = losses.klq_q_values(mb.old_values_bt, mb.old_logp_bt, mb.ref_logp_bt, kl_coef)
+            loss, clip_frac = losses.klq_loss(q, mb.targets_bt, mask, q_old, algo_cfg.q_clip)
+            value_target = mb.old_values_bt + algo_cfg.alpha * mb.advantages_bt
+            metrics.update(q_loss=loss, clip_frac=clip_frac)
+        else:
+            pg, clip_frac = losses.ppo_policy_loss(logp, mb.old_logp_bt, mb.advantages_bt, mask, algo_cfg.clip_eps)
+            vf, vf_clip_frac = losses.ppo_value_loss(values, mb.old_values_bt, mb.targets_bt, mask,
+                                                     algo_cfg.value_clip_eps)
+            loss = LossOutput(pg.total + algo_cfg.vf_coef * vf.total, pg.count)
+            value_target = mb.targets_bt
+            metrics.update(pg_loss=pg, vf_loss=vf, clip_frac=clip_frac, vf_clip_frac=vf_clip_frac)
+        metrics["value_error"] = losses.masked_sum(jnp.square(sg(values) - value_target), mask)
+        metrics["loss"] = loss
+        return loss.total, metrics
+
+    return loss_fn
+
+
+# ----------------------------------------------------------------------------- step and update
+
+
+def _split_microbatches(tree, n: int):
+    def split(x):
+        if x.shape[0] % n:
+            raise ValueError(f"minibatch size {x.shape[0]} is not divisible by num_microbatches={n}")
+        return x.reshape(n, x.shape[0] // n, *x.shape[1:])
+    return jax.tree.map(split, tree)
+
+
+def make_train_step(apply_fn: ApplyFn, algo_cfg, optimizer: optax.GradientTransformation, *, jit: bool = True):
+    """`train_step(state, minibatch) -> (state, metrics)`: one optimiser step.
+
+    With `algo_cfg.num_microbatches = n > 1` the minibatch is split in `n` along the batch axis,
+    gradients of the token-loss *sums* and the token counts are summed over a `lax.scan`, and the
+    sum is divided by the total count once: the full-minibatch mean gradient. Metrics are
+    full-minibatch token means, `grad_norm` (global norm before clipping) and `tokens` (the number
+    of valid tokens in the minibatch).
+    With `jit=True` (default) the step is jitted with the state donated.
+    """
+    loss_fn = make_loss_fn(apply_fn, algo_cfg)
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+    n_micro = int(algo_cfg.num_microbatches)
+
+    def train_step(state: TrainState, minibatch: Rollout):
+        if n_micro == 1:
+            grads, metrics = grad_fn(state.params, minibatch, state.kl_coef)
+        else:
+            micro = _split_microbatches(minibatch, n_micro)
+            first = jax.tree.map(lambda x: x[0], micro)
+            shapes = jax.eval_shape(grad_fn, state.params, first, state.kl_coef)
+            init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+            def body(acc, mmb):
+                out = grad_fn(state.params, mmb, state.kl_coef)
+                return jax.tree.map(jnp.add, acc, out), None
+
+            (grads, metrics), _ = jax.lax.scan(body, init, micro)
+        count = jnp.maximum(metrics["loss"].count, 1.0)
+        grads = jax.tree.map(lambda g: g / count, grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        out = {k: v.mean() for k, v in metrics.items()}
+        out["grad_norm"] = optax.global_norm(grads)
+        out["tokens"] = metrics["loss"].count
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new_state, out
+
+    return jax.jit(train_step, donate_argnums=0) if jit else train_step
+
+
+def make_update(apply_fn: ApplyFn, algo_cfg, optimizer: optax.GradientTransformation):
+    """`update(state, batch, rng, epochs, num_minibatches) -> (state, metrics)`, jitted, state donated.
+
+    Each epoch draws a permutation of the batch from `rng` (`fold_in` by epoch), cuts it into
+    `num_minibatches` equal minibatches and runs one `train_step` on each (`lax.scan`); metrics
+    are averaged over all `epochs * num_minibatches` steps. `epochs`, `num_minibatches` are static.
+    """
+    step = make_train_step(apply_fn, algo_cfg, optimizer, jit=False)
+
+    @functools.partial(jax.jit, static_argnames=("epochs", "num_minibatches"), donate_argnums=0)
+    def update(state: TrainState, batch: Rollout, rng, epochs: int, num_minibatches: int):
+        b = batch.tokens_bt.shape[0]
+        if b % num_minibatches:
+            raise ValueError(f"batch size {b} is not divisible by num_minibatches={num_minibatches}")
+
+        def epoch(state, key):
+            perm = jax.random.permutation(key, b)
+            minibatches = jax.tree.map(
+                lambda x: x[perm].reshape(num_minibatches, b // num_minibatches, *x.shape[1:]), batch)
+            return jax.lax.scan(step, state, minibatches)
+
+        keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(epochs))
+        state, metrics = jax.lax.scan(epoch, state, keys)
+        return state, jax.tree.map(jnp.mean, metrics)
+
+    return update
