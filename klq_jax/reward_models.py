@@ -1,0 +1,73 @@
+"""Learned reward models: HF sequence-classification checkpoints (Llama family, GPT-NeoX, GPT-2) run by
+our Flax code, scoring at the last non-padding token."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from klq_jax.models.hf import load_model, resolve_checkpoint
+from klq_jax.models.sampler import bucket_length
+from klq_jax.models.transformer import positions_from_mask
+from klq_jax.rewards import Reward, RewardError
+
+
+@functools.partial(jax.jit, static_argnames="graphdef")
+def _scores(graphdef, state, tokens_bt, mask_bt):
+    return nnx.merge(graphdef, state)(tokens_bt, positions_from_mask(mask_bt), mask_bt).scores_b
+
+
+class HFRewardModel(Reward):
+    """`AutoModelForSequenceClassification`-style reward model with one label.
+
+    Text format: with `chat=True` (and a tokenizer chat template) the prompt and response are a
+    user/assistant conversation; otherwise `prompt_text + response` (the TL;DR/HH SFT setting, where
+    the prompt already ends in "TL;DR:" or "Assistant:"). Rows are left-padded to a length bucket so
+    batches compile once per bucket; sequences longer than `max_length` keep their last tokens.
+    """
+
+    name = "hf-reward-model"
+
+    def __init__(self, path: str, *, chat: bool | None = None, max_length: int = 1024, batch_size: int = 16,
+                 param_dtype=jnp.float32):
+        from transformers import AutoTokenizer
+
+        folder = resolve_checkpoint(path)
+        self.model = load_model(folder, score_head=True, param_dtype=param_dtype)
+        self.graphdef, self.state = nnx.split(self.model)
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        if len(self.tokenizer) > self.model.cfg.vocab_size:
+            raise RewardError(f"reward model {path!r}: its tokenizer has {len(self.tokenizer)} tokens, the model "
+                              f"only {self.model.cfg.vocab_size}; accepted: a tokenizer that fits the model")
+        self.chat = bool(self.tokenizer.chat_template) if chat is None else chat
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.max_length, self.batch_size = max_length, batch_size
+        self.name = f"hf:{path}"
+
+    def _encode(self, prompt: str, response: str) -> list[int]:
+        if self.chat:
+            ids = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}],
+                tokenize=True, return_dict=False)
+        else:
+            ids = self.tokenizer(prompt + response)["input_ids"]
+        return list(ids)[-self.max_length:]
+
+    def score(self, prompts, responses, references):
+        encoded = [self._encode(str(p), r) for p, r in zip(prompts, responses)]
+        out = np.zeros(len(encoded), np.float32)
+        for start in range(0, len(encoded), self.batch_size):
+            chunk = encoded[start:start + self.batch_size]
+            length = bucket_length(max(map(len, chunk)), 64)
+            tokens = np.full((self.batch_size, length), self.pad_id, np.int32)
+            mask = np.zeros((self.batch_size, length), bool)
+            for row, ids in enumerate(chunk):
+                tokens[row, length - len(ids):], mask[row, length - len(ids):] = ids, True
+            mask[len(chunk):, -1] = True  # filler rows of a partial batch: one token, ignored
+            scores = _scores(self.graphdef, self.state, jnp.asarray(tokens), jnp.asarray(mask))
+            out[start:start + len(chunk)] = np.asarray(scores)[:len(chunk)]
+        return out

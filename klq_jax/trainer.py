@@ -1,0 +1,258 @@
+"""The trainer: builds models, tokenizer, prompts, reward and the online loop from a config, and runs it
+with checkpoints, logs and the final HF export. `klq_jax.main` is a thin CLI over `train`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from klq_jax.data.datasets import DataError, PromptExample, PromptStream, load_prompts, to_messages, to_text
+from klq_jax.models.hf import CheckpointError, export_model, load_model, resolve_checkpoint
+from klq_jax.models.sampler import Sampler, bucket_length
+from klq_jax.models.transformer import CausalLM, positions_from_mask
+from klq_jax.rewards import Reward, RewardError, make_reward
+from klq_jax.rl import loop as rl_loop
+from klq_jax.rl.train_step import Rollout, TrainState, make_optimizer
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class ConfigError(ValueError):
+    """A config value the trainer cannot use."""
+
+
+@dataclasses.dataclass
+class Prompt:
+    """A tokenised prompt with what the reward needs."""
+
+    ids: list[int]
+    text: str
+    reference: str | None
+
+
+def resolve_model_path(name: str) -> Path:
+    if name == "embedded":
+        from klq_jax.models.gguf import embedded_smollm2_path
+
+        return embedded_smollm2_path()
+    return resolve_checkpoint(name)
+
+
+def load_tokenizer(path: Path, vocab_size: int):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # no tokenizer files, malformed files
+        raise CheckpointError(f"no usable tokenizer in {str(path)!r} ({type(e).__name__}); accepted: a folder "
+                              "with tokenizer.json or the tokenizer files transformers reads") from None
+    if len(tokenizer) > vocab_size:
+        raise CheckpointError(f"tokenizer of {str(path)!r} has {len(tokenizer)} tokens but the model's vocabulary "
+                              f"is {vocab_size}; accepted: a tokenizer whose ids fit the model")
+    if tokenizer.eos_token_id is None:
+        raise CheckpointError(f"tokenizer of {str(path)!r} has no EOS token; accepted: a tokenizer with eos_token")
+    return tokenizer
+
+
+def _dtype(name: str, key: str):
+    if name not in DTYPES:
+        raise ConfigError(f"{key}={name!r}; accepted: {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def encode_prompts(examples: list[PromptExample], tokenizer, config) -> list[Prompt]:
+    """Chat template (when the tokenizer has one and the config asks for it) or plain text; prompts
+    longer than `data.max_prompt_tokens` are an error, or dropped with `data.drop_long_prompts`."""
+    task, limit = config.data.task, config.data.max_prompt_tokens
+    use_chat = config.data.chat_template and bool(getattr(tokenizer, "chat_template", None))
+    prompts, too_long = [], []
+    for i, ex in enumerate(examples):
+        text = ex.prompt if isinstance(ex.prompt, str) else ex.prompt[-1]["content"]
+        if use_chat:
+            ids = tokenizer.apply_chat_template(to_messages(ex, task), add_generation_prompt=True, tokenize=True,
+                                                return_dict=False)
+        else:
+            ids = tokenizer(to_text(ex, task))["input_ids"]
+        if len(ids) > limit:
+            too_long.append((i, len(ids)))
+            continue
+        prompts.append(Prompt(list(ids), text, ex.reference))
+    if too_long and not config.data.drop_long_prompts:
+        i, n = too_long[0]
+        raise DataError(f"prompt {i} has {n} tokens, over data.max_prompt_tokens={limit} ({len(too_long)} prompts "
+                        "are); accepted: raise data.max_prompt_tokens or set data.drop_long_prompts=True")
+    if not prompts:
+        raise DataError(f"empty prompt set: all {len(examples)} prompts exceed data.max_prompt_tokens={limit}")
+    return prompts
+
+
+def build_reward(config) -> Reward:
+    kind = config.reward.kind
+    if kind == "similarity":
+        return make_reward("similarity")
+    if kind == "callable":
+        return make_reward(config.reward.path)
+    if kind == "hf":
+        from klq_jax.reward_models import HFRewardModel
+
+        if not config.reward.path:
+            raise ConfigError("reward.kind='hf' needs reward.path (an HF sequence-classification folder or hub id)")
+        return HFRewardModel(config.reward.path, chat=config.reward.chat)
+    raise ConfigError(f"reward.kind={kind!r}; accepted: 'similarity', 'hf', 'callable'")
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything built from a config before the loop starts."""
+
+    policy: CausalLM
+    graphdef: Any
+    params: Any
+    ref_params: Any
+    ref_graphdef: Any
+    tokenizer: Any
+    policy_path: Path
+    train_prompts: list[Prompt]
+    sampler: Sampler
+    reward: Reward
+    prompt_length: int
+
+
+def build(config) -> Setup:
+    if config.algo not in ("klq", "ppo"):
+        raise ConfigError(f"algo={config.algo!r}; accepted: 'klq', 'ppo'")
+    param_dtype = _dtype(config.model.param_dtype, "model.param_dtype")
+    compute_dtype = _dtype(config.model.compute_dtype, "model.compute_dtype")
+    policy_path = resolve_model_path(config.model.policy)
+    policy = load_model(policy_path, value_head=True, param_dtype=param_dtype, dtype=compute_dtype,
+                        remat=config.model.remat, seed=config.seed)
+    ref_path = resolve_model_path(config.model.reference) if config.model.reference else policy_path
+    reference = load_model(ref_path, param_dtype=param_dtype, dtype=compute_dtype)
+    if reference.cfg.vocab_size != policy.cfg.vocab_size:
+        raise CheckpointError(f"reference vocabulary {reference.cfg.vocab_size} differs from the policy's "
+                              f"{policy.cfg.vocab_size}; accepted: a reference with the policy's tokenizer")
+    tokenizer = load_tokenizer(policy_path, policy.cfg.vocab_size)
+    examples = load_prompts(config.data.source, config.data.train_split, config.data.task,
+                            prompt_field=config.data.prompt_field or None,
+                            reference_field=config.data.reference_field or None,
+                            max_examples=config.data.max_examples or None)
+    prompts = encode_prompts(examples, tokenizer, config)
+    prompt_length = bucket_length(max(len(p.ids) for p in prompts), config.sampling.prompt_bucket)
+    total = prompt_length + config.sampling.max_new_tokens
+    if total > policy.cfg.max_position_embeddings:
+        raise ConfigError(f"prompt ({prompt_length}) + sampling.max_new_tokens ({config.sampling.max_new_tokens}) "
+                          f"= {total} tokens exceeds the model context {policy.cfg.max_position_embeddings}")
+    eos_ids = {tokenizer.eos_token_id}
+    if policy.cfg.eos_token_id is not None:
+        eos_ids.add(policy.cfg.eos_token_id)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    graphdef, params = nnx.split(policy)
+    ref_graphdef, ref_params = nnx.split(reference)
+    sampler = Sampler(graphdef=graphdef, eos_ids=tuple(sorted(eos_ids)), pad_id=pad_id,
+                      max_new_tokens=config.sampling.max_new_tokens, temperature=config.rl.temperature,
+                      bucket=config.sampling.prompt_bucket, cache_dtype=compute_dtype)
+    return Setup(policy, graphdef, params, ref_params, ref_graphdef, tokenizer, policy_path, prompts, sampler,
+                 build_reward(config), prompt_length)
+
+
+def make_fns(setup: Setup):
+    """The injected functions of the loop for an LM policy."""
+    graphdef, ref_graphdef = setup.graphdef, setup.ref_graphdef
+
+    def apply_fn(params, tokens_bt, positions_bt, mask_bt):
+        out = nnx.merge(graphdef, params)(tokens_bt, positions_bt, mask_bt)
+        return out.logits_btv, out.values_bt
+
+    def ref_apply_fn(params, tokens_bt, positions_bt, mask_bt):
+        return nnx.merge(ref_graphdef, params)(tokens_bt, positions_bt, mask_bt).logits_btv
+
+    def sample_fn(params, prompt_batch: list[Prompt], rng):
+        out = setup.sampler(params, [p.ids for p in prompt_batch], rng, prompt_length=setup.prompt_length)
+        return Rollout.from_samples(out.tokens_bt, positions_from_mask(out.attention_mask_bt), out.attention_mask_bt,
+                                    out.response_mask_bt, out.logprobs_bt, out.eos_b)
+
+    def reward_fn(prompt_batch: list[Prompt], batch: Rollout):
+        texts = decode_responses(setup, batch)
+        return setup.reward([p.text for p in prompt_batch], texts, [p.reference for p in prompt_batch])
+
+    return apply_fn, ref_apply_fn, sample_fn, reward_fn
+
+
+def decode_responses(setup: Setup, batch: Rollout) -> list[str]:
+    tokens, resp = np.asarray(batch.tokens_bt), np.asarray(batch.response_mask_bt)
+    return [setup.tokenizer.decode(row[m], skip_special_tokens=True) for row, m in zip(tokens, resp)]
+
+
+def rl_config(config):
+    rl = config.rl.copy_and_resolve_references()
+    with rl.unlocked():
+        rl.algo = config.algo
+    return rl
+
+
+def write_config(config, workdir: Path) -> None:
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+
+def train(config, workdir: str | os.PathLike) -> dict[str, float]:
+    """Runs (or resumes) a training run in `workdir`; returns the last iteration's metrics."""
+    from klq_jax import checkpoints, logs
+
+    workdir = Path(workdir)
+    ckpt = checkpoints.CheckpointManager(workdir, config=config, save_every=config.checkpoint.every,
+                                         keep=config.checkpoint.keep)
+    write_config(config, workdir)
+    setup = build(config)
+    rl = rl_config(config)
+    optimizer = make_optimizer(config.optim)
+    state = TrainState.create(setup.params, optimizer, rl.kl_coef)
+    stream = PromptStream(setup.train_prompts, config.batch_size, seed=config.seed,
+                          process_index=jax.process_index(), process_count=jax.process_count())
+    rng = jax.random.key(config.seed)
+    start = 0
+    restored = ckpt.restore_latest(checkpoints.abstract_state(state))
+    if restored is not None:
+        state, meta = restored
+        stream.restore(meta.data_state)
+        start = meta.iteration
+    apply_fn, ref_apply_fn, sample_fn, reward_fn = make_fns(setup)
+    ref_logprob_fn = rl_loop.make_ref_logprob_fn(ref_apply_fn, setup.ref_params, rl.temperature)
+    logger = logs.MetricsLogger(workdir, start_iteration=start, total_iterations=config.num_iterations)
+    metrics: dict[str, float] = {}
+    try:
+        remaining = max(config.num_iterations - start, 0)
+        for it_state, metrics in rl_loop.run(
+                state=state, apply_fn=apply_fn, optimizer=optimizer, algo_cfg=rl, sample_fn=sample_fn,
+                reward_fn=reward_fn, ref_logprob_fn=ref_logprob_fn, prompts=stream, rng=rng,
+                num_iterations=remaining, start_iteration=start):
+            state = it_state
+            it = int(metrics["iteration"])
+            logger.log(it, metrics)
+            ckpt.save(it + 1, state, data_state=stream.state(), force=it + 1 == config.num_iterations)
+        ckpt.wait()
+    finally:
+        logger.close()
+        ckpt.close()
+    if jax.process_index() == 0:
+        logs.plot_curves({config.algo: workdir / "metrics.jsonl"}, workdir / "curves.png")
+        if config.export_policy:
+            final = nnx.merge(setup.graphdef, state.params)
+            export_model(final, workdir / "policy_hf", tokenizer_from=setup.policy_path)
+    return metrics
+
+
+def default_workdir(config, config_name: str) -> Path:
+    """runs/<task>-<algo>-<config hash>: a new folder per config, the same one when a command is rerun
+    (so rerunning resumes)."""
+    from klq_jax.checkpoints import config_fingerprint
+
+    digest = config_fingerprint(config)["hash"][:8]
+    return Path("runs") / f"{Path(config_name).stem}-{config.algo}-{digest}"
