@@ -38,16 +38,22 @@ def run():
     """Entry point with the one-line error contract for user errors."""
     argv = sys.argv
     try:
-        flags.FLAGS(argv)
-    except flags.Error as e:  # unknown --config.x keys, bad values, missing --config
+        remaining = flags.FLAGS(argv)
+    except flags.Error as e:  # bad values, unknown flags
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        sys.exit(2)
+    except (AttributeError, KeyError) as e:  # ml_collections: an override of a key the config lacks
+        key = str(e).strip("'\"")
+        given = [a for a in argv if a.startswith("--config.") and key in a.split("=")[0]]
+        print(f"error: unknown config key {key!r} in {given[0] if given else argv}; accepted: the keys of the "
+              "config file (printed in <workdir>/config.json of any run)", file=sys.stderr)
         sys.exit(2)
     if _CONFIG.value is None:
         print("error: --config is required; accepted: a config file such as configs/dialogue.py[:variant]",
               file=sys.stderr)
         sys.exit(2)
     try:
-        main(flags.FLAGS(argv, known_only=True))
+        main(remaining)
     except (ValueError, FloatingPointError, ImportError, OSError) as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"error: {message}", file=sys.stderr)

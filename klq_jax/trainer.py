@@ -202,15 +202,30 @@ def write_config(config, workdir: Path) -> None:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
 
+def _say(message: str) -> None:
+    """Run events on stdout, one line each (the progress bar is on stderr)."""
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
 def train(config, workdir: str | os.PathLike) -> dict[str, float]:
     """Runs (or resumes) a training run in `workdir`; returns the last iteration's metrics."""
-    from klq_jax import checkpoints, logs
+    from klq_jax import checkpoints
 
     workdir = Path(workdir)
     ckpt = checkpoints.CheckpointManager(workdir, config=config, save_every=config.checkpoint.every,
                                          keep=config.checkpoint.keep)
-    write_config(config, workdir)
+    try:  # the manager's background writer must be shut down whatever happens
+        return _train(config, workdir, ckpt)
+    finally:
+        ckpt.close()
+
+
+def _train(config, workdir: Path, ckpt) -> dict[str, float]:
+    from klq_jax import checkpoints, logs
+
     setup = build(config)
+    write_config(config, workdir)
     rl = rl_config(config)
     optimizer = make_optimizer(config.optim)
     state = TrainState.create(setup.params, optimizer, rl.kl_coef)
@@ -223,24 +238,20 @@ def train(config, workdir: str | os.PathLike) -> dict[str, float]:
         state, meta = restored
         stream.restore(meta.data_state)
         start = meta.iteration
+        _say(f"resumed from checkpoint {start} in {workdir}")
     apply_fn, ref_apply_fn, sample_fn, reward_fn = make_fns(setup)
     ref_logprob_fn = rl_loop.make_ref_logprob_fn(ref_apply_fn, setup.ref_params, rl.temperature)
-    logger = logs.MetricsLogger(workdir, start_iteration=start, total_iterations=config.num_iterations)
     metrics: dict[str, float] = {}
-    try:
-        remaining = max(config.num_iterations - start, 0)
-        for it_state, metrics in rl_loop.run(
+    with logs.MetricsLogger(workdir, start_iteration=start, total_iterations=config.num_iterations) as logger:
+        for state, metrics in rl_loop.run(
                 state=state, apply_fn=apply_fn, optimizer=optimizer, algo_cfg=rl, sample_fn=sample_fn,
                 reward_fn=reward_fn, ref_logprob_fn=ref_logprob_fn, prompts=stream, rng=rng,
-                num_iterations=remaining, start_iteration=start):
-            state = it_state
+                num_iterations=max(config.num_iterations - start, 0), start_iteration=start):
             it = int(metrics["iteration"])
             logger.log(it, metrics)
-            ckpt.save(it + 1, state, data_state=stream.state(), force=it + 1 == config.num_iterations)
-        ckpt.wait()
-    finally:
-        logger.close()
-        ckpt.close()
+            if ckpt.save(it + 1, state, data_state=stream.state(), force=it + 1 == config.num_iterations):
+                _say(f"iteration {it}: saving checkpoint {it + 1}")
+    ckpt.wait()
     if jax.process_index() == 0:
         logs.plot_curves({config.algo: workdir / "metrics.jsonl"}, workdir / "curves.png")
         if config.export_policy:

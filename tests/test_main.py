@@ -1,0 +1,179 @@
+"""`python -m klq_jax.main` end to end on a tiny model: a run, its outputs and export, SIGKILL-and-resume
+equal to an uninterrupted run, and one clear line with a non-zero exit for each bad input."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from klq_jax.checkpoints import kill_and_resume, load_raw  # noqa: E402
+from klq_jax.models.gguf import embedded_smollm2_path  # noqa: E402
+from klq_jax.models.hf import read_safetensors  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+REWARD = str(ROOT / "tests" / "fixtures" / "rewards.py")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+
+
+def _tiny_llama(path: Path, vocab_size: int = 49152) -> Path:
+    """A tiny random Llama with the SmolLM2 tokenizer and chat template (a real HF folder)."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                   tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    for name in TOKENIZER_FILES:
+        shutil.copy(embedded_smollm2_path() / name, path / name)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return _tiny_llama(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def _cmd(workdir, model, *overrides, config="configs/dialogue.py:tiny"):
+    return [sys.executable, "-m", "klq_jax.main", f"--config={config}", f"--workdir={workdir}",
+            f"--config.model.policy={model}", "--config.reward.kind=callable",
+            f"--config.reward.path={REWARD}:distinct_words", *overrides]
+
+
+def _run(cmd, timeout=300):
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("algo", ["klq", "ppo"])
+def test_run_writes_metrics_checkpoints_plot_and_export(tiny_model, tmp_path, algo):
+    workdir = tmp_path / "run"
+    result = _run(_cmd(workdir, tiny_model, f"--config.algo={algo}"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == [0, 1]
+    for key in ("rollout/reward", "rollout/kl", "rollout/objective", "rollout/entropy", "rollout/response_length",
+                "rollout/eos_rate", "train/value_error", "perf/tokens_per_s", "time/sample", "time/update"):
+        assert key in records[0], key
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["1", "2"]
+    assert (workdir / "curves.png").stat().st_size > 10_000
+    assert any((workdir / "tensorboard").iterdir())
+    # The exported policy loads in transformers and carries the trained (not the initial) weights.
+    exported = transformers.AutoModelForCausalLM.from_pretrained(workdir / "policy_hf")
+    trained = load_raw(workdir)[0]["params"]["embed_vd"]["value"]
+    np.testing.assert_array_equal(exported.model.embed_tokens.weight.detach().numpy(), np.asarray(trained))
+    initial = read_safetensors(tiny_model / "model.safetensors")["model.embed_tokens.weight"]
+    assert np.abs(np.asarray(trained) - initial).max() > 0
+    transformers.AutoTokenizer.from_pretrained(workdir / "policy_hf")
+
+
+def test_sigkill_and_resume_equals_uninterrupted(tiny_model, tmp_path):
+    overrides = ("--config.num_iterations=6", "--config.checkpoint.every=2", "--config.rl.num_minibatches=2",
+                 "--config.batch_size=4")
+    straight = _run(_cmd(tmp_path / "straight", tiny_model, *overrides))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    # Killed right after the save of checkpoint 4 starts (it may or may not have committed), then rerun.
+    first, second = kill_and_resume(_cmd(tmp_path / "killed", tiny_model, *overrides),
+                                    r"saving checkpoint 4", cwd=ROOT, timeout=300)
+    assert first.killed and second.returncode == 0
+    assert "resumed from checkpoint" in second.output
+    a, _ = load_raw(tmp_path / "straight")
+    b, _ = load_raw(tmp_path / "killed")
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(leaves_a) == len(leaves_b) > 10
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    lines = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["iteration"] for line in lines] == [0, 1, 2, 3, 4, 5]
+
+
+def test_rerun_of_a_finished_run_resumes_and_does_nothing(tiny_model, tmp_path):
+    cmd = _cmd(tmp_path / "run", tiny_model)
+    assert _run(cmd).returncode == 0
+    again = _run(cmd)
+    assert again.returncode == 0 and "resumed from checkpoint 2" in again.stdout
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: one line on stderr naming the value, exit status 2, nothing saved corrupted.
+
+
+def _bad(cmd, *needles):
+    result = _run(cmd, timeout=180)
+    assert result.returncode == 2, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), result.stderr[-2000:]
+    for needle in needles:
+        assert needle in last, last
+    return last
+
+
+def test_unknown_config_key(tiny_model, tmp_path):
+    _bad(_cmd(tmp_path / "w", tiny_model, "--config.no_such_key=3"), "no_such_key")
+
+
+def test_bad_algo(tiny_model, tmp_path):
+    _bad(_cmd(tmp_path / "w", tiny_model, "--config.algo=dpo"), "dpo", "klq", "ppo")
+
+
+def test_missing_checkpoint(tmp_path):
+    _bad(_cmd(tmp_path / "w", tmp_path / "nowhere" / "model"), "nowhere")
+
+
+def test_malformed_checkpoint(tiny_model, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    (broken / "config.json").write_text("{not json")
+    _bad(_cmd(tmp_path / "w", broken), "config.json", "malformed")
+
+
+def test_tokenizer_that_does_not_fit_the_model(tmp_path):
+    small = _tiny_llama(tmp_path / "small", vocab_size=1000)
+    _bad(_cmd(tmp_path / "w", small), "49152", "1000")
+
+
+def test_dataset_without_needed_fields(tiny_model, tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "hello"}\n{"text": "there"}\n')
+    _bad(_cmd(tmp_path / "w", tiny_model, f"--config.data.source={data}"), "prompt", "text")
+
+
+def test_empty_prompt_set(tiny_model, tmp_path):
+    data = tmp_path / "empty.jsonl"
+    data.write_text("")
+    _bad(_cmd(tmp_path / "w", tiny_model, f"--config.data.source={data}"), "empty")
+
+
+def test_prompts_longer_than_the_limit(tiny_model, tmp_path):
+    _bad(_cmd(tmp_path / "w", tiny_model, "--config.data.max_prompt_tokens=8"), "max_prompt_tokens=8")
+
+
+def test_prompt_plus_response_longer_than_context(tiny_model, tmp_path):
+    _bad(_cmd(tmp_path / "w", tiny_model, "--config.sampling.max_new_tokens=600"), "context 512")
+
+
+def test_reward_returning_nan(tiny_model, tmp_path):
+    cmd = _cmd(tmp_path / "w", tiny_model)
+    cmd[-1] = f"--config.reward.path={REWARD}:nan_reward"
+    _bad(cmd, "nan")
+
+
+def test_workdir_not_writable(tiny_model, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    _bad(_cmd(blocker / "run", tiny_model), str(blocker))
+
+
+def test_checkpoints_from_another_config_are_not_touched(tiny_model, tmp_path):
+    workdir = tmp_path / "run"
+    assert _run(_cmd(workdir, tiny_model)).returncode == 0
+    before = {p: p.stat().st_mtime_ns for p in (workdir / "checkpoints").rglob("*") if p.is_file()}
+    _bad(_cmd(workdir, tiny_model, "--config.rl.kl_coef=0.3"), "kl_coef")
+    after = {p: p.stat().st_mtime_ns for p in (workdir / "checkpoints").rglob("*") if p.is_file()}
+    assert before == after
