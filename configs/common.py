@@ -42,7 +42,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.rl = default_algo_config()   # KLQ/PPO hyper-parameters (c.rl.algo is set from c.algo)
     c.rl.kl_coef = 0.05
-    c.rl.missing_eos_penalty = True
+    # Off for the embedded tasks: their reward already penalises overlong answers, and SmolLM2's
+    # answers often run past the short response budget of a CPU run. The hub variants turn it on.
+    c.rl.missing_eos_penalty = False
     c.rl.missing_eos_reward = -1.0
     c.rl.epochs = 2
     c.rl.num_minibatches = 2

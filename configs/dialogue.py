@@ -29,6 +29,7 @@ def get_config(arg: str = ""):
         c.num_iterations = 1000
         c.rl.epochs = 4
         c.rl.num_minibatches = 4
+        c.rl.missing_eos_penalty = True  # Huang et al. 2024: reward -1 for responses without EOS
         c.optim.learning_rate = 1.41e-5
     elif arg == "tiny":
         c.num_iterations = 2
