@@ -1,11 +1,13 @@
 """`python -m klq_jax.main --config=configs/dialogue.py[:variant] [--config.key=value ...] [--workdir=DIR]`
 
 Trains with KLQ or PPO (`--config.algo`), resuming from the workdir's last checkpoint. Bad input ends
-with one line on stderr naming the value and what is accepted, and exit status 2.
+with one line on stderr naming the value and what is accepted, and exit status 2 (set KLQ_JAX_DEBUG=1
+for the full traceback).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app, flags
@@ -55,6 +57,8 @@ def run():
     try:
         main(remaining)
     except (ValueError, FloatingPointError, ImportError, OSError) as e:
+        if os.environ.get("KLQ_JAX_DEBUG"):  # the full traceback, for bug reports
+            raise
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)

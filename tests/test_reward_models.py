@@ -1,0 +1,79 @@
+"""HF sequence-classification reward models through `HFRewardModel`, against transformers' own
+scores of the same texts; and the configs' hub variants build."""
+
+import shutil
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from klq_jax.models.gguf import embedded_smollm2_path  # noqa: E402
+from klq_jax.reward_models import HFRewardModel  # noqa: E402
+from klq_jax.rewards import RewardError  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def reward_model_folder(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=2)
+    path = tmp_path_factory.mktemp("rm")
+    transformers.LlamaForSequenceClassification(cfg).save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(embedded_smollm2_path() / name, path / name)
+    return path
+
+
+PROMPTS = ["What is the boiling point of water?", "Name a prime number.", "Say hello."]
+RESPONSES = ["It boils at 100 degrees Celsius at sea level.", "Seven.", ""]
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_scores_match_transformers(reward_model_folder, chat):
+    rm = HFRewardModel(str(reward_model_folder), chat=chat, batch_size=2)  # 2: a partial last batch
+    ours = rm(PROMPTS, RESPONSES)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(reward_model_folder)
+    ref_model = transformers.AutoModelForSequenceClassification.from_pretrained(reward_model_folder).eval()
+    for i, (p, r) in enumerate(zip(PROMPTS, RESPONSES)):
+        if chat:
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": r}],
+                                                tokenize=True, return_dict=False)
+        else:
+            ids = tokenizer(p + r)["input_ids"]
+        with torch.no_grad():
+            expected = ref_model(torch.tensor([ids])).logits[0, 0].item()
+        assert abs(ours[i] - expected) <= 1e-4
+
+
+def test_tokenizer_larger_than_model_is_rejected(reward_model_folder, tmp_path):
+    small = tmp_path / "small"
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=500, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, num_labels=1)
+    transformers.LlamaForSequenceClassification(cfg).save_pretrained(small)
+    shutil.copy(reward_model_folder / "tokenizer.json", small / "tokenizer.json")
+    shutil.copy(reward_model_folder / "tokenizer_config.json", small / "tokenizer_config.json")
+    with pytest.raises(RewardError, match="49152 tokens, the model only 500"):
+        HFRewardModel(str(small))
+
+
+@pytest.mark.parametrize("spec", ["dialogue.py:", "dialogue.py:hh", "dialogue.py:tiny", "summarisation.py:",
+                                  "summarisation.py:tldr", "summarisation.py:tiny"])
+def test_config_variants_build(spec):
+    import importlib.util
+    from pathlib import Path
+
+    name, variant = spec.split(":")
+    path = Path(__file__).resolve().parents[1] / "configs" / name
+    module_spec = importlib.util.spec_from_file_location(name[:-3], path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    config = module.get_config(variant)
+    assert config.algo in ("klq", "ppo") and config.num_iterations > 0
+    if variant in ("hh", "tldr"):
+        assert config.reward.kind == "hf" and "/" in config.model.policy and "/" in config.data.source
+        assert config.rl.missing_eos_penalty
+    with pytest.raises(ValueError, match="unknown"):
+        module.get_config("nope")
