@@ -46,10 +46,14 @@ def base_config() -> ml_collections.ConfigDict:
     # answers often run past the short response budget of a CPU run. The hub variants turn it on.
     c.rl.missing_eos_penalty = False
     c.rl.missing_eos_reward = -1.0
+    c.rl.center_rewards = True     # batch-mean baseline on the training reward (the optimum is unchanged)
     c.rl.epochs = 2
     c.rl.num_minibatches = 2
     c.optim = default_optim_config()
     c.optim.learning_rate = 1e-5
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.num_prompts = 64        # held-out prompts answered greedily before and after training (0: off)
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every = 4         # iterations

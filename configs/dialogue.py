@@ -39,6 +39,7 @@ def get_config(arg: str = ""):
         c.rl.num_minibatches = 1
         c.rl.epochs = 1
         c.checkpoint.every = 1
+        c.eval.num_prompts = 4
     elif arg:
         raise ValueError(f"unknown dialogue config variant {arg!r}; accepted: '', 'hh', 'tiny'")
     return c

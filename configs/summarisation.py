@@ -42,6 +42,7 @@ def get_config(arg: str = ""):
         c.rl.num_minibatches = 1
         c.rl.epochs = 1
         c.checkpoint.every = 1
+        c.eval.num_prompts = 4
     elif arg:
         raise ValueError(f"unknown summarisation config variant {arg!r}; accepted: '', 'tldr', 'tiny'")
     return c

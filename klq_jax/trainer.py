@@ -121,6 +121,7 @@ class Setup:
     tokenizer: Any
     policy_path: Path
     train_prompts: list[Prompt]
+    eval_prompts: list[Prompt]
     sampler: Sampler
     reward: Reward
     prompt_length: int
@@ -145,7 +146,14 @@ def build(config) -> Setup:
                             reference_field=config.data.reference_field or None,
                             max_examples=config.data.max_examples or None)
     prompts = encode_prompts(examples, tokenizer, config)
-    prompt_length = bucket_length(max(len(p.ids) for p in prompts), config.sampling.prompt_bucket)
+    eval_prompts = []
+    if config.eval.num_prompts:
+        eval_examples = load_prompts(config.data.source, config.data.eval_split, config.data.task,
+                                     prompt_field=config.data.prompt_field or None,
+                                     reference_field=config.data.reference_field or None,
+                                     max_examples=config.eval.num_prompts)
+        eval_prompts = encode_prompts(eval_examples, tokenizer, config)
+    prompt_length = bucket_length(max(len(p.ids) for p in prompts + eval_prompts), config.sampling.prompt_bucket)
     total = prompt_length + config.sampling.max_new_tokens
     if total > policy.cfg.max_position_embeddings:
         raise ConfigError(f"prompt ({prompt_length}) + sampling.max_new_tokens ({config.sampling.max_new_tokens}) "
@@ -159,8 +167,8 @@ def build(config) -> Setup:
     sampler = Sampler(graphdef=graphdef, eos_ids=tuple(sorted(eos_ids)), pad_id=pad_id,
                       max_new_tokens=config.sampling.max_new_tokens, temperature=config.rl.temperature,
                       bucket=config.sampling.prompt_bucket, cache_dtype=compute_dtype)
-    return Setup(policy, graphdef, params, ref_params, ref_graphdef, tokenizer, policy_path, prompts, sampler,
-                 build_reward(config), prompt_length)
+    return Setup(policy, graphdef, params, ref_params, ref_graphdef, tokenizer, policy_path, prompts, eval_prompts,
+                 sampler, build_reward(config), prompt_length)
 
 
 def make_fns(setup: Setup):
@@ -180,15 +188,31 @@ def make_fns(setup: Setup):
                                     out.response_mask_bt, out.logprobs_bt, out.eos_b)
 
     def reward_fn(prompt_batch: list[Prompt], batch: Rollout):
-        texts = decode_responses(setup, batch)
+        texts = decode_responses(setup, batch.tokens_bt, batch.response_mask_bt)
         return setup.reward([p.text for p in prompt_batch], texts, [p.reference for p in prompt_batch])
 
     return apply_fn, ref_apply_fn, sample_fn, reward_fn
 
 
-def decode_responses(setup: Setup, batch: Rollout) -> list[str]:
-    tokens, resp = np.asarray(batch.tokens_bt), np.asarray(batch.response_mask_bt)
+def decode_responses(setup: Setup, tokens_bt, response_mask_bt) -> list[str]:
+    tokens, resp = np.asarray(tokens_bt), np.asarray(response_mask_bt)
     return [setup.tokenizer.decode(row[m], skip_special_tokens=True) for row, m in zip(tokens, resp)]
+
+
+def evaluate_reward(setup: Setup, params, batch_size: int = 16) -> dict[str, float]:
+    """Greedy responses of the policy `params` to the held-out prompts: mean reward, length, EOS rate."""
+    greedy = dataclasses.replace(setup.sampler, top_k=1)
+    rewards, lengths, eos = [], [], []
+    for start in range(0, len(setup.eval_prompts), batch_size):
+        chunk = setup.eval_prompts[start:start + batch_size]
+        padded = chunk + [chunk[-1]] * (batch_size - len(chunk))  # one shape: one compilation
+        out = greedy(params, [p.ids for p in padded], jax.random.key(0), prompt_length=setup.prompt_length)
+        texts = decode_responses(setup, out.tokens_bt, out.response_mask_bt)[:len(chunk)]
+        rewards.extend(setup.reward([p.text for p in chunk], texts, [p.reference for p in chunk]).tolist())
+        lengths.extend(np.asarray(out.response_mask_bt).sum(1)[:len(chunk)].tolist())
+        eos.extend(np.asarray(out.eos_b)[:len(chunk)].tolist())
+    return {"eval/reward": float(np.mean(rewards)), "eval/response_length": float(np.mean(lengths)),
+            "eval/eos_rate": float(np.mean(eos)), "eval/num_prompts": float(len(rewards))}
 
 
 def rl_config(config):
@@ -239,6 +263,13 @@ def _train(config, workdir: Path, ckpt) -> dict[str, float]:
         stream.restore(meta.data_state)
         start = meta.iteration
         _say(f"resumed from checkpoint {start} in {workdir}")
+    evals_path = workdir / "eval.json"
+    evals = json.loads(evals_path.read_text()) if evals_path.is_file() else {}
+    if setup.eval_prompts and start == 0:
+        evals = {"initial": evaluate_reward(setup, state.params)}
+        _say(f"held-out reward of the initial policy: {evals['initial']['eval/reward']:.4f}")
+        if jax.process_index() == 0:
+            evals_path.write_text(json.dumps(evals, indent=2))
     apply_fn, ref_apply_fn, sample_fn, reward_fn = make_fns(setup)
     ref_logprob_fn = rl_loop.make_ref_logprob_fn(ref_apply_fn, setup.ref_params, rl.temperature)
     metrics: dict[str, float] = {}
@@ -252,6 +283,11 @@ def _train(config, workdir: Path, ckpt) -> dict[str, float]:
             if ckpt.save(it + 1, state, data_state=stream.state(), force=it + 1 == config.num_iterations):
                 _say(f"iteration {it}: saving checkpoint {it + 1}")
     ckpt.wait()
+    if setup.eval_prompts:
+        evals["final"] = evaluate_reward(setup, state.params)
+        _say(f"held-out reward of the trained policy: {evals['final']['eval/reward']:.4f}")
+        if jax.process_index() == 0:
+            evals_path.write_text(json.dumps(evals, indent=2))
     if jax.process_index() == 0:
         logs.plot_curves({config.algo: workdir / "metrics.jsonl"}, workdir / "curves.png")
         if config.export_policy:

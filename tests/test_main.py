@@ -62,6 +62,8 @@ def test_run_writes_metrics_checkpoints_plot_and_export(tiny_model, tmp_path, al
         assert key in records[0], key
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["1", "2"]
     assert (workdir / "curves.png").stat().st_size > 10_000
+    evals = json.loads((workdir / "eval.json").read_text())
+    assert evals["initial"]["eval/num_prompts"] == evals["final"]["eval/num_prompts"] == 4
     assert any((workdir / "tensorboard").iterdir())
     # The exported policy loads in transformers and carries the trained (not the initial) weights.
     exported = transformers.AutoModelForCausalLM.from_pretrained(workdir / "policy_hf")

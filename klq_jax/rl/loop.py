@@ -97,9 +97,18 @@ def rollout_metrics(batch: Rollout, raw_rewards_b: Array, entropy_bt: Array, kl_
 
 
 def _shaped_rewards(raw_rewards_b: Array, batch: Rollout, algo_cfg) -> Array:
+    """Training rewards: the missing-EOS penalty, then optional centring on the batch mean.
+
+    Centring subtracts one constant from every sequence's terminal reward, which leaves the optimal
+    policy `pi_ref exp(R/beta)` unchanged; it keeps KLQ's value targets near zero so that a value head
+    that starts at 0 does not first spend its (shared-backbone) updates learning the mean reward.
+    """
+    rewards_b = raw_rewards_b
     if algo_cfg.missing_eos_penalty:
-        return losses.missing_eos_rewards(raw_rewards_b, batch.truncated_b, algo_cfg.missing_eos_reward)
-    return raw_rewards_b
+        rewards_b = losses.missing_eos_rewards(rewards_b, batch.truncated_b, algo_cfg.missing_eos_reward)
+    if algo_cfg.center_rewards:
+        rewards_b = rewards_b - jnp.mean(rewards_b)
+    return rewards_b
 
 
 def run(

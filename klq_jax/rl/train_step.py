@@ -53,6 +53,7 @@ def default_algo_config() -> ml_collections.ConfigDict:
     # both
     c.missing_eos_penalty = False  # replace the reward of responses truncated without EOS ...
     c.missing_eos_reward = -1.0    # ... by this value
+    c.center_rewards = False       # subtract the batch mean from the training rewards (pi* unchanged)
     c.kl_target = 0.0           # adaptive KL controller target per sequence (0 = fixed beta)
     c.kl_horizon = 10000.0      # controller horizon, in sequences
     c.epochs = 4                # passes over each rollout batch
