@@ -65,3 +65,27 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
     return c
+
+
+def paper_settings(c: ml_collections.ConfigDict) -> None:
+    """The paper's reported settings (secondary summary): 192 rollouts per batch, 75,000 episodes, 4 epochs
+    per rollout batch, lr 1.41e-5, beta 0.05, lambda 0.95; and the missing-EOS penalty of Huang et al.
+    (2024) for the hub tasks."""
+    c.batch_size = 192
+    c.num_iterations = 75_000 // 192
+    c.rl.epochs = 4
+    c.rl.num_minibatches = 4
+    c.rl.missing_eos_penalty = True
+    c.optim.learning_rate = 1.41e-5
+
+
+def tiny_settings(c: ml_collections.ConfigDict) -> None:
+    """A seconds-long smoke run (tests and first tries on a new machine)."""
+    c.num_iterations = 2
+    c.batch_size = 2
+    c.sampling.max_new_tokens = 8
+    c.data.max_examples = 16
+    c.rl.num_minibatches = 1
+    c.rl.epochs = 1
+    c.checkpoint.every = 1
+    c.eval.num_prompts = 4

@@ -6,7 +6,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from common import base_config  # noqa: E402
+from common import base_config, paper_settings, tiny_settings  # noqa: E402
 
 
 def get_config(arg: str = ""):
@@ -25,21 +25,9 @@ def get_config(arg: str = ""):
         c.reward.path = "Ray2333/gpt2-large-helpful-reward_model"  # GPT2ForSequenceClassification on HH
         c.reward.chat = False
         c.sampling.max_new_tokens = 128
-        c.batch_size = 64
-        c.num_iterations = 1000
-        c.rl.epochs = 4
-        c.rl.num_minibatches = 4
-        c.rl.missing_eos_penalty = True  # Huang et al. 2024: reward -1 for responses without EOS
-        c.optim.learning_rate = 1.41e-5
+        paper_settings(c)
     elif arg == "tiny":
-        c.num_iterations = 2
-        c.batch_size = 2
-        c.sampling.max_new_tokens = 8
-        c.data.max_examples = 16
-        c.rl.num_minibatches = 1
-        c.rl.epochs = 1
-        c.checkpoint.every = 1
-        c.eval.num_prompts = 4
+        tiny_settings(c)
     elif arg:
         raise ValueError(f"unknown dialogue config variant {arg!r}; accepted: '', 'hh', 'tiny'")
     return c
