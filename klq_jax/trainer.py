@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from klq_jax import sharding
 from klq_jax.data.datasets import DataError, PromptExample, PromptStream, load_prompts, to_messages, to_text
 from klq_jax.models.hf import CheckpointError, export_model, load_model, resolve_checkpoint
 from klq_jax.models.sampler import Sampler, bucket_length
@@ -171,7 +172,7 @@ def build(config) -> Setup:
                  sampler, build_reward(config), prompt_length)
 
 
-def make_fns(setup: Setup):
+def make_fns(setup: Setup, mesh):
     """The injected functions of the loop for an LM policy."""
     graphdef, ref_graphdef = setup.graphdef, setup.ref_graphdef
 
@@ -183,7 +184,8 @@ def make_fns(setup: Setup):
         return nnx.merge(ref_graphdef, params)(tokens_bt, positions_bt, mask_bt).logits_btv
 
     def sample_fn(params, prompt_batch: list[Prompt], rng):
-        out = setup.sampler(params, [p.ids for p in prompt_batch], rng, prompt_length=setup.prompt_length)
+        out = sharding.global_sample(setup.sampler, params, [p.ids for p in prompt_batch], rng, mesh,
+                                     prompt_length=setup.prompt_length)
         return Rollout.from_samples(out.tokens_bt, positions_from_mask(out.attention_mask_bt), out.attention_mask_bt,
                                     out.response_mask_bt, out.logprobs_bt, out.eos_b)
 
@@ -191,7 +193,8 @@ def make_fns(setup: Setup):
         texts = decode_responses(setup, batch.tokens_bt, batch.response_mask_bt)
         return setup.reward([p.text for p in prompt_batch], texts, [p.reference for p in prompt_batch])
 
-    return apply_fn, ref_apply_fn, sample_fn, reward_fn
+    # The rollout is global; each process decodes and scores its own rows (those of its prompt_batch).
+    return apply_fn, ref_apply_fn, sample_fn, sharding.global_reward_fn(reward_fn, mesh)
 
 
 def decode_responses(setup: Setup, tokens_bt, response_mask_bt) -> list[str]:
@@ -207,6 +210,7 @@ def evaluate_reward(setup: Setup, params, batch_size: int = 16) -> dict[str, flo
         chunk = setup.eval_prompts[start:start + batch_size]
         padded = chunk + [chunk[-1]] * (batch_size - len(chunk))  # one shape: one compilation
         out = greedy(params, [p.ids for p in padded], jax.random.key(0), prompt_length=setup.prompt_length)
+        out = sharding.gather_to_host(out)  # whole on every process (a collective: all processes evaluate)
         texts = decode_responses(setup, out.tokens_bt, out.response_mask_bt)[:len(chunk)]
         rewards.extend(setup.reward([p.text for p in chunk], texts, [p.reference for p in chunk]).tolist())
         lengths.extend(np.asarray(out.response_mask_bt).sum(1)[:len(chunk)].tolist())
@@ -246,13 +250,23 @@ def train(config, workdir: str | os.PathLike) -> dict[str, float]:
 
 
 def _train(config, workdir: Path, ckpt) -> dict[str, float]:
-    from klq_jax import checkpoints, logs
-
     setup = build(config)
     write_config(config, workdir)
     rl = rl_config(config)
     optimizer = make_optimizer(config.optim)
-    state = TrainState.create(setup.params, optimizer, rl.kl_coef)
+    mesh = sharding.make_mesh(config.mesh)
+    sharding.check_batch(config.batch_size, mesh, num_minibatches=rl.num_minibatches,
+                         num_microbatches=rl.num_microbatches)
+    # Built on the mesh before `abstract_state`, so a restored checkpoint lands in the same shardings.
+    state = sharding.create_train_state(setup.params, optimizer, rl.kl_coef, mesh)
+    ref_params = sharding.place_state(setup.ref_params, mesh)
+    with jax.set_mesh(mesh):
+        return _train_on_mesh(config, workdir, ckpt, setup, rl, optimizer, state, ref_params, mesh)
+
+
+def _train_on_mesh(config, workdir, ckpt, setup, rl, optimizer, state, ref_params, mesh):
+    from klq_jax import checkpoints, logs
+
     stream = PromptStream(setup.train_prompts, config.batch_size, seed=config.seed,
                           process_index=jax.process_index(), process_count=jax.process_count())
     rng = jax.random.key(config.seed)
@@ -270,8 +284,8 @@ def _train(config, workdir: Path, ckpt) -> dict[str, float]:
         _say(f"held-out reward of the initial policy: {evals['initial']['eval/reward']:.4f}")
         if jax.process_index() == 0:
             evals_path.write_text(json.dumps(evals, indent=2))
-    apply_fn, ref_apply_fn, sample_fn, reward_fn = make_fns(setup)
-    ref_logprob_fn = rl_loop.make_ref_logprob_fn(ref_apply_fn, setup.ref_params, rl.temperature)
+    apply_fn, ref_apply_fn, sample_fn, reward_fn = make_fns(setup, mesh)
+    ref_logprob_fn = rl_loop.make_ref_logprob_fn(ref_apply_fn, ref_params, rl.temperature)
     metrics: dict[str, float] = {}
     with logs.MetricsLogger(workdir, start_iteration=start, total_iterations=config.num_iterations) as logger:
         for state, metrics in rl_loop.run(
@@ -288,10 +302,11 @@ def _train(config, workdir: Path, ckpt) -> dict[str, float]:
         _say(f"held-out reward of the trained policy: {evals['final']['eval/reward']:.4f}")
         if jax.process_index() == 0:
             evals_path.write_text(json.dumps(evals, indent=2))
+    final_params = sharding.gather_to_host(state.params) if config.export_policy else None  # collective
     if jax.process_index() == 0:
         logs.plot_curves({config.algo: workdir / "metrics.jsonl"}, workdir / "curves.png")
         if config.export_policy:
-            final = nnx.merge(setup.graphdef, state.params)
+            final = nnx.merge(setup.graphdef, final_params)
             export_model(final, workdir / "policy_hf", tokenizer_from=setup.policy_path)
     return metrics
 
