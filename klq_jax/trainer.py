@@ -19,9 +19,9 @@ from klq_jax.data.datasets import DataError, PromptExample, PromptStream, load_p
 from klq_jax.models.hf import CheckpointError, export_model, load_model, resolve_checkpoint
 from klq_jax.models.sampler import Sampler, bucket_length
 from klq_jax.models.transformer import CausalLM, positions_from_mask
-from klq_jax.rewards import Reward, RewardError, make_reward
+from klq_jax.rewards import Reward, make_reward
 from klq_jax.rl import loop as rl_loop
-from klq_jax.rl.train_step import Rollout, TrainState, make_optimizer
+from klq_jax.rl.train_step import Rollout, make_optimizer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 

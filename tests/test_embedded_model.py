@@ -1,7 +1,6 @@
 """The real SmolLM2-135M-Instruct: our Flax model (through the converted HF folder) against
 transformers' own loading of the same GGUF file: logits on chat prompts, greedy generation."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -3,7 +3,6 @@ scores of the same texts; and the configs' hub variants build."""
 
 import shutil
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")

@@ -8,9 +8,7 @@ left-padded prompts, KV-cached decoding and plain forwards share one code path.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -307,15 +305,3 @@ class CausalLM(nnx.Module):
 def positions_from_mask(attention_mask_bt: jax.Array) -> jax.Array:
     """Position ids that start at 0 on the first real token of each (left-padded) row."""
     return jnp.maximum(jnp.cumsum(attention_mask_bt.astype(jnp.int32), axis=1) - 1, 0)
-
-
-def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, Any]:
-    """(graphdef, params) for pure functions; `nnx.merge(graphdef, params)` rebuilds the model."""
-    return nnx.split(model)
-
-
-@dataclasses.dataclass(frozen=True)
-class Heads:
-    lm_head: bool = True
-    value_head: bool = False
-    score_head: bool = False
