@@ -33,12 +33,16 @@ class HFRewardModel(Reward):
     name = "hf-reward-model"
 
     def __init__(self, path: str, *, chat: bool | None = None, max_length: int = 1024, batch_size: int = 16,
-                 param_dtype=jnp.float32):
+                 param_dtype=jnp.float32, mesh=None):
         from transformers import AutoTokenizer
 
         folder = resolve_checkpoint(path)
         self.model = load_model(folder, score_head=True, param_dtype=param_dtype)
         self.graphdef, self.state = nnx.split(self.model)
+        if mesh is not None:  # weights split over this host's devices by the parameter rules (FSDP/tensor)
+            from klq_jax.sharding import place_state
+
+            self.state = place_state(self.state, mesh)
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         if len(self.tokenizer) > self.model.cfg.vocab_size:
             raise RewardError(f"reward model {path!r}: its tokenizer has {len(self.tokenizer)} tokens, the model "

@@ -106,7 +106,10 @@ def build_reward(config) -> Reward:
 
         if not config.reward.path:
             raise ConfigError("reward.kind='hf' needs reward.path (an HF sequence-classification folder or hub id)")
-        return HFRewardModel(config.reward.path, chat=config.reward.chat)
+        # Every process scores its own rows; its weights are sharded over the process's local devices.
+        mesh = sharding.local_mesh() if jax.local_device_count() > 1 else None
+        return HFRewardModel(config.reward.path, chat=config.reward.chat,
+                             param_dtype=_dtype(config.model.compute_dtype, "model.compute_dtype"), mesh=mesh)
     raise ConfigError(f"reward.kind={kind!r}; accepted: 'similarity', 'hf', 'callable'")
 
 

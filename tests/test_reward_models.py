@@ -76,3 +76,31 @@ def test_config_variants_build(spec):
         assert config.rl.missing_eos_penalty
     with pytest.raises(ValueError, match="unknown"):
         module.get_config("nope")
+
+
+SHARDED_CHECK = """
+import sys
+import numpy as np
+from klq_jax import sharding
+from klq_jax.reward_models import HFRewardModel
+folder = sys.argv[1]
+prompts = {prompts!r}
+responses = {responses!r}
+plain = HFRewardModel(folder, chat=False)(prompts, responses)
+rm = HFRewardModel(folder, chat=False, mesh=sharding.local_mesh({{"data": 1, "fsdp": 4, "tensor": 2}}))
+assert any(len(x.sharding.device_set) > 1 for x in __import__("jax").tree.leaves(rm.state))
+np.testing.assert_allclose(rm(prompts, responses), plain, atol=1e-5)
+print("sharded reward model ok")
+"""
+
+
+def test_sharded_reward_model_matches_single_device(reward_model_folder):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    code = SHARDED_CHECK.format(prompts=PROMPTS, responses=RESPONSES)
+    result = subprocess.run([sys.executable, "-c", code, str(reward_model_folder)], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0 and "sharded reward model ok" in result.stdout, result.stderr[-2000:]
