@@ -254,6 +254,12 @@ class CheckpointManager:
         except OSError as e:
             raise CheckpointError(f"workdir {str(self.directory)!r} is not usable for checkpoints "
                                   f"({_first_line(e)})") from None
+        # Orbax sweeps leftover tmp folders on a background thread and `close()` does not wait for it:
+        # a run that fails fast (bad input) would exit while the sweep still schedules work, and the
+        # interpreter's shutdown turns that into a traceback after our one-line error. Wait here.
+        wait_for_sweep = getattr(self._mngr, "_maybe_await_cleanup_tmp_directory", None)
+        if wait_for_sweep is not None:
+            wait_for_sweep()
         self._check_fingerprint()
 
     # -- queries
