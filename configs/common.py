@@ -17,7 +17,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.reference = ""         # empty: the policy's initial checkpoint
     c.model.param_dtype = "float32"
     c.model.compute_dtype = "float32"
-    c.model.remat = "none"         # "none", "full", "dots"
+    c.model.reference_dtype = "float32"  # storage of the frozen reference ("bfloat16" halves it)
+    c.model.remat = "full"         # "none", "full", "dots": full keeps one activation per layer (-2.6 GiB
+                                   # for 8 x 176 tokens on SmolLM2-135M) at no measured CPU cost
 
     c.data = ml_collections.ConfigDict()
     c.data.task = "dialogue"       # dialogue, summarisation, hh, tldr
@@ -34,10 +36,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.sampling = ml_collections.ConfigDict()
     c.sampling.max_new_tokens = 32
     c.sampling.prompt_bucket = 32  # prompts are left-padded to a multiple of this (one compile per bucket)
+    c.sampling.policy_stats = True  # old logprobs, values and entropy from the sampler's own steps (the policy
+                                    # forward over the rollout is skipped); False: recompute them in one forward
 
     c.reward = ml_collections.ConfigDict()
     c.reward.kind = "similarity"   # "similarity" (embedded MiniLM), "hf" (sequence-classification RM), "callable"
     c.reward.path = ""             # hf: folder or hub id; callable: "module:function"
+    c.reward.dtype = ""            # hf: dtype of the reward model (empty: model.compute_dtype)
     c.reward.chat = True           # hf: format (prompt, response) as a chat when the RM tokenizer has a template
 
     c.rl = default_algo_config()   # KLQ/PPO hyper-parameters (c.rl.algo is set from c.algo)

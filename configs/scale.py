@@ -6,13 +6,13 @@
 | variant               | policy = reference; reward; data  | machine                         | mesh   | GiB/dev |
 | --------------------- | --------------------------------- | ------------------------------- | ------ | ------- |
 | pythia1b_tldr_v4_8    | Pythia 1B SFT; 1B RM; TL;DR       | TPU v4-8: 4 chips x 32 GiB      | 1,4,1  | 17.9    |
-| pythia1b_tldr_v5e_8   | Pythia 1B SFT; 1B RM; TL;DR       | TPU v5e-8: 8 chips x 16 GiB     | 1,8,1  | 11.7    |
+| pythia1b_tldr_v5e_8   | Pythia 1B SFT; 1B RM; TL;DR       | TPU v5e-8: 8 chips x 16 GiB     | 1,8,1  | 11.3    |
 | pythia2p8b_tldr_v5p_8 | Pythia 2.8B SFT; 2.8B RM; TL;DR   | TPU v5p-8: 4 chips x 95 GiB     | 1,4,1  | 38.1    |
 | pythia2p8b_tldr_v6e_8 | Pythia 2.8B SFT; 2.8B RM; TL;DR   | TPU v6e-8: 8 chips x 32 GiB     | 1,8,1  | 25.0    |
 | pythia2p8b_tldr_v4_16 | Pythia 2.8B SFT; 2.8B RM; TL;DR   | TPU v4-16: 8 chips x 32, 2 hosts| 1,8,1  | 25.0    |
 | llama8b_hh_v5p_64     | Llama 3.1 8B Instruct; 8B RM; HH  | TPU v5p-64: 32 chips, 8 hosts   | 1,16,2 | 38.6    |
-| pythia1b_tldr_gpu8    | Pythia 1B SFT; 1B RM; TL;DR       | 8 x A100 40 GB, one node        | 1,8,1  | 11.7    |
-| tiny_mesh             | embedded SmolLM2-135M; dialogue   | 8 (fake CPU) devices            | 2,2,2  |  1.3    |
+| pythia1b_tldr_gpu8    | Pythia 1B SFT; 1B RM; TL;DR       | 8 x A100 40 GB, one node        | 1,8,1  | 11.3    |
+| tiny_mesh             | embedded SmolLM2-135M; dialogue   | 8 (fake CPU) devices            | 2,2,2  |  1.0    |
 
 All keep the paper's settings of the task config (192 episodes per batch, 4 epochs x 4 minibatches;
 TL;DR prompts padded to 512 tokens and 53 new tokens), float32 parameters and AdamW moments, bfloat16
@@ -56,13 +56,13 @@ HARDWARE = {
 # Per-device peak (GiB) from `klq_jax.memory.estimate` for each variant on its machine.
 EXPECTED_PEAK_GIB = {
     "pythia1b_tldr_v4_8": 17.9,
-    "pythia1b_tldr_v5e_8": 11.7,
+    "pythia1b_tldr_v5e_8": 11.3,
     "pythia2p8b_tldr_v5p_8": 38.1,
     "pythia2p8b_tldr_v6e_8": 25.0,
     "pythia2p8b_tldr_v4_16": 25.0,
     "llama8b_hh_v5p_64": 38.6,
-    "pythia1b_tldr_gpu8": 11.7,
-    "tiny_mesh": 1.3,
+    "pythia1b_tldr_gpu8": 11.3,
+    "tiny_mesh": 1.0,
 }
 
 

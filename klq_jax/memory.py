@@ -233,8 +233,8 @@ def estimate(cfg: ModelConfig, work: Workload, mesh) -> Estimate:
     B, P, T = work.batch_size, work.prompt_len, work.seq_len
     d, f, L, V, hd = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.vocab_size, cfg.head_dim
     h_l, k_l, f_l, v_l = _split(cfg.num_heads, tp), _split(cfg.num_kv_heads, tp), _split(f, tp), _split(V, tp)
-    # Rollout split over the batch axes: [B, T] fields 2 int32 + 2 bool + 6 float32, [B] fields 2 bool + 1 float32.
-    batch = int(B / n * (T * (2 * 4 + 2 * 1 + 6 * 4) + 2 * 1 + 4))
+    # Rollout split over the batch axes: [B, T] fields 2 int32 + 2 bool + 7 float32, [B] fields 2 bool + 1 float32.
+    batch = int(B / n * (T * (2 * 4 + 2 * 1 + 7 * 4) + 2 * 1 + 4))
 
     # One layer's residuals for the backward pass, per token (bytes).
     mlp_tensors = 4 if cfg.family == "llama" else 2
@@ -263,8 +263,14 @@ def estimate(cfg: ModelConfig, work: Workload, mesh) -> Estimate:
     # With `tensor > 1` the log-softmax gathers the vocabulary: one copy is whole.
     logits_fwd = rows * T * (v_l + (V if tp > 1 else v_l)) * 4
     forward = max(rows * T * full_layer + gathered_layers, logits_fwd + gathered_vocab)
+    # With whole weights per device the sampler also holds a per-layer copy of the blocks' weights
+    # (`CausalLM.unstack_layers`: decode steps read them in place).
     kv_cache = 2 * L * rows * T * k_l * hd * a
-    sample_temps = rows * P * (v_l * 4 + (4 + a) * h_l * T + 4 * a * d) + 2 * gathered_vocab + gathered_layers
+    blocks_local = 0
+    if sizes.get("fsdp", 1) == 1 and tp == 1:  # `sharding.weights_whole`: the decode loop's per-layer copies
+        blocks_local = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(policy["blocks"]))
+    sample_temps = (rows * P * (v_l * 4 + (4 + a) * h_l * T + 4 * a * d) + 2 * gathered_vocab + gathered_layers
+                    + blocks_local)
     return Estimate(params=int(params), optimizer=int(optimizer), reference=int(reference), reward_model=int(reward),
                     batch=batch, gradients=int(gradients), activations=int(activations), logits=int(logits),
                     gathered=int(gathered_vocab + gathered_layers), forward=int(forward), kv_cache=int(kv_cache),
@@ -312,7 +318,7 @@ def measure(cfg: ModelConfig, work: Workload, mesh) -> dict[str, Any]:
                       response_mask_bt=((rows, T), bo), sample_logp_bt=((rows, T), f), eos_b=((rows,), bo),
                       truncated_b=((rows,), bo), rewards_b=((rows,), f), old_logp_bt=((rows, T), f),
                       ref_logp_bt=((rows, T), f), old_values_bt=((rows, T), f), advantages_bt=((rows, T), f),
-                      targets_bt=((rows, T), f))
+                      targets_bt=((rows, T), f), entropy_bt=((rows, T), f))
         return Rollout(**{k: jax.ShapeDtypeStruct(s, d, sharding=shd.batch_sharding(mesh))
                           for k, (s, d) in shapes.items()})
 
@@ -339,7 +345,8 @@ def measure(cfg: ModelConfig, work: Workload, mesh) -> dict[str, Any]:
         dt = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[work.compute_dtype]
         lowered = sampler_lib._generate.lower(
             graphdef, state_in.params, prompt, prompt_mask, key, jnp.float32(1.0), jnp.float32(1.0),
-            max_new_tokens=work.response_len, top_k=0, eos_ids=(0,), pad_id=0, cache_dtype=dt)
+            max_new_tokens=work.response_len, top_k=0, eos_ids=(0,), pad_id=0, cache_dtype=dt,
+            unstack_layers=shd.weights_whole(mesh))
         record("sample", lowered.compile())
     out["platform"] = mesh.devices.flat[0].platform
     n = shd.batch_divisor(mesh)

@@ -469,7 +469,14 @@ def global_sample(sampler, state, prompts, rng, mesh: Mesh, *, prompt_length: in
         sampler.graphdef, state, tokens_bp, mask_bp, rng,
         jnp.float32(sampler.temperature if temperature is None else temperature), jnp.float32(sampler.top_p),
         max_new_tokens=max_new_tokens or sampler.max_new_tokens, top_k=sampler.top_k,
-        eos_ids=tuple(sampler.eos_ids), pad_id=sampler.pad_id, cache_dtype=sampler.cache_dtype)
+        eos_ids=tuple(sampler.eos_ids), pad_id=sampler.pad_id, cache_dtype=sampler.cache_dtype,
+        unstack_layers=sampler.unstack_layers and weights_whole(mesh))
+
+
+def weights_whole(mesh) -> bool:
+    """Whether every device holds whole weights (no `fsdp` or `tensor` split)."""
+    sizes = axis_sizes(mesh)
+    return sizes.get("fsdp", 1) == 1 and sizes.get("tensor", 1) == 1
 
 
 def global_reward_fn(reward_fn: Callable, mesh: Mesh) -> Callable:

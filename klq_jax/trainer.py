@@ -108,8 +108,12 @@ def build_reward(config) -> Reward:
             raise ConfigError("reward.kind='hf' needs reward.path (an HF sequence-classification folder or hub id)")
         # Every process scores its own rows; its weights are sharded over the process's local devices.
         mesh = sharding.local_mesh() if jax.local_device_count() > 1 else None
+        # One call scores this process's rows of the batch (the model's default pads every call to 16 rows).
+        # `reward.dtype` (default: the compute dtype): a frozen scorer can be bf16 while the policy is fp32.
+        dtype = config.reward.get("dtype") or config.model.compute_dtype
         return HFRewardModel(config.reward.path, chat=config.reward.chat,
-                             param_dtype=_dtype(config.model.compute_dtype, "model.compute_dtype"), mesh=mesh)
+                             batch_size=max(config.batch_size // jax.process_count(), 1),
+                             param_dtype=_dtype(dtype, "reward.dtype"), mesh=mesh)
     raise ConfigError(f"reward.kind={kind!r}; accepted: 'similarity', 'hf', 'callable'")
 
 
@@ -140,7 +144,10 @@ def build(config) -> Setup:
     policy = load_model(policy_path, value_head=True, param_dtype=param_dtype, dtype=compute_dtype,
                         remat=config.model.remat, seed=config.seed)
     ref_path = resolve_model_path(config.model.reference) if config.model.reference else policy_path
-    reference = load_model(ref_path, param_dtype=param_dtype, dtype=compute_dtype)
+    # The frozen reference is stored in `model.reference_dtype` (bf16 halves it; it still computes in
+    # `compute_dtype`): no optimizer state, so nothing needs its fp32 copy.
+    ref_dtype = _dtype(config.model.reference_dtype, "model.reference_dtype")
+    reference = load_model(ref_path, param_dtype=ref_dtype, dtype=compute_dtype)
     if reference.cfg.vocab_size != policy.cfg.vocab_size:
         raise CheckpointError(f"reference vocabulary {reference.cfg.vocab_size} differs from the policy's "
                               f"{policy.cfg.vocab_size}; accepted: a reference with the policy's tokenizer")
@@ -175,9 +182,12 @@ def build(config) -> Setup:
                  sampler, build_reward(config), prompt_length)
 
 
-def make_fns(setup: Setup, mesh):
-    """The injected functions of the loop for an LM policy."""
+def make_fns(setup: Setup, mesh, *, policy_stats: bool = True):
+    """The injected functions of the loop for an LM policy. `policy_stats` (config `sampling.policy_stats`):
+    the rollout carries the sampler's logprobs, values and entropy as the policy's (no policy forward)."""
     graphdef, ref_graphdef = setup.graphdef, setup.ref_graphdef
+    sampler = setup.sampler
+    policy_stats = policy_stats and sampler.top_k == 0 and sampler.top_p >= 1.0
 
     def apply_fn(params, tokens_bt, positions_bt, mask_bt):
         out = nnx.merge(graphdef, params)(tokens_bt, positions_bt, mask_bt)
@@ -189,8 +199,11 @@ def make_fns(setup: Setup, mesh):
     def sample_fn(params, prompt_batch: list[Prompt], rng):
         out = sharding.global_sample(setup.sampler, params, [p.ids for p in prompt_batch], rng, mesh,
                                      prompt_length=setup.prompt_length)
+        # The trainer's sampler draws from the policy itself (temperature rl.temperature, no top-k/top-p), so
+        # its logprobs, values and entropy are those of the policy forward the loop would otherwise run.
+        stats = dict(values_bt=out.values_bt, entropy_bt=out.entropy_bt) if policy_stats else {}
         return Rollout.from_samples(out.tokens_bt, positions_from_mask(out.attention_mask_bt), out.attention_mask_bt,
-                                    out.response_mask_bt, out.logprobs_bt, out.eos_b)
+                                    out.response_mask_bt, out.logprobs_bt, out.eos_b, **stats)
 
     def reward_fn(prompt_batch: list[Prompt], batch: Rollout):
         texts = decode_responses(setup, batch.tokens_bt, batch.response_mask_bt)
@@ -287,7 +300,8 @@ def _train_on_mesh(config, workdir, ckpt, setup, rl, optimizer, state, ref_param
         _say(f"held-out reward of the initial policy: {evals['initial']['eval/reward']:.4f}")
         if jax.process_index() == 0:
             evals_path.write_text(json.dumps(evals, indent=2))
-    apply_fn, ref_apply_fn, sample_fn, reward_fn = make_fns(setup, mesh)
+    apply_fn, ref_apply_fn, sample_fn, reward_fn = make_fns(setup, mesh,
+                                                            policy_stats=config.sampling.policy_stats)
     ref_logprob_fn = rl_loop.make_ref_logprob_fn(ref_apply_fn, ref_params, rl.temperature)
     metrics: dict[str, float] = {}
     with logs.MetricsLogger(workdir, start_iteration=start, total_iterations=config.num_iterations) as logger:

@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 
 from klq_jax.models import sampler as sampler_lib  # noqa: E402
 from klq_jax.models.hf import load_model  # noqa: E402
-from klq_jax.models.sampler import Sampler, filter_logits, greedy  # noqa: E402
+from klq_jax.models.sampler import Sampler, filter_logits, greedy, sample_categorical  # noqa: E402
 from klq_jax.models.transformer import positions_from_mask  # noqa: E402
 
 PAD, EOS = 0, 1
@@ -65,6 +65,31 @@ def test_sample_logprobs_equal_full_forward(tiny, temperature):
     assert np.all(np.asarray(out.logprobs_bt)[~np.asarray(out.response_mask_bt)] == 0)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sample_values_and_entropy_equal_policy_forward(tiny, tmp_path, temperature):
+    """What the RL loop's policy forward computes (old logprobs, V(s_t), entropy, aligned to actions) the
+    sampler returns from its own decode steps, so the loop can skip that forward."""
+    from klq_jax.rl import losses
+
+    torch_model, _ = tiny
+    torch_model.save_pretrained(tmp_path)
+    model = load_model(tmp_path, value_head=True)
+    model.value_w_d.value = jax.random.normal(jax.random.key(1), model.value_w_d.value.shape)
+    model.value_b.value = jnp.float32(0.3)
+    sampler = Sampler.for_model(model, eos_ids=(EOS,), pad_id=PAD, max_new_tokens=10, bucket=8,
+                                temperature=temperature)
+    out = sampler(nnx.state(model), PROMPTS * 2, jax.random.key(5))
+    mask = out.attention_mask_bt
+    fwd = model(out.tokens_bt, positions_from_mask(mask), mask)
+    logp_bt, values_bt = losses.shift_to_actions(fwd.logits_btv, fwd.values_bt, out.tokens_bt, temperature)
+    entropy_bt = losses.action_entropy(fwd.logits_btv, temperature)
+    resp = np.asarray(out.response_mask_bt)
+    assert resp.sum(1).min() >= 1 and np.asarray(values_bt)[resp].std() > 0.1  # a real check
+    for ours, ref in ((out.logprobs_bt, logp_bt), (out.values_bt, values_bt), (out.entropy_bt, entropy_bt)):
+        np.testing.assert_allclose(np.asarray(ours)[resp], np.asarray(ref)[resp], atol=2e-5, rtol=1e-5)
+        assert np.all(np.asarray(ours)[~resp] == 0)
+
+
 def test_eos_stops_and_masks(tiny):
     _, model = tiny
     sampler = Sampler.for_model(model, eos_ids=(EOS, 7), pad_id=PAD, max_new_tokens=30, bucket=8)
@@ -107,15 +132,16 @@ def test_filter_logits_matches_numpy(top_k, top_p):
 
 
 def test_sampling_frequencies_match_distribution():
-    """First-token frequencies over many rows follow softmax(logits / T) restricted by top-k."""
-    logits = jnp.asarray([[2.0, 1.0, 0.5, -1.0, 0.0]])
+    """Draw frequencies of each row follow softmax(logits / T) restricted by top-k; removed tokens never."""
+    logits = jnp.asarray([[2.0, 1.0, 0.5, -1.0, 0.0], [-1.0, 0.0, 3.0, 0.2, 0.1]])
     filtered = filter_logits(logits, 0.5, 3, jnp.float32(1.0))
     keys = jax.random.split(jax.random.key(0), 20000)
-    draws = np.asarray(jax.vmap(lambda k: jax.random.categorical(k, filtered[0]))(keys))
-    freq = np.bincount(draws, minlength=5) / len(draws)
-    expected = np.asarray(jax.nn.softmax(filtered[0]))
-    assert freq[3] == 0 and freq[4] == 0
-    np.testing.assert_allclose(freq, expected, atol=0.015)
+    draws_nb = np.asarray(jax.vmap(lambda k: sample_categorical(k, filtered))(keys))
+    expected_bv = np.asarray(jax.nn.softmax(filtered, axis=-1))
+    for row in range(2):
+        freq = np.bincount(draws_nb[:, row], minlength=5) / len(draws_nb)
+        assert np.all(freq[expected_bv[row] == 0] == 0)
+        np.testing.assert_allclose(freq, expected_bv[row], atol=0.015)
 
 
 def test_one_compilation_per_bucket(tiny):

@@ -22,15 +22,19 @@ _NEG_INF = -1e30  # finite, so fully masked rows (left padding) give a uniform s
 
 @struct.dataclass
 class KVCache:
-    """Per-layer keys and values, stacked over layers: `k_lbskh`, `v_lbskh` [L, B, S, K, hd]."""
+    """Per-layer keys and values, `k_lbskh`, `v_lbskh` [L, B, S, K, hd]: stacked arrays (the layer scan),
+    or tuples of L arrays [B, S, K, hd] (the unrolled decode path, see `CausalLM.unstack_layers`)."""
 
-    k_lbskh: jax.Array
-    v_lbskh: jax.Array
+    k_lbskh: jax.Array | tuple[jax.Array, ...]
+    v_lbskh: jax.Array | tuple[jax.Array, ...]
 
     @classmethod
     def zeros(cls, cfg: ModelConfig, batch: int, slots: int, dtype=jnp.float32) -> "KVCache":
         shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+    def unstacked(self) -> "KVCache":
+        return KVCache(tuple(self.k_lbskh), tuple(self.v_lbskh))
 
 
 @struct.dataclass
@@ -251,14 +255,25 @@ class CausalLM(nnx.Module):
         self.score_w_d = _param(rngs, (d,), d, jnp.float32) if score_head else None
         self.score_b = _zeros((), jnp.float32) if score_head and score_bias else None
 
+    def unstack_layers(self) -> tuple[nnx.State, ...]:
+        """The blocks' parameters as one state per layer, for `__call__(..., layers=...)`.
+
+        Decoding one token is memory-bound: with the layer scan, every step dynamic-slices each layer's
+        weights out of the stacked [L, ...] arrays, a copy of all weights per token. Unstacked once before
+        the decode loop, each layer's weights are read in place.
+        """
+        block_state = nnx.state(self.blocks)
+        return tuple(jax.tree.map(lambda x, i=i: x[i], block_state) for i in range(self.cfg.num_layers))
+
     def __call__(self, tokens_bt: jax.Array, positions_bt: jax.Array, kv_mask_bs: jax.Array,
                  cache: KVCache | None = None, cache_pos: jax.Array | int | None = None,
-                 return_logits: bool = True) -> ModelOutput:
+                 return_logits: bool = True, layers: tuple[nnx.State, ...] | None = None) -> ModelOutput:
         """Forward over `tokens_bt` at `positions_bt`.
 
         Without a cache, `kv_mask_bs` is the attention mask of `tokens_bt` (S == T). With a cache of S
         slots, the tokens are written at slots `cache_pos..cache_pos+T` and `kv_mask_bs` marks which
-        slots hold real tokens (after this write).
+        slots hold real tokens (after this write). With `layers` (from `unstack_layers`) the layers run
+        as an unrolled Python loop on those states, and the cache is the unstacked kind (`KVCache.unstacked`).
         """
         cfg, dt = self.cfg, self.dtype
         x = jnp.take(self.embed_vd[...], tokens_bt, axis=0).astype(dt)
@@ -271,17 +286,27 @@ class CausalLM(nnx.Module):
         mask_bts = attention_mask(q_slots_bt, kv_mask_bs)
         rope = rope_cos_sin(cfg, positions_bt) if cfg.rotary_dim else None
 
-        graphdef, block_state = nnx.split(self.blocks)
+        graphdef = nnx.graphdef(self.blocks)
 
         def body(x_btd, layer):
             state, kv = layer
             return nnx.merge(graphdef, state)(x_btd, rope, mask_bts, kv, cache_pos)
 
-        if REMAT_POLICIES[self.remat] is not None:
-            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat])
-        kv_in = None if cache is None else (cache.k_lbskh, cache.v_lbskh)
-        x, kv_out = jax.lax.scan(body, x, (block_state, kv_in))
-        new_cache = None if cache is None else KVCache(*kv_out)
+        if layers is not None:  # unrolled: each layer's weights and cache read in place
+            ks, vs = [], []
+            for i, layer_state in enumerate(layers):
+                kv = None if cache is None else (cache.k_lbskh[i], cache.v_lbskh[i])
+                x, kv = body(x, (layer_state, kv))
+                if kv is not None:
+                    ks.append(kv[0])
+                    vs.append(kv[1])
+            new_cache = None if cache is None else KVCache(tuple(ks), tuple(vs))
+        else:
+            if REMAT_POLICIES[self.remat] is not None:
+                body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat])
+            kv_in = None if cache is None else (cache.k_lbskh, cache.v_lbskh)
+            x, kv_out = jax.lax.scan(body, x, (nnx.state(self.blocks), kv_in))
+            new_cache = None if cache is None else KVCache(*kv_out)
 
         if self.final_bias is None:
             h = rms_norm(x, self.final_scale[...], cfg.norm_eps)

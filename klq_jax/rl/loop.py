@@ -3,14 +3,16 @@
 Per iteration:
 
     prompts -> sample_fn (rollout with the current policy) -> reward_fn
-      -> ref_logprob_fn (one reference forward) and the policy forward (old logprobs and values)
+      -> ref_logprob_fn (one reference forward) and the policy forward (old logprobs and values; skipped
+         when the sampler drew from the policy itself and returned them)
       -> compute_targets (KLQ lambda-returns or PPO GAE) -> update (epochs x minibatches)
       -> metrics (and the adaptive KL coefficient, if configured)
 
 Injected functions (the tests use a tabular tree MDP; the trainer plugs in the LM):
 
     sample_fn(params, prompt_batch, rng) -> Rollout      (`Rollout.from_samples(...)`: tokens, masks,
-                                                          sampler logprobs, eos/truncated flags)
+                                                          sampler logprobs, eos/truncated flags; with
+                                                          values and entropy the policy forward is skipped)
     reward_fn(prompt_batch, rollout) -> rewards_b        (host or device array, float; the prompt batch
                                                           is passed for rewards that need more than the
                                                           tokens, e.g. a reference answer)
@@ -68,7 +70,7 @@ def make_ref_logprob_fn(ref_apply_fn: Callable, ref_params, temperature: float) 
     return functools.partial(ref_logprobs, ref_params)
 
 
-def rollout_metrics(batch: Rollout, raw_rewards_b: Array, entropy_bt: Array, kl_coef) -> dict[str, Array]:
+def rollout_metrics(batch: Rollout, raw_rewards_b: Array, kl_coef) -> dict[str, Array]:
     """Metrics of a sampled batch, before the update (device arrays; pure and jittable).
 
     `kl` is the k1 estimate of the sequence KL `E[sum_t log pi_old - log pi_ref]`, `objective`
@@ -85,7 +87,7 @@ def rollout_metrics(batch: Rollout, raw_rewards_b: Array, entropy_bt: Array, kl_
         "rollout/kl": kl,
         "rollout/kl_k3": jnp.mean(kl3_b),
         "rollout/objective": reward - kl_coef * kl,
-        "rollout/entropy": losses.masked_mean(entropy_bt, mask),
+        "rollout/entropy": losses.masked_mean(batch.entropy_bt, mask),
         "rollout/response_length": jnp.mean(jnp.sum(mask, axis=1).astype(jnp.float32)),
         "rollout/eos_rate": jnp.mean(batch.eos_b.astype(jnp.float32)),
         "rollout/truncated_rate": jnp.mean(batch.truncated_b.astype(jnp.float32)),
@@ -160,12 +162,15 @@ def run(
         batch = lap("sample", sample_fn(state.params, prompt_batch, k_sample))
         raw_rewards = lap("reward", jnp.asarray(reward_fn(prompt_batch, batch), jnp.float32))
         ref_logp = lap("reference", ref_logprob_fn(batch.tokens_bt, batch.positions_bt, batch.attention_mask_bt))
-        old_logp, old_values, entropy = lap(
-            "forward", forward(state.params, batch.tokens_bt, batch.positions_bt, batch.attention_mask_bt))
-        batch = batch.replace(rewards_b=shape_rewards(raw_rewards, batch), old_logp_bt=old_logp,
-                              ref_logp_bt=ref_logp, old_values_bt=old_values)
+        if batch.policy_stats_from_sampler:  # the rollout already holds the policy's logprobs and values
+            times["time/forward"] = 0.0
+        else:
+            old_logp, old_values, entropy = lap(
+                "forward", forward(state.params, batch.tokens_bt, batch.positions_bt, batch.attention_mask_bt))
+            batch = batch.replace(old_logp_bt=old_logp, old_values_bt=old_values, entropy_bt=entropy)
+        batch = batch.replace(rewards_b=shape_rewards(raw_rewards, batch), ref_logp_bt=ref_logp)
         batch = targets_fn(batch, state.kl_coef)
-        stats = lap("targets", summarise(batch, raw_rewards, entropy, state.kl_coef))
+        stats = lap("targets", summarise(batch, raw_rewards, state.kl_coef))
         state, train_metrics = update(state, batch, k_update, algo_cfg.epochs, algo_cfg.num_minibatches)
         lap("update", train_metrics)
 

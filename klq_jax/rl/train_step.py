@@ -130,27 +130,38 @@ class Rollout:
     old_values_bt: Array      # float32 (B, T): V_old(s_t)
     advantages_bt: Array      # float32 (B, T)
     targets_bt: Array         # float32 (B, T)
+    entropy_bt: Array         # float32 (B, T): entropy of the rollout policy in the state of each action
+    # True when the sampler drew from the policy itself (no top-k / top-p, the update's temperature) and
+    # filled old_logp_bt, old_values_bt and entropy_bt: the loop then skips its policy forward.
+    policy_stats_from_sampler: bool = flax.struct.field(pytree_node=False, default=False)
 
     @classmethod
     def from_samples(cls, tokens_bt, positions_bt, attention_mask_bt, response_mask_bt,
-                     sample_logp_bt, eos_b, truncated_b=None) -> "Rollout":
+                     sample_logp_bt, eos_b, truncated_b=None, *, values_bt=None, entropy_bt=None) -> "Rollout":
         """What a sampler knows; the other fields are zeros until the loop fills them.
 
-        `truncated_b` defaults to `~eos_b` (every response ends at EOS or at the length limit).
+        `truncated_b` defaults to `~eos_b` (every response ends at EOS or at the length limit). Pass
+        `values_bt` and `entropy_bt` (aligned to actions) only when the sampling distribution is the
+        policy's at the update temperature: `sample_logp_bt` then stands for the old logprobs too.
         """
         zeros_bt = jnp.zeros(tokens_bt.shape, jnp.float32)
         eos_b = jnp.asarray(eos_b, bool)
+        sample_logp_bt = jnp.asarray(sample_logp_bt, jnp.float32)
+        from_sampler = values_bt is not None and entropy_bt is not None
         return cls(
             tokens_bt=jnp.asarray(tokens_bt, jnp.int32),
             positions_bt=jnp.asarray(positions_bt, jnp.int32),
             attention_mask_bt=jnp.asarray(attention_mask_bt, bool),
             response_mask_bt=jnp.asarray(response_mask_bt, bool),
-            sample_logp_bt=jnp.asarray(sample_logp_bt, jnp.float32),
+            sample_logp_bt=sample_logp_bt,
             eos_b=eos_b,
             truncated_b=~eos_b if truncated_b is None else jnp.asarray(truncated_b, bool),
             rewards_b=jnp.zeros(tokens_bt.shape[:1], jnp.float32),
-            old_logp_bt=zeros_bt, ref_logp_bt=zeros_bt, old_values_bt=zeros_bt,
+            old_logp_bt=sample_logp_bt if from_sampler else zeros_bt, ref_logp_bt=zeros_bt,
+            old_values_bt=jnp.asarray(values_bt, jnp.float32) if from_sampler else zeros_bt,
             advantages_bt=zeros_bt, targets_bt=zeros_bt,
+            entropy_bt=jnp.asarray(entropy_bt, jnp.float32) if from_sampler else zeros_bt,
+            policy_stats_from_sampler=from_sampler,
         )
 
 

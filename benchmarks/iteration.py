@@ -1,0 +1,442 @@
+"""One full RLHF iteration, ours (KLQ and PPO) against TRL's PPO, on the same model, batch and lengths.
+
+Each side runs in its own process (so each peak RSS is its own, read by the parent with `wait4`):
+
+    ours KLQ / ours PPO   `klq_jax.rl.loop.run` on what `klq_jax.trainer.build` makes from
+                          `configs/dialogue.py` with the settings below: rollout (sampler), reward
+                          (`HFRewardModel`: SmolLM2 with a score head), reference logprobs, policy
+                          forward (old logprobs and values), targets, update.
+    TRL PPO               `benchmarks/trl_ppo_iteration.py` in the benchmark venv (TRL 1.12.0 and torch,
+                          `benchmarks/requirements-bench.txt`): policy, reference, value and reward model
+                          all SmolLM2-135M-Instruct, the reward model the same score-head weights as ours.
+
+Same work on both sides: 8 chat prompts of the embedded dialogue set, exactly `--new_tokens` response
+tokens (no EOS stop on either side), temperature 1, one minibatch of the whole batch, `--epochs` epochs,
+fp32 parameters. Architectural difference kept: TRL's PPO has a separate value model (a second backbone
+in the rollout and in the update), ours a value head on the policy (klq_jax's design, the same for KLQ
+and PPO). Each side runs `--iterations` iterations; the first of ours includes compilation, and the
+table reports the fastest of the others (the same statistic for TRL), so noise from other processes
+on the machine inflates neither side.
+
+The update's achieved FLOP/s counts matmul FLOPs: per epoch `6 * N * B*T` (N: the matmul parameters,
+layers and LM head) plus attention `12 * L * B * T^2 * d` (fwd+bwd; full T^2, as both sides compute
+it); TRL's value backbone doubles the layer terms. The CPU's matmul throughput is a jitted fp32
+2048^3 `jnp.dot` measured in each JAX process just before its iterations.
+
+    python benchmarks/iteration.py [--new_tokens 128] [--epochs 1] [--iterations 3] [--sides klq,ppo,trl]
+        [--compute_dtype bfloat16] [--trl_python /work/venv-bench/bin/python]
+
+Prints a table and a last line `RESULT speedup_vs_trl=... rss_ratio=... ...` (speedup: TRL's iteration
+time over ours, KLQ; rss_ratio: our peak RSS over TRL's, KLQ).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.append(str(ROOT))  # after PYTHONPATH / the installed package: a patched copy can be benchmarked
+sys.path.insert(0, str(ROOT / "configs"))
+
+PHASES = ("sample", "reward", "reference", "forward", "targets", "update")
+DEFAULT_TRL_PYTHON = "/work/venv-bench/bin/python"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Shared preparation (parent process).
+
+
+def reward_model_folder(policy_path: Path) -> Path:
+    """SmolLM2 with a fresh score head (seed 0), exported once as an HF sequence-classification folder."""
+    from klq_jax.models.gguf import cache_root
+    from klq_jax.models.hf import export_model, load_model
+
+    folder = cache_root() / "bench-smollm2-135m-score"
+    if not (folder / "model.safetensors").is_file():
+        export_model(load_model(policy_path, score_head=True, seed=0), folder, tokenizer_from=policy_path)
+    return folder
+
+
+def make_config(args, algo: str, reward_path: str):
+    import dialogue
+
+    c = dialogue.get_config("")
+    c.algo = algo
+    c.batch_size = args.batch
+    c.data.max_examples = args.batch            # the first `batch` prompts: each iteration uses all of them
+    c.sampling.max_new_tokens = args.new_tokens
+    c.sampling.prompt_bucket = args.prompt_bucket
+    c.rl.epochs = args.epochs
+    c.rl.num_minibatches = 1
+    c.rl.num_microbatches = 1
+    c.rl.temperature = 1.0
+    c.reward.kind = "hf"
+    c.reward.path = reward_path
+    c.reward.chat = True
+    c.model.param_dtype = args.param_dtype
+    c.model.compute_dtype = args.compute_dtype
+    c.model.reference_dtype = args.ref_dtype
+    c.reward.dtype = args.reward_dtype
+    c.model.remat = args.remat
+    c.sampling.policy_stats = not args.policy_forward
+    return c
+
+
+def prompt_ids(args, reward_path: str) -> list[list[int]]:
+    import json as _json
+
+    from klq_jax import trainer
+    from klq_jax.data.datasets import load_prompts
+
+    config = make_config(args, "klq", reward_path)
+    path = trainer.resolve_model_path(config.model.policy)
+    vocab = _json.loads((path / "config.json").read_text())["vocab_size"]
+    tokenizer = trainer.load_tokenizer(path, vocab)
+    examples = load_prompts(config.data.source, config.data.train_split, config.data.task,
+                            max_examples=config.data.max_examples)
+    return [p.ids for p in trainer.encode_prompts(examples, tokenizer, config)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Our side (child process).
+
+
+def rss_gib(field: str = "VmRSS") -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def jax_matmul_gflops(n: int = 2048, repeats: int = 5) -> dict[str, float]:
+    import jax
+    import jax.numpy as jnp
+
+    out = {}
+    for name, dtype in (("fp32", jnp.float32), ("bf16", jnp.bfloat16)):
+        a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+        b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+        f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+        f(a, b).block_until_ready()
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            f(a, b).block_until_ready()
+            best = min(best, time.perf_counter() - start)
+        out[name] = 2 * n**3 / best / 1e9
+    return out
+
+
+def run_ours(args) -> dict:
+    import jax
+    import numpy as np
+
+    from klq_jax import sharding, trainer
+    from klq_jax.data.datasets import PromptStream
+    from klq_jax.rl import loop as rl_loop
+    from klq_jax.rl.train_step import TrainState, make_optimizer
+
+    mm = jax_matmul_gflops()
+    config = make_config(args, args.side, args.reward_path)
+    setup = trainer.build(config)
+    # No EOS stop: an id that never occurs, so every response has exactly new_tokens tokens (as TRL's).
+    setup.sampler = dataclasses.replace(setup.sampler, eos_ids=(-1,))
+    rl = trainer.rl_config(config)
+    optimizer = make_optimizer(config.optim)
+    state = TrainState.create(setup.params, optimizer, rl.kl_coef)
+    del setup.policy  # its arrays are those of `params`; the state holds them from here on
+    stream = PromptStream(setup.train_prompts, config.batch_size, seed=config.seed)
+    mesh = sharding.make_mesh(config.mesh)
+    apply_fn, ref_apply_fn, sample_fn, reward_fn = trainer.make_fns(setup, mesh,
+                                                                    policy_stats=config.sampling.policy_stats)
+    ref_logprob_fn = rl_loop.make_ref_logprob_fn(ref_apply_fn, setup.ref_params, rl.temperature)
+    rss_setup = rss_gib()
+    with jax.set_mesh(mesh):
+        iterations, curves = _iterate(args, config, rl, state, optimizer, apply_fn, sample_fn, reward_fn,
+                                      ref_logprob_fn, stream)
+    return {
+        "side": f"ours-{args.side}", "iterations": iterations, "curves": curves,
+        "matmul_gflops_jax": mm, "rss_setup_gib": rss_setup, "rss_peak_self_gib": rss_gib("VmHWM"),
+        "batch": args.batch, "prompt_len": setup.prompt_length, "response_len": args.new_tokens,
+        "versions": {"jax": jax.__version__, "numpy": np.__version__, "python": sys.version.split()[0]},
+    }
+
+
+def _iterate(args, config, rl, state, optimizer, apply_fn, sample_fn, reward_fn, ref_logprob_fn, stream):
+    import jax
+
+    from klq_jax.rl import loop as rl_loop
+
+    iterations, curves = [], []
+    cpu = time.process_time()
+    for state, metrics in rl_loop.run(
+            state=state, apply_fn=apply_fn, optimizer=optimizer, algo_cfg=rl, sample_fn=sample_fn,
+            reward_fn=reward_fn, ref_logprob_fn=ref_logprob_fn, prompts=stream, rng=jax.random.key(config.seed),
+            num_iterations=args.iterations):
+        times = {p: metrics[f"time/{p}"] for p in PHASES}
+        times["iteration"] = metrics["time/iteration"]
+        times["cpu"], cpu = time.process_time() - cpu, time.process_time()
+        iterations.append(times)
+        curves.append({k: metrics[k] for k in ("rollout/reward", "rollout/kl", "rollout/entropy",
+                                                "rollout/logp_mismatch", "train/loss", "train/approx_kl")
+                       if k in metrics})
+        assert metrics["rollout/response_length"] == args.new_tokens, metrics["rollout/response_length"]
+    return iterations, curves
+
+
+def check_dtypes(args) -> None:
+    """What storing the frozen reference and the reward model in bf16 changes, on real rollouts of the
+    fp32 policy: per-sequence KL (k1, the quantity in the objective and the targets) and rewards."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from klq_jax import trainer
+    from klq_jax.reward_models import HFRewardModel
+    from klq_jax.rl import loop as rl_loop
+
+    config = make_config(args, "klq", args.reward_path)
+    config.model.compute_dtype = config.model.param_dtype = "float32"
+    setup = trainer.build(config)
+    setup.sampler = dataclasses.replace(setup.sampler, eos_ids=(-1,))
+    from klq_jax import sharding
+
+    apply_fn, ref_apply_fn, sample_fn, _ = trainer.make_fns(setup, sharding.make_mesh(config.mesh))
+    forward = rl_loop.make_policy_forward(apply_fn, 1.0)
+    rewards = {dt: HFRewardModel(args.reward_path, chat=True, batch_size=args.batch, param_dtype=trainer.DTYPES[dt])
+               for dt in ("float32", "bfloat16")}
+    ref16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), setup.ref_params)
+    kl_d, r_d, r_ref, r16 = [], [], [], []
+    for i in range(args.check_batches):
+        batch = sample_fn(setup.params, setup.train_prompts[:args.batch], jax.random.key(100 + i))
+        logp = forward(setup.params, batch.tokens_bt, batch.positions_bt, batch.attention_mask_bt)[0]
+        mask = np.asarray(batch.response_mask_bt)
+        kls = {}
+        for name, params in (("fp32", setup.ref_params), ("bf16", ref16)):
+            ref = rl_loop.make_ref_logprob_fn(ref_apply_fn, params, 1.0)(
+                batch.tokens_bt, batch.positions_bt, batch.attention_mask_bt)
+            kls[name] = np.sum(np.where(mask, np.asarray(logp - ref), 0.0), axis=1)
+        # The policy has not moved from the reference: KL(fp32) is ~0 and KL(bf16) is bf16's error alone.
+        # Compare it with the KL one update makes (rollout/kl of the benchmark's later iterations).
+        kl_d.append(np.abs(kls["bf16"] - kls["fp32"]))
+        texts = trainer.decode_responses(setup, batch.tokens_bt, batch.response_mask_bt)
+        prompts = [p.text for p in setup.train_prompts[:args.batch]]
+        scores = {dt: np.asarray(rm(prompts, texts, [None] * len(texts))) for dt, rm in rewards.items()}
+        r_d.append(np.abs(scores["bfloat16"] - scores["float32"]))
+        r_ref.append(scores["float32"])
+        r16.append(scores["bfloat16"])
+    kl_d, r_d, r_ref, r16 = map(np.concatenate, (kl_d, r_d, r_ref, r16))
+    print(f"bf16 reference: |KL_seq(bf16 ref) - KL_seq(fp32 ref)| mean {kl_d.mean():.4f}, max {kl_d.max():.4f} nats "
+          f"over {len(kl_d)} sequences of {args.new_tokens} tokens")
+    print(f"bf16 reward model: |r(bf16) - r(fp32)| mean {r_d.mean():.4f}, max {r_d.max():.4f}; fp32 rewards: "
+          f"std {r_ref.std():.4f}, range {r_ref.min():.3f}..{r_ref.max():.3f}; rank correlation "
+          f"bf16 vs fp32 {_spearman(r_ref, r16):.3f}")
+    print(f"RESULT kl_seq_abs_err={kl_d.mean():.4g} reward_abs_err={r_d.mean():.4g} "
+          f"reward_err_over_std={r_d.mean() / max(r_ref.std(), 1e-9):.4g}")
+
+
+def _spearman(a, b) -> float:
+    import numpy as np
+
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Parent: run the sides, read their peak RSS, print the table.
+
+
+def run_child(cmd: list[str], log: Path) -> dict:
+    """Runs one side; returns its SIDE_JSON dict with `rss_peak_gib` from `wait4` (the child's ru_maxrss)."""
+    start = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=f, text=True, cwd=ROOT)
+        stdout = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    lines = [line for line in stdout.splitlines() if line.startswith("SIDE_JSON ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}); its stderr is in {log}:\n"
+                           + log.read_text()[-3000:])
+    result = json.loads(lines[-1][len("SIDE_JSON "):])
+    result["rss_peak_gib"] = usage.ru_maxrss / 2**20
+    result["wall_s"] = time.perf_counter() - start
+    return result
+
+
+def model_dims(policy_path: Path) -> dict:
+    c = json.loads((policy_path / "config.json").read_text())
+    d, f, L, h, k = (c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["num_attention_heads"],
+                     c["num_key_value_heads"])
+    hd = c.get("head_dim") or d // h
+    per_layer = d * h * hd + 2 * d * k * hd + h * hd * d + 3 * d * f
+    return {"layers": L, "d": d, "layer_params": L * per_layer, "lm_head": d * c["vocab_size"], "attn_dim": h * hd}
+
+
+def update_flops(dims: dict, batch: int, seq: int, epochs: int, backbones: int = 1) -> float:
+    """Matmul FLOPs of the update: fwd+bwd (x3 of 2 per MAC) over B*T tokens, per epoch."""
+    tokens = batch * seq
+    layers = 6 * dims["layer_params"] * tokens + 12 * dims["layers"] * batch * seq * seq * dims["attn_dim"]
+    return epochs * (backbones * layers + 6 * dims["lm_head"] * tokens)
+
+
+def best(result: dict) -> dict:
+    """The fastest iteration after the first (the first of ours compiles)."""
+    its = result["iterations"]
+    steady = its[1:] if len(its) > 1 else its
+    return min(steady, key=lambda t: t["iteration"])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--new_tokens", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--iterations", type=int, default=3)
+    parser.add_argument("--prompt_bucket", type=int, default=16,
+                        help="our prompt padding multiple (16: the 39-48-token prompts pad to 48, TRL's length)")
+    parser.add_argument("--param_dtype", default="float32")
+    parser.add_argument("--compute_dtype", default="float32")
+    parser.add_argument("--ref_dtype", default="float32", help="the frozen reference's storage dtype "
+                        "(config model.reference_dtype)")
+    parser.add_argument("--reward_dtype", default="float32", help="the reward model's dtype (config reward.dtype)")
+    parser.add_argument("--remat", default="full", help="config model.remat: none, full, dots")
+    parser.add_argument("--policy_forward", action="store_true", help="recompute old logprobs/values in a policy "
+                        "forward instead of taking them from the sampler (config sampling.policy_stats=False)")
+    parser.add_argument("--sides", default="klq,ppo,trl")
+    parser.add_argument("--trl_python", default=DEFAULT_TRL_PYTHON)
+    parser.add_argument("--trl_gradient_checkpointing", action="store_true",
+                        help="TRL's default (off here: it also disables TRL's KV cache in generation)")
+    parser.add_argument("--check_dtypes", action="store_true",
+                        help="instead of timing: what a bf16 reference / reward model changes (KL, rewards)")
+    parser.add_argument("--check_batches", type=int, default=2)
+    parser.add_argument("--side", help=argparse.SUPPRESS)           # internal: run one of our sides
+    parser.add_argument("--reward_path", help=argparse.SUPPRESS)    # internal
+    args = parser.parse_args()
+
+    if args.side:  # child
+        print("SIDE_JSON " + json.dumps(run_ours(args)), flush=True)
+        return
+
+    from klq_jax.models.gguf import embedded_smollm2_path
+
+    policy_path = embedded_smollm2_path()
+    reward_path = reward_model_folder(policy_path)
+    if args.check_dtypes:
+        args.reward_path = str(reward_path)
+        check_dtypes(args)
+        return
+    prompts = prompt_ids(args, str(reward_path))
+    work = Path(tempfile.mkdtemp(prefix="klq_iteration_bench_"))
+    (work / "prompts.json").write_text(json.dumps(prompts))
+    common = ["--new_tokens", str(args.new_tokens), "--epochs", str(args.epochs),
+              "--iterations", str(args.iterations)]
+    ours_flags = common + ["--batch", str(args.batch), "--prompt_bucket", str(args.prompt_bucket),
+                           "--param_dtype", args.param_dtype, "--compute_dtype", args.compute_dtype,
+                           "--ref_dtype", args.ref_dtype, "--reward_dtype", args.reward_dtype,
+                           "--remat", args.remat, "--reward_path", str(reward_path)]
+    ours_flags += ["--policy_forward"] if args.policy_forward else []
+    results = {}
+    for side in args.sides.split(","):
+        if side in ("klq", "ppo"):
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--side", side] + ours_flags
+        elif side == "trl":
+            cmd = [args.trl_python, str(ROOT / "benchmarks" / "trl_ppo_iteration.py"), "--model", str(policy_path),
+                   "--reward_model", str(reward_path), "--prompts", str(work / "prompts.json")] + common
+            cmd += ["--gradient_checkpointing"] if args.trl_gradient_checkpointing else []
+        else:
+            raise SystemExit(f"--sides: unknown side {side!r}; accepted: klq, ppo, trl")
+        print(f"running {side} ...", file=sys.stderr, flush=True)
+        results[side] = run_child(cmd, work / f"{side}.log")
+    (work / "results.json").write_text(json.dumps(results, indent=1))
+
+    dims = model_dims(policy_path)
+    cols = [s for s in ("klq", "ppo", "trl") if s in results]
+    names = {"klq": "ours KLQ", "ppo": "ours PPO", "trl": "TRL PPO"}
+    rows = {s: best(results[s]) for s in cols}
+    mm = next((results[s]["matmul_gflops_jax"] for s in ("klq", "ppo") if s in results), None)
+    cpu = _cpu_name()
+    print(f"One iteration: {args.batch} prompts x {args.new_tokens} response tokens, {args.epochs} epoch(s), "
+          f"1 minibatch; SmolLM2-135M-Instruct policy/reference/reward (TRL: + value model); "
+          f"params {args.param_dtype}, compute {args.compute_dtype}, reference {args.ref_dtype}, "
+          f"reward {args.reward_dtype}; {cpu}, {os.cpu_count()} cores")
+    header = f"{'phase (s)':<22}" + "".join(f"{names[s]:>12}" for s in cols)
+    if "trl" in cols:
+        header += "".join(f"{'TRL/' + names[s].split()[1]:>11}" for s in cols if s != "trl")
+    print(header)
+    for phase in PHASES + ("iteration", "cpu"):
+        label = "iteration CPU-s" if phase == "cpu" else phase
+        line = f"{label:<22}" + "".join(f"{rows[s][phase]:>12.2f}" for s in cols)
+        if "trl" in cols:
+            line += "".join(f"{rows['trl'][phase] / max(rows[s][phase], 1e-9):>11.1f}" for s in cols if s != "trl")
+        print(line)
+    for s in cols:
+        if s != "trl":
+            print(f"{'first iteration ' + s:<22}{results[s]['iterations'][0]['iteration']:>12.2f}"
+                  "   (includes compilation)")
+    line = f"{'peak RSS (GiB)':<22}" + "".join(f"{results[s]['rss_peak_gib']:>12.2f}" for s in cols)
+    if "trl" in cols:
+        line += "".join(f"{results['trl']['rss_peak_gib'] / results[s]['rss_peak_gib']:>11.1f}"
+                        for s in cols if s != "trl")
+    print(line)
+    print(f"{'RSS after setup (GiB)':<22}" + "".join(f"{results[s]['rss_setup_gib']:>12.2f}" for s in cols))
+    summary = {}
+    seq = {s: results[s]["prompt_len"] + args.new_tokens for s in cols}
+    for s in cols:
+        flops = update_flops(dims, args.batch, seq[s], args.epochs, backbones=2 if s == "trl" else 1)
+        gflops = flops / rows[s]["update"] / 1e9
+        frac = f", {gflops / mm['fp32']:.0%} of jnp fp32 matmul" if mm else ""
+        print(f"update {names[s]}: T={seq[s]}, {flops / 1e12:.2f} TFLOP, {gflops:.0f} GFLOP/s{frac}")
+        summary[s] = gflops
+    if mm:
+        print(f"matmul 2048^3 (jnp, same run): fp32 {mm['fp32']:.0f} GFLOP/s, bf16 {mm['bf16']:.0f} GFLOP/s"
+              + (f"; torch fp32 {results['trl']['matmul_gflops_torch_fp32']:.0f} GFLOP/s" if "trl" in cols else ""))
+    for s in cols:
+        v = results[s]["versions"]
+        print(f"{names[s]}: " + ", ".join(f"{k} {x}" for k, x in v.items()))
+        if results[s].get("curves"):
+            c = results[s]["curves"]
+            print(f"  reward {[round(x['rollout/reward'], 3) for x in c]}, kl {[round(x['rollout/kl'], 4) for x in c]}")
+    print(f"(raw results: {work / 'results.json'})")
+
+    out = {}
+    if "trl" in cols:
+        for s in ("klq", "ppo"):
+            if s in cols:
+                key = "" if s == "klq" else "_ppo"
+                out[f"speedup_vs_trl{key}"] = rows["trl"]["iteration"] / rows[s]["iteration"]
+                out[f"rss_ratio{key}"] = results[s]["rss_peak_gib"] / results["trl"]["rss_peak_gib"]
+        out["trl_iteration_s"] = rows["trl"]["iteration"]
+        out["trl_rss_gib"] = results["trl"]["rss_peak_gib"]
+    for s in ("klq", "ppo"):
+        if s in cols:
+            out[f"{s}_iteration_s"] = rows[s]["iteration"]
+            out[f"{s}_rss_gib"] = results[s]["rss_peak_gib"]
+            if mm:
+                out[f"{s}_update_mm_fraction"] = summary[s] / mm["fp32"]
+    if mm:
+        out["matmul_fp32_gflops"] = mm["fp32"]
+    print("RESULT " + " ".join(f"{k}={v:.3g}" for k, v in out.items()))
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "CPU"
+
+
+if __name__ == "__main__":
+    main()
