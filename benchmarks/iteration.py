@@ -143,7 +143,7 @@ def run_ours(args) -> dict:
     from klq_jax import sharding, trainer
     from klq_jax.data.datasets import PromptStream
     from klq_jax.rl import loop as rl_loop
-    from klq_jax.rl.train_step import TrainState, make_optimizer
+    from klq_jax.rl.train_step import make_optimizer
 
     mm = jax_matmul_gflops()
     config = make_config(args, args.side, args.reward_path)
@@ -152,13 +152,16 @@ def run_ours(args) -> dict:
     setup.sampler = dataclasses.replace(setup.sampler, eos_ids=(-1,))
     rl = trainer.rl_config(config)
     optimizer = make_optimizer(config.optim)
-    state = TrainState.create(setup.params, optimizer, rl.kl_coef)
-    del setup.policy  # its arrays are those of `params`; the state holds them from here on
-    stream = PromptStream(setup.train_prompts, config.batch_size, seed=config.seed)
     mesh = sharding.make_mesh(config.mesh)
+    # As the trainer does: the state and the reference placed on the mesh (committed arrays, so the
+    # updated state has the shardings of the first one and nothing recompiles at the second iteration).
+    state = sharding.create_train_state(setup.params, optimizer, rl.kl_coef, mesh)
+    ref_params = sharding.place_state(setup.ref_params, mesh)
+    del setup.policy, setup.params, setup.ref_params  # the state and ref_params hold them from here on
+    stream = PromptStream(setup.train_prompts, config.batch_size, seed=config.seed)
     apply_fn, ref_apply_fn, sample_fn, reward_fn = trainer.make_fns(setup, mesh,
                                                                     policy_stats=config.sampling.policy_stats)
-    ref_logprob_fn = rl_loop.make_ref_logprob_fn(ref_apply_fn, setup.ref_params, rl.temperature)
+    ref_logprob_fn = rl_loop.make_ref_logprob_fn(ref_apply_fn, ref_params, rl.temperature)
     rss_setup = rss_gib()
     with jax.set_mesh(mesh):
         iterations, curves = _iterate(args, config, rl, state, optimizer, apply_fn, sample_fn, reward_fn,
