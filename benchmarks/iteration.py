@@ -380,7 +380,8 @@ def main():
         label = "iteration CPU-s" if phase == "cpu" else phase
         line = f"{label:<22}" + "".join(f"{rows[s][phase]:>12.2f}" for s in cols)
         if "trl" in cols:
-            line += "".join(f"{rows['trl'][phase] / max(rows[s][phase], 1e-9):>11.1f}" for s in cols if s != "trl")
+            line += "".join(f"{rows['trl'][phase] / rows[s][phase]:>11.1f}" if rows[s][phase] >= 0.05 else
+                            f"{'-':>11}" for s in cols if s != "trl")  # no ratio to a skipped phase
         print(line)
     for s in cols:
         if s != "trl":
