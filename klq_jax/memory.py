@@ -213,7 +213,7 @@ def estimate(cfg: ModelConfig, work: Workload, mesh) -> Estimate:
     import jax
 
     from klq_jax.rl.train_step import default_optim_config, make_optimizer
-    from klq_jax.sharding import check_batch, per_device_bytes
+    from klq_jax.sharding import check_batch, per_device_bytes, weights_whole
 
     sizes = _mesh_sizes(mesh)
     check_batch(work.batch_size, sizes, num_minibatches=work.num_minibatches,
@@ -267,7 +267,7 @@ def estimate(cfg: ModelConfig, work: Workload, mesh) -> Estimate:
     # (`CausalLM.unstack_layers`: decode steps read them in place).
     kv_cache = 2 * L * rows * T * k_l * hd * a
     blocks_local = 0
-    if sizes.get("fsdp", 1) == 1 and tp == 1:  # `sharding.weights_whole`: the decode loop's per-layer copies
+    if weights_whole(sizes):  # the decode loop's per-layer copies (as `sharding.global_sample` decides)
         blocks_local = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(policy["blocks"]))
     sample_temps = (rows * P * (v_l * 4 + (4 + a) * h_l * T + 4 * a * d) + 2 * gathered_vocab + gathered_layers
                     + blocks_local)

@@ -110,7 +110,7 @@ def build_reward(config) -> Reward:
         mesh = sharding.local_mesh() if jax.local_device_count() > 1 else None
         # One call scores this process's rows of the batch (the model's default pads every call to 16 rows).
         # `reward.dtype` (default: the compute dtype): a frozen scorer can be bf16 while the policy is fp32.
-        dtype = config.reward.get("dtype") or config.model.compute_dtype
+        dtype = config.reward.dtype or config.model.compute_dtype
         return HFRewardModel(config.reward.path, chat=config.reward.chat,
                              batch_size=max(config.batch_size // jax.process_count(), 1),
                              param_dtype=_dtype(dtype, "reward.dtype"), mesh=mesh)
@@ -197,7 +197,7 @@ def make_fns(setup: Setup, mesh, *, policy_stats: bool = True):
         return nnx.merge(ref_graphdef, params)(tokens_bt, positions_bt, mask_bt).logits_btv
 
     def sample_fn(params, prompt_batch: list[Prompt], rng):
-        out = sharding.global_sample(setup.sampler, params, [p.ids for p in prompt_batch], rng, mesh,
+        out = sharding.global_sample(sampler, params, [p.ids for p in prompt_batch], rng, mesh,
                                      prompt_length=setup.prompt_length)
         # The trainer's sampler draws from the policy itself (temperature rl.temperature, no top-k/top-p), so
         # its logprobs, values and entropy are those of the policy forward the loop would otherwise run.

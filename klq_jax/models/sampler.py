@@ -62,7 +62,7 @@ def filter_logits(logits_bv: jax.Array, temperature, top_k: int, top_p) -> jax.A
         return jnp.where(logits_bv < threshold_b1, -jnp.inf, logits_bv)
 
     # The full-vocabulary sort runs only when top-p is on: in the decode loop it cost more than the model
-    # step itself (8 x 49152 logits: 14.0 s -> 5.5 s for 8 x 128 tokens on a 2-core CPU).
+    # step itself (8 x 49152 logits: 14.0 s -> 6.1 s for 8 x 128 tokens on a 2-core CPU).
     return jax.lax.cond(top_p < 1.0, nucleus, lambda x: x, logits_bv)
 
 
@@ -99,10 +99,11 @@ def _generate(graphdef, state, prompt_bp, prompt_mask_bp, rng, temperature, top_
     last_value_b = out.values_bt[:, -1] if has_values else jnp.zeros((b,), jnp.float32)
     eos_v = jnp.asarray(eos_ids)
     # Per-layer weights read in place by every decode step (the layer scan copies each layer's weights out
-    # of the stacked arrays at every step): 4.9 -> 4.1 s for 8 x 128 tokens of SmolLM2-135M on 2 CPU cores,
+    # of the stacked arrays at every step): 4.9 -> 4.4 s for 8 x 128 tokens of SmolLM2-135M on 2 CPU cores,
     # for one more copy of the blocks' weights while sampling. Off for FSDP/tensor-sharded weights, where
     # the layer scan gathers one layer at a time.
     layers = model.unstack_layers() if unstack_layers else None
+    decode_cache = out.cache.unstacked() if unstack_layers else out.cache
 
     def cond(carry):
         i, done_b = carry[0], carry[3]
@@ -128,7 +129,7 @@ def _generate(graphdef, state, prompt_bp, prompt_mask_bp, rng, temperature, top_
         return i + 1, tokens_bn, stats_3bn, done_b, out.cache, kv_mask_bs, out.logits_btv[:, 0], next_value_b, rng
 
     init = (jnp.int32(0), jnp.full((b, n), pad_id, jnp.int32), jnp.zeros((3, b, n), jnp.float32),
-            jnp.zeros((b,), bool), out.cache.unstacked() if unstack_layers else out.cache, kv_mask_bs, last_logits_bv, last_value_b, rng)
+            jnp.zeros((b,), bool), decode_cache, kv_mask_bs, last_logits_bv, last_value_b, rng)
     _, tokens_bn, stats_3bn, done_b, _, kv_mask_bs, _, _, _ = jax.lax.while_loop(cond, step, init)
     response_mask_bn = kv_mask_bs[:, p:]
     logps_bt, values_bt, entropy_bt = (jnp.concatenate([jnp.zeros((b, p), jnp.float32), x_bn], axis=1)
