@@ -221,12 +221,12 @@ def check_dtypes(args) -> None:
     kl_d, r_d, r_ref, r16 = [], [], [], []
     for i in range(args.check_batches):
         batch = sample_fn(setup.params, setup.train_prompts[:args.batch], jax.random.key(100 + i))
-        logp = forward(setup.params, batch.tokens_bt, batch.positions_bt, batch.attention_mask_bt)[0]
+        logp = forward(setup.params, batch)[0]
         mask = np.asarray(batch.response_mask_bt)
         kls = {}
         for name, params in (("fp32", setup.ref_params), ("bf16", ref16)):
             ref = rl_loop.make_ref_logprob_fn(ref_apply_fn, params, 1.0)(
-                batch.tokens_bt, batch.positions_bt, batch.attention_mask_bt)
+                batch.tokens_bt, batch.positions_bt, batch.attention_mask_bt, batch.first_action)
             kls[name] = np.sum(np.where(mask, np.asarray(logp - ref), 0.0), axis=1)
         # The policy has not moved from the reference: KL(fp32) is ~0 and KL(bf16) is bf16's error alone.
         # Compare it with the KL one update makes (rollout/kl of the benchmark's later iterations).

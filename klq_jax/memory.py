@@ -20,14 +20,16 @@ f, V` heads, KV heads, MLP width and vocabulary divided by `tp` where it divides
                   dots  2a*d + a*(h+2k)*hd + {2 gated, 1 plain}*a*f    (matmul outputs)
                   full  a*d                                          (the layer input)
               (with remat, plus one layer's full residuals while it is recomputed), the float32
-              logits `b*T*V*4` three times (logits, log-softmax, their gradient), and with `fsdp > 1` the
+              logits `b*(N+1)*V*4` three times (logits, log-softmax, their gradient: only the positions
+              that predict a response token, `Rollout.first_action`), and with `fsdp > 1` the
               all-gathered weights: the output-vocabulary matrix and two layers.
-    forward   old logprobs/values and reference logprobs over `B/n` rows at once: the larger of one
-              layer's activations (+ two gathered layers) and two float32 copies of the logits, one of
-              them over the whole vocabulary when `tensor > 1` (+ the gathered vocabulary matrix): the
-              layers are done before the logits exist.
-    sample    the KV cache `2*L*(B/n)*T*k*hd*a`, the prefill over `P` (its float32 logits for every
-              prompt position, attention scores, a few d-wide tensors) and with FSDP the gathered
+    forward   old logprobs/values and reference logprobs over `B/n` rows at once: the largest of one
+              layer's activations (+ two gathered layers), the `N+1` positions' local logits (+ the
+              gathered vocabulary matrix) and two float32 copies of those logits, one of
+              them over the whole vocabulary when `tensor > 1`: the layers are done before the logits
+              exist.
+    sample    the KV cache `2*L*(B/n)*T*k*hd*a`, the prefill over `P` (the float32 logits of its last
+              position, attention scores, two f-wide MLP tensors, a few d-wide tensors) and with FSDP the gathered
               vocabulary matrix twice (the prefill's and the one hoisted out of the decode loop).
 
     peak = resident + max(update, forward, sample)
@@ -35,8 +37,8 @@ f, V` heads, KV heads, MLP width and vocabulary divided by `tp` where it divides
 The phases run one after another, so their temporaries do not add up. `--measure` compiles the real
 update step, policy forward and sampler on abstract inputs (nothing is allocated, so the full-size models
 work on a laptop) over fake CPU devices and prints XLA's per-device argument and temporary sizes next to
-the estimate. For float32 programs without remat the estimate is within -3%..+25% of XLA:CPU's temporaries,
-and with remat it overestimates the update by up to 1.6x (docs/scaling.md has the comparison); bfloat16
+the estimate. For float32 programs without remat the estimate is within -12%..+21% of XLA:CPU's temporaries,
+and with remat it overestimates the update and forward by up to 1.6x (docs/scaling.md has the comparison); bfloat16
 programs cannot be checked on CPU, which computes bfloat16 dots in float32 from converted copies (TPUs and
 GPUs compute in bfloat16 natively).
 """
@@ -245,7 +247,8 @@ def estimate(cfg: ModelConfig, work: Workload, mesh) -> Estimate:
              "full": a * d}[work.remat]
     b = B / (work.num_minibatches * work.num_microbatches * n)
     activations = b * T * (L * saved + (train_layer if work.remat != "none" else 0))
-    logits = 3 * b * T * v_l * 4
+    N1 = T - P + 1  # logit positions of a rollout forward: P-1..T-1
+    logits = 3 * b * N1 * v_l * 4
     gradients = params * (2 if work.num_microbatches > 1 else 1) + params  # grads (+ running sum) + Adam update
 
     # FSDP: a weight split over `fsdp` is all-gathered (to its tensor share) where it is used. XLA keeps the
@@ -261,15 +264,17 @@ def estimate(cfg: ModelConfig, work: Workload, mesh) -> Estimate:
     # log-softmax/entropy, partly fused: two copies) live after the layers are done; the peak is the larger.
     rows = B / n
     # With `tensor > 1` the log-softmax gathers the vocabulary: one copy is whole.
-    logits_fwd = rows * T * (v_l + (V if tp > 1 else v_l)) * 4
-    forward = max(rows * T * full_layer + gathered_layers, logits_fwd + gathered_vocab)
+    logits_fwd = rows * N1 * (v_l + (V if tp > 1 else v_l)) * 4
+    # The gathered vocabulary matrix lives while the (local) logits are made, not while they are gathered.
+    forward = max(rows * T * full_layer + gathered_layers, logits_fwd, rows * N1 * v_l * 4 + gathered_vocab)
     # With whole weights per device the sampler also holds a per-layer copy of the blocks' weights
     # (`CausalLM.unstack_layers`: decode steps read them in place).
     kv_cache = 2 * L * rows * T * k_l * hd * a
     blocks_local = 0
     if weights_whole(sizes):  # the decode loop's per-layer copies (as `sharding.global_sample` decides)
         blocks_local = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(policy["blocks"]))
-    sample_temps = (rows * P * (v_l * 4 + (4 + a) * h_l * T + 4 * a * d) + 2 * gathered_vocab + gathered_layers
+    sample_temps = (rows * (v_l * 4 + P * ((4 + a) * h_l * T + 4 * a * d + 2 * a * f_l)) + 2 * gathered_vocab
+                    + gathered_layers
                     + blocks_local)
     return Estimate(params=int(params), optimizer=int(optimizer), reference=int(reference), reward_model=int(reward),
                     batch=batch, gradients=int(gradients), activations=int(activations), logits=int(logits),
@@ -303,8 +308,8 @@ def measure(cfg: ModelConfig, work: Workload, mesh) -> dict[str, Any]:
                                              tree, sh)
     state_in = abstract(state, state_sh)
 
-    def apply_fn(p, tokens_bt, positions_bt, mask_bt):
-        out = nnx.merge(graphdef, p)(tokens_bt, positions_bt, mask_bt)
+    def apply_fn(p, tokens_bt, positions_bt, mask_bt, logits_from=0):
+        out = nnx.merge(graphdef, p)(tokens_bt, positions_bt, mask_bt, logits_from=logits_from)
         return out.logits_btv, out.values_bt
 
     algo = default_algo_config()
@@ -320,7 +325,7 @@ def measure(cfg: ModelConfig, work: Workload, mesh) -> dict[str, Any]:
                       ref_logp_bt=((rows, T), f), old_values_bt=((rows, T), f), advantages_bt=((rows, T), f),
                       targets_bt=((rows, T), f), entropy_bt=((rows, T), f))
         return Rollout(**{k: jax.ShapeDtypeStruct(s, d, sharding=shd.batch_sharding(mesh))
-                          for k, (s, d) in shapes.items()})
+                          for k, (s, d) in shapes.items()}, first_action=work.prompt_len)
 
     out: dict[str, Any] = {}
 
@@ -336,8 +341,7 @@ def measure(cfg: ModelConfig, work: Workload, mesh) -> dict[str, Any]:
         record("update", step.lower(state_in, rollout(mb)).compile())
         full = rollout(B)
         forward = loop.make_policy_forward(apply_fn, 1.0)
-        record("forward", forward.lower(state_in.params, full.tokens_bt, full.positions_bt,
-                                        full.attention_mask_bt).compile())
+        record("forward", forward.lower(state_in.params, full).compile())
         P = work.prompt_len
         prompt = jax.ShapeDtypeStruct((B, P), jnp.int32, sharding=shd.batch_sharding(mesh))
         prompt_mask = jax.ShapeDtypeStruct((B, P), jnp.bool_, sharding=shd.batch_sharding(mesh))

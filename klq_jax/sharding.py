@@ -74,7 +74,7 @@ PARAM_RULES: tuple[tuple[str, tuple], ...] = (
 )
 
 # Logical axes of activations and caches (for `shard` and for placing inputs).
-KV_CACHE_AXES = ("layers", "batch", None, "kv_heads", "head_dim")  # KVCache.k_lbskh / v_lbskh
+KV_CACHE_AXES = ("layers", "batch", "kv_heads", None, "head_dim")  # KVCache.k_lbksh / v_lbksh
 
 
 class MeshError(ValueError):
@@ -319,7 +319,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def kv_cache_spec(mesh, shape: Sequence[int]) -> P:
-    """Spec of a KVCache array `[L, B, S, K, hd]`: batch over the data axes, KV heads over `tensor`."""
+    """Spec of a KVCache array `[L, B, K, S, hd]`: batch over the data axes, KV heads over `tensor`."""
     return spec_for(KV_CACHE_AXES, shape, mesh)
 
 

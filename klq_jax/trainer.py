@@ -189,12 +189,12 @@ def make_fns(setup: Setup, mesh, *, policy_stats: bool = True):
     sampler = setup.sampler
     policy_stats = policy_stats and sampler.top_k == 0 and sampler.top_p >= 1.0
 
-    def apply_fn(params, tokens_bt, positions_bt, mask_bt):
-        out = nnx.merge(graphdef, params)(tokens_bt, positions_bt, mask_bt)
+    def apply_fn(params, tokens_bt, positions_bt, mask_bt, logits_from: int = 0):
+        out = nnx.merge(graphdef, params)(tokens_bt, positions_bt, mask_bt, logits_from=logits_from)
         return out.logits_btv, out.values_bt
 
-    def ref_apply_fn(params, tokens_bt, positions_bt, mask_bt):
-        return nnx.merge(ref_graphdef, params)(tokens_bt, positions_bt, mask_bt).logits_btv
+    def ref_apply_fn(params, tokens_bt, positions_bt, mask_bt, logits_from: int = 0):
+        return nnx.merge(ref_graphdef, params)(tokens_bt, positions_bt, mask_bt, logits_from=logits_from).logits_btv
 
     def sample_fn(params, prompt_batch: list[Prompt], rng):
         out = sharding.global_sample(sampler, params, [p.ids for p in prompt_batch], rng, mesh,
@@ -203,7 +203,8 @@ def make_fns(setup: Setup, mesh, *, policy_stats: bool = True):
         # its logprobs, values and entropy are those of the policy forward the loop would otherwise run.
         stats = dict(values_bt=out.values_bt, entropy_bt=out.entropy_bt) if policy_stats else {}
         return Rollout.from_samples(out.tokens_bt, positions_from_mask(out.attention_mask_bt), out.attention_mask_bt,
-                                    out.response_mask_bt, out.logprobs_bt, out.eos_b, **stats)
+                                    out.response_mask_bt, out.logprobs_bt, out.eos_b, first_action=out.prompt_len,
+                                    **stats)
 
     def reward_fn(prompt_batch: list[Prompt], batch: Rollout):
         texts = decode_responses(setup, batch.tokens_bt, batch.response_mask_bt)

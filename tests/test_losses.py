@@ -140,6 +140,25 @@ def test_shift_to_actions(temperature):
     assert np.all(np.asarray(logp[:, 0]) == 0) and np.all(np.asarray(v[:, 0]) == 0)
 
 
+@pytest.mark.parametrize("first_action", [2, 4])
+def test_shift_to_actions_from_first_action(first_action):
+    """Logits over positions first_action-1..T-1 only give the full alignment from slot first_action on,
+    and 0 before it (logprobs, entropy); any other number of positions is refused."""
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(B, T, V)).astype(np.float32)
+    tokens = rng.integers(0, V, size=(B, T))
+    full_logp, _ = losses.shift_to_actions(logits, None, tokens, 0.7)
+    part_logp, _ = losses.shift_to_actions(logits[:, first_action - 1:], None, tokens, 0.7, first_action)
+    np.testing.assert_array_equal(np.asarray(part_logp[:, :first_action]), 0.0)
+    np.testing.assert_allclose(part_logp[:, first_action:], full_logp[:, first_action:], rtol=1e-6)
+    full_h = losses.action_entropy(logits, 0.7)
+    part_h = losses.action_entropy(logits[:, first_action - 1:], 0.7, first_action)
+    np.testing.assert_array_equal(np.asarray(part_h[:, :first_action]), 0.0)
+    np.testing.assert_allclose(part_h[:, first_action:], full_h[:, first_action:], rtol=1e-6)
+    with pytest.raises(ValueError, match="expected"):
+        losses.shift_to_actions(logits[:, first_action:], None, tokens, 1.0, first_action)
+
+
 def test_kl_estimators_and_exact_kl():
     rng = np.random.default_rng(1)
     lp, lq = rng.normal(size=(2, B, T, V)).astype(np.float32) * 2

@@ -135,6 +135,18 @@ def test_value_head_shape_and_zero_init(tiny_checkpoint):
     np.testing.assert_array_equal(np.asarray(out.values_bt), 0.0)
 
 
+def test_logits_from_is_the_tail_of_the_logits(tiny_checkpoint):
+    _, path, _ = tiny_checkpoint
+    ours = load_model(path, value_head=True)
+    ids, mask = _batch()
+    full, mask_np = _ours(ours, ids, mask)
+    tail = ours(jnp.asarray(ids.numpy()), positions_from_mask(jnp.asarray(mask_np)), jnp.asarray(mask_np),
+                logits_from=5)
+    assert tail.logits_btv.shape == (3, 4, VOCAB)
+    np.testing.assert_array_equal(np.asarray(tail.logits_btv), np.asarray(full.logits_btv[:, 5:]))
+    np.testing.assert_array_equal(np.asarray(tail.values_bt), np.asarray(full.values_bt))
+
+
 def test_sharded_index_and_bf16(tmp_path):
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(TINY["llama_gqa_untied"]()).eval()

@@ -90,6 +90,55 @@ def test_sample_values_and_entropy_equal_policy_forward(tiny, tmp_path, temperat
         assert np.all(np.asarray(ours)[~resp] == 0)
 
 
+@pytest.mark.parametrize("algo", ["klq", "ppo"])
+def test_response_only_logits_leave_the_update_unchanged(tiny, tmp_path, algo):
+    """A sampled rollout marked `first_action = prompt_len` (the trainer's) gets the same loss, metrics and
+    gradient as the same rollout with logits at every position, and the same reference logprobs."""
+    from klq_jax.rl import loop
+    from klq_jax.rl.train_step import Rollout, compute_targets, default_algo_config, make_loss_fn
+
+    torch_model, _ = tiny
+    torch_model.save_pretrained(tmp_path)
+    model = load_model(tmp_path, value_head=True)
+    model.value_w_d.value = jax.random.normal(jax.random.key(1), model.value_w_d.value.shape)
+    graphdef, params = nnx.split(model)
+
+    def apply_fn(p, tokens_bt, positions_bt, mask_bt, logits_from=0):
+        out = nnx.merge(graphdef, p)(tokens_bt, positions_bt, mask_bt, logits_from=logits_from)
+        return out.logits_btv, out.values_bt
+
+    sampler = Sampler.for_model(model, eos_ids=(EOS,), pad_id=PAD, max_new_tokens=10, bucket=8)
+    out = sampler(params, PROMPTS * 2, jax.random.key(3))
+    assert out.prompt_len == 8
+    algo_cfg = default_algo_config()
+    algo_cfg.algo = algo
+    ref_params = jax.tree.map(lambda x: x * 1.01, params)
+    results = []
+    for first_action in (1, out.prompt_len):
+        batch = Rollout.from_samples(out.tokens_bt, positions_from_mask(out.attention_mask_bt), out.attention_mask_bt,
+                                     out.response_mask_bt, out.logprobs_bt, out.eos_b, first_action=first_action)
+        ref_fn = loop.make_ref_logprob_fn(lambda p, *a, **k: apply_fn(p, *a, **k)[0], ref_params, 1.0)
+        ref_logp = ref_fn(batch.tokens_bt, batch.positions_bt, batch.attention_mask_bt, batch.first_action)
+        old_logp, old_values, entropy = loop.make_policy_forward(apply_fn, 1.0)(params, batch)
+        batch = batch.replace(rewards_b=jnp.linspace(-1.0, 1.0, 6), ref_logp_bt=ref_logp, old_logp_bt=old_logp,
+                              old_values_bt=old_values, entropy_bt=entropy)
+        batch = compute_targets(batch, 0.1, algo_cfg)
+        perturbed = jax.tree.map(lambda x: x * 0.98, params)  # away from the rollout policy: ratios != 1
+        grads, metrics = jax.grad(make_loss_fn(apply_fn, algo_cfg), has_aux=True)(perturbed, batch, 0.1)
+        results.append((ref_logp, old_logp, entropy, grads, metrics))
+    (ref1, old1, h1, g1, m1), (ref2, old2, h2, g2, m2) = results
+    p = out.prompt_len
+    for a, b in ((ref1, ref2), (old1, old2), (h1, h2)):  # equal on the response slots, 0 on the prompt's
+        np.testing.assert_allclose(np.asarray(b[:, p:]), np.asarray(a[:, p:]), rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(np.asarray(b[:, :p]), 0.0)
+    for a, b in zip(jax.tree.leaves(m1), jax.tree.leaves(m2)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):  # float32 sums in another order: relative to
+        scale = float(jnp.abs(a).max())                             # the leaf's largest entry
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5 * scale)
+    assert float(m1["loss"].total) != 0.0 and max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g1)) > 0
+
+
 def test_eos_stops_and_masks(tiny):
     _, model = tiny
     sampler = Sampler.for_model(model, eos_ids=(EOS, 7), pad_id=PAD, max_new_tokens=30, bucket=8)

@@ -289,7 +289,7 @@ def sampled_batch(mdp, algo_cfg, params, seed=0, batch_size=BATCH):
     prompts = next(prompt_stream(batch_size))
     batch = mdp.make_sample_fn()(mdp.init_params(), prompts, jax.random.key(seed))
     fwd = loop.make_policy_forward(tabular_apply, algo_cfg.temperature)
-    old_logp, old_values, _ = fwd(params, batch.tokens_bt, batch.positions_bt, batch.attention_mask_bt)
+    old_logp, old_values, _ = fwd(params, batch)
     ref_logp = mdp.ref_logprob_fn()(batch.tokens_bt, batch.positions_bt, batch.attention_mask_bt)
     batch = batch.replace(rewards_b=mdp.reward_fn(prompts, batch), old_logp_bt=old_logp, ref_logp_bt=ref_logp,
                           old_values_bt=old_values)

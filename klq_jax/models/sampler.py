@@ -93,7 +93,7 @@ def _generate(graphdef, state, prompt_bp, prompt_mask_bp, rng, temperature, top_
     prompt_len_b = jnp.sum(prompt_mask_bp, axis=1)
     positions_bp = jnp.maximum(jnp.cumsum(prompt_mask_bp, axis=1) - 1, 0)
     cache = KVCache.zeros(model.cfg, b, p + n, cache_dtype)
-    out = model(prompt_bp, positions_bp, kv_mask_bs, cache=cache, cache_pos=0)
+    out = model(prompt_bp, positions_bp, kv_mask_bs, cache=cache, cache_pos=0, logits_from=p - 1)  # last position
     last_logits_bv = out.logits_btv[:, -1]
     has_values = out.values_bt is not None
     last_value_b = out.values_bt[:, -1] if has_values else jnp.zeros((b,), jnp.float32)

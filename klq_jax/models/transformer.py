@@ -22,19 +22,22 @@ _NEG_INF = -1e30  # finite, so fully masked rows (left padding) give a uniform s
 
 @struct.dataclass
 class KVCache:
-    """Per-layer keys and values, `k_lbskh`, `v_lbskh` [L, B, S, K, hd]: stacked arrays (the layer scan),
-    or tuples of L arrays [B, S, K, hd] (the unrolled decode path, see `CausalLM.unstack_layers`)."""
+    """Per-layer keys and values, `k_lbksh`, `v_lbksh` [L, B, K, S, hd]: stacked arrays (the layer scan),
+    or tuples of L arrays [B, K, S, hd] (the unrolled decode path, see `CausalLM.unstack_layers`).
 
-    k_lbskh: jax.Array | tuple[jax.Array, ...]
-    v_lbskh: jax.Array | tuple[jax.Array, ...]
+    Heads before slots: the attention dots batch over (B, K), so this layout is read in place; with slots
+    before heads, XLA:CPU transposed each layer's whole cache at every decode step."""
+
+    k_lbksh: jax.Array | tuple[jax.Array, ...]
+    v_lbksh: jax.Array | tuple[jax.Array, ...]
 
     @classmethod
     def zeros(cls, cfg: ModelConfig, batch: int, slots: int, dtype=jnp.float32) -> "KVCache":
-        shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
+        shape = (cfg.num_layers, batch, cfg.num_kv_heads, slots, cfg.head_dim)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
     def unstacked(self) -> "KVCache":
-        return KVCache(tuple(self.k_lbskh), tuple(self.v_lbskh))
+        return KVCache(tuple(self.k_lbksh), tuple(self.v_lbksh))
 
 
 @struct.dataclass
@@ -168,6 +171,7 @@ class Block(nnx.Module):
 
     def _attention(self, x_btd, rope, mask_bts, cache_kv, cache_pos):
         cfg, dt = self.cfg, x_btd.dtype
+        h, k_heads, g, hd = cfg.num_heads, cfg.num_kv_heads, cfg.num_groups, cfg.head_dim
         q = jnp.einsum("btd,dnh->btnh", x_btd, self.wq_dnh[...].astype(dt))
         k = jnp.einsum("btd,dkh->btkh", x_btd, self.wk_dkh[...].astype(dt))
         v = jnp.einsum("btd,dkh->btkh", x_btd, self.wv_dkh[...].astype(dt))
@@ -175,19 +179,23 @@ class Block(nnx.Module):
             q, k, v = q + self.bq_nh[...].astype(dt), k + self.bk_kh[...].astype(dt), v + self.bv_kh[...].astype(dt)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        b, t = q.shape[:2]
+        # Heads-major layouts [B, K, ., hd]: the (B, K)-batched dots below then read q, k, v and the cache in place.
+        q_bkgth = q.reshape(b, t, k_heads, g, hd).transpose(0, 2, 3, 1, 4)
+        k_bksh, v_bksh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         if cache_kv is not None:  # write this chunk's keys/values at `cache_pos`, attend over all slots
             k_cache, v_cache = cache_kv
-            k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), cache_pos, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_pos, axis=1)
-            cache_kv = (k, v)
-        b, t = q.shape[:2]
-        q_btkgh = q.reshape(b, t, cfg.num_kv_heads, cfg.num_groups, cfg.head_dim)
-        scores = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k.astype(dt), preferred_element_type=jnp.float32)
-        scores = scores / math.sqrt(cfg.head_dim)
+            k_bksh = jax.lax.dynamic_update_slice_in_dim(k_cache, k_bksh.astype(k_cache.dtype), cache_pos, axis=2)
+            v_bksh = jax.lax.dynamic_update_slice_in_dim(v_cache, v_bksh.astype(v_cache.dtype), cache_pos, axis=2)
+            cache_kv = (k_bksh, v_bksh)
+        scores = jnp.einsum("bkgth,bksh->bkgts", q_bkgth, k_bksh.astype(dt), preferred_element_type=jnp.float32)
+        scores = scores / math.sqrt(hd)
         scores = jnp.where(mask_bts[:, None, None], scores, _NEG_INF)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, v.astype(dt)).reshape(b, t, cfg.num_heads, cfg.head_dim)
-        out = jnp.einsum("btnh,nhd->btd", out, self.wo_nhd[...].astype(dt))
+        out_bkgth = jnp.einsum("bkgts,bksh->bkgth", probs, v_bksh.astype(dt))
+        out_btf = out_bkgth.transpose(0, 3, 1, 2, 4).reshape(b, t, h * hd)
+        # The output projection as one [H*hd, D] matrix (a free reshape of [H, hd, D]).
+        out = out_btf @ self.wo_nhd[...].astype(dt).reshape(h * hd, -1)
         if self.bo_d is not None:
             out = out + self.bo_d[...].astype(dt)
         return out, cache_kv
@@ -267,13 +275,17 @@ class CausalLM(nnx.Module):
 
     def __call__(self, tokens_bt: jax.Array, positions_bt: jax.Array, kv_mask_bs: jax.Array,
                  cache: KVCache | None = None, cache_pos: jax.Array | int | None = None,
-                 return_logits: bool = True, layers: tuple[nnx.State, ...] | None = None) -> ModelOutput:
+                 return_logits: bool = True, layers: tuple[nnx.State, ...] | None = None,
+                 logits_from: int = 0) -> ModelOutput:
         """Forward over `tokens_bt` at `positions_bt`.
 
         Without a cache, `kv_mask_bs` is the attention mask of `tokens_bt` (S == T). With a cache of S
         slots, the tokens are written at slots `cache_pos..cache_pos+T` and `kv_mask_bs` marks which
         slots hold real tokens (after this write). With `layers` (from `unstack_layers`) the layers run
         as an unrolled Python loop on those states, and the cache is the unstacked kind (`KVCache.unstacked`).
+        With `logits_from = s` (static) the logits are computed for positions `s..T-1` only (`logits_btv` is
+        [B, T-s, V]): RL needs them only where they predict a response token, and the float32 logits are the
+        largest activation of a forward.
         """
         cfg, dt = self.cfg, self.dtype
         x = jnp.take(self.embed_vd[...], tokens_bt, axis=0).astype(dt)
@@ -295,7 +307,7 @@ class CausalLM(nnx.Module):
         if layers is not None:  # unrolled: each layer's weights and cache read in place
             ks, vs = [], []
             for i, layer_state in enumerate(layers):
-                kv = None if cache is None else (cache.k_lbskh[i], cache.v_lbskh[i])
+                kv = None if cache is None else (cache.k_lbksh[i], cache.v_lbksh[i])
                 x, kv = body(x, (layer_state, kv))
                 if kv is not None:
                     ks.append(kv[0])
@@ -304,7 +316,7 @@ class CausalLM(nnx.Module):
         else:
             if REMAT_POLICIES[self.remat] is not None:
                 body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat])
-            kv_in = None if cache is None else (cache.k_lbskh, cache.v_lbskh)
+            kv_in = None if cache is None else (cache.k_lbksh, cache.v_lbksh)
             x, kv_out = jax.lax.scan(body, x, (nnx.state(self.blocks), kv_in))
             new_cache = None if cache is None else KVCache(*kv_out)
 
@@ -315,7 +327,7 @@ class CausalLM(nnx.Module):
         logits = None
         if self.has_lm_head and return_logits:
             w_dv = self.embed_vd[...].T if self.lm_head_dv is None else self.lm_head_dv[...]
-            logits = jnp.einsum("btd,dv->btv", h, w_dv.astype(dt), preferred_element_type=jnp.float32)
+            logits = jnp.einsum("btd,dv->btv", h[:, logits_from:], w_dv.astype(dt), preferred_element_type=jnp.float32)
         values = None
         if self.value_w_d is not None:
             values = h.astype(jnp.float32) @ self.value_w_d[...] + self.value_b[...]

@@ -16,9 +16,12 @@ Injected functions (the tests use a tabular tree MDP; the trainer plugs in the L
     reward_fn(prompt_batch, rollout) -> rewards_b        (host or device array, float; the prompt batch
                                                           is passed for rewards that need more than the
                                                           tokens, e.g. a reference answer)
-    ref_logprob_fn(tokens_bt, positions_bt, attention_mask_bt) -> ref_logp_bt   (aligned to actions,
-                                                          at the sampling temperature)
-    apply_fn(params, tokens_bt, positions_bt, attention_mask_bt) -> (logits_btv, values_bt)
+    ref_logprob_fn(tokens_bt, positions_bt, attention_mask_bt, first_action) -> ref_logp_bt
+                                                         (aligned to actions, at the sampling temperature;
+                                                          0 before slot `first_action`)
+    apply_fn(params, tokens_bt, positions_bt, attention_mask_bt[, logits_from]) -> (logits_btv, values_bt)
+                                                         (`logits_from` only for rollouts that act from a
+                                                          later slot than 1, see `Rollout.first_action`)
 """
 
 from __future__ import annotations
@@ -34,38 +37,41 @@ import jax.numpy as jnp
 import numpy as np
 
 from klq_jax.rl import losses
-from klq_jax.rl.train_step import ApplyFn, Rollout, TrainState, compute_targets, make_update
+from klq_jax.rl.train_step import ApplyFn, Rollout, TrainState, compute_targets, make_update, policy_outputs
 
 Array = jax.Array
 SampleFn = Callable[[Any, Any, Array], Rollout]
 RewardFn = Callable[[Any, Rollout], Any]
-RefLogprobFn = Callable[[Array, Array, Array], Array]
+RefLogprobFn = Callable[[Array, Array, Array, int], Array]
 Callback = Callable[[int, TrainState, dict], None]
 
 
 def make_policy_forward(apply_fn: ApplyFn, temperature: float):
-    """Jitted `forward(params, tokens_bt, positions_bt, attention_mask_bt) -> (logp_bt, values_bt, entropy_bt)`,
-    all aligned to actions (`losses.shift_to_actions`)."""
+    """Jitted `forward(params, batch) -> (logp_bt, values_bt, entropy_bt)` over a `Rollout`'s tokens, all
+    aligned to actions (`losses.shift_to_actions`)."""
 
     @jax.jit
-    def forward(params, tokens_bt, positions_bt, attention_mask_bt):
-        logits_btv, values_bt = apply_fn(params, tokens_bt, positions_bt, attention_mask_bt)
-        logp_bt, values_bt = losses.shift_to_actions(logits_btv, values_bt, tokens_bt, temperature)
-        return logp_bt, values_bt, losses.action_entropy(logits_btv, temperature)
+    def forward(params, batch: Rollout):
+        logits_btv, values_bt = policy_outputs(apply_fn, params, batch)
+        logp_bt, values_bt = losses.shift_to_actions(logits_btv, values_bt, batch.tokens_bt, temperature,
+                                                     batch.first_action)
+        return logp_bt, values_bt, losses.action_entropy(logits_btv, temperature, batch.first_action)
 
     return forward
 
 
 def make_ref_logprob_fn(ref_apply_fn: Callable, ref_params, temperature: float) -> RefLogprobFn:
-    """`ref_logprob_fn` from a reference model `ref_apply_fn(params, tokens, positions, mask) -> logits`
-    (or a tuple starting with the logits). The parameters are passed to the jitted function as an
-    argument, not closed over (a closure would bake them into the program as constants)."""
+    """`ref_logprob_fn` from a reference model `ref_apply_fn(params, tokens, positions, mask[, logits_from])
+    -> logits` (or a tuple starting with the logits; `logits_from` is passed when `first_action > 1`). The
+    parameters are passed to the jitted function as an argument, not closed over (a closure would bake
+    them into the program as constants)."""
 
-    @jax.jit
-    def ref_logprobs(params, tokens_bt, positions_bt, attention_mask_bt):
-        out = ref_apply_fn(params, tokens_bt, positions_bt, attention_mask_bt)
+    @functools.partial(jax.jit, static_argnames="first_action")
+    def ref_logprobs(params, tokens_bt, positions_bt, attention_mask_bt, first_action: int = 1):
+        kwargs = {"logits_from": first_action - 1} if first_action > 1 else {}
+        out = ref_apply_fn(params, tokens_bt, positions_bt, attention_mask_bt, **kwargs)
         logits_btv = out[0] if isinstance(out, tuple) else out
-        return losses.shift_to_actions(logits_btv, None, tokens_bt, temperature)[0]
+        return losses.shift_to_actions(logits_btv, None, tokens_bt, temperature, first_action)[0]
 
     return functools.partial(ref_logprobs, ref_params)
 
@@ -161,12 +167,12 @@ def run(
 
         batch = lap("sample", sample_fn(state.params, prompt_batch, k_sample))
         raw_rewards = lap("reward", jnp.asarray(reward_fn(prompt_batch, batch), jnp.float32))
-        ref_logp = lap("reference", ref_logprob_fn(batch.tokens_bt, batch.positions_bt, batch.attention_mask_bt))
+        ref_logp = lap("reference", ref_logprob_fn(batch.tokens_bt, batch.positions_bt, batch.attention_mask_bt,
+                                                   batch.first_action))
         if batch.policy_stats_from_sampler:  # the rollout already holds the policy's logprobs and values
             times["time/forward"] = 0.0
         else:
-            old_logp, old_values, entropy = lap(
-                "forward", forward(state.params, batch.tokens_bt, batch.positions_bt, batch.attention_mask_bt))
+            old_logp, old_values, entropy = lap("forward", forward(state.params, batch))
             batch = batch.replace(old_logp_bt=old_logp, old_values_bt=old_values, entropy_bt=entropy)
         batch = batch.replace(rewards_b=shape_rewards(raw_rewards, batch), ref_logp_bt=ref_logp)
         batch = targets_fn(batch, state.kl_coef)

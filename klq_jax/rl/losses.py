@@ -102,17 +102,26 @@ def shift_to_actions(
     values_bt: Array | None,
     tokens_bt: Array,
     temperature: float = 1.0,
+    first_action: int = 1,
 ) -> tuple[Array, Array | None]:
     """Align a forward over `tokens_bt` to actions.
 
     `logp_bt[:, t] = log softmax(logits[:, t-1] / temperature)[tokens[:, t]]` (0 at `t = 0`),
     `values_bt[:, t] = values[:, t-1] = V(s_t)` (0 at `t = 0`), the value of the state in which
     `tokens[:, t]` is chosen. The sampling temperature must be the one used at rollout.
+
+    With `first_action = s > 1` (static: no action before slot `s`, e.g. a rollout's prompt slots),
+    `logits_btv` holds only positions `s-1..T-1` (a forward with `logits_from = s - 1`) and `logp_bt`
+    is 0 before slot `s`.
     """
     chex.assert_rank([logits_btv, tokens_bt], [3, 2])
+    t = tokens_bt.shape[1]
+    if not 1 <= first_action <= t or logits_btv.shape[1] != t - first_action + 1:
+        raise ValueError(f"logits over {logits_btv.shape[1]} positions for {t} tokens and first_action="
+                         f"{first_action}; expected {t - first_action + 1} (positions first_action-1..T-1)")
     logp_bt = jnp.concatenate(
-        [jnp.zeros_like(tokens_bt[:, :1], jnp.float32),
-         token_logprobs(logits_btv[:, :-1], tokens_bt[:, 1:], temperature)],
+        [jnp.zeros((tokens_bt.shape[0], first_action), jnp.float32),
+         token_logprobs(logits_btv[:, :-1], tokens_bt[:, first_action:], temperature)],
         axis=1,
     )
     if values_bt is None:
@@ -127,9 +136,11 @@ def entropy_from_logits(logits_btv: Array, temperature: float = 1.0) -> Array:
     return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
 
 
-def action_entropy(logits_btv: Array, temperature: float = 1.0) -> Array:
-    """Entropy of the policy in the state of each action: `H(pi(.|s_t))` stored at `t`."""
-    return shift_right(entropy_from_logits(logits_btv, temperature))
+def action_entropy(logits_btv: Array, temperature: float = 1.0, first_action: int = 1) -> Array:
+    """Entropy of the policy in the state of each action: `H(pi(.|s_t))` stored at `t`; logits over
+    positions `first_action-1..T-1` as in `shift_to_actions` (0 before slot `first_action`)."""
+    h_bt = entropy_from_logits(logits_btv[:, :-1], temperature)
+    return jnp.concatenate([jnp.zeros((h_bt.shape[0], first_action), h_bt.dtype), h_bt], axis=1)
 
 
 # ----------------------------------------------------------------------------- KL

@@ -1,7 +1,9 @@
 """Train state, optimiser, targets and the jitted KLQ / PPO train step and update.
 
 The policy is any `apply_fn(params, tokens_bt, positions_bt, attention_mask_bt) ->
-(logits_btv, values_bt)` with a value head (see docs/architecture.md for the alignment). The
+(logits_btv, values_bt)` with a value head (see docs/architecture.md for the alignment). For rollouts
+whose actions start at slot `first_action > 1` (the prompt slots of an LM rollout), it is called with
+`logits_from=first_action - 1` and returns logits for positions `first_action-1..T-1` only. The
 algorithm is chosen by `algo_cfg.algo` ("klq" or "ppo"); both share everything but the loss:
 
     KLQ: loss = mean_t 0.5 * (Q_theta(s_t, a_t) - G_t)^2,
@@ -134,15 +136,21 @@ class Rollout:
     # True when the sampler drew from the policy itself (no top-k / top-p, the update's temperature) and
     # filled old_logp_bt, old_values_bt and entropy_bt: the loop then skips its policy forward.
     policy_stats_from_sampler: bool = flax.struct.field(pytree_node=False, default=False)
+    # No action before this slot (an LM rollout's prompt slots): forwards compute logits from slot
+    # first_action - 1 on, so the update never builds the vocabulary-wide logits of the prompt.
+    first_action: int = flax.struct.field(pytree_node=False, default=1)
 
     @classmethod
     def from_samples(cls, tokens_bt, positions_bt, attention_mask_bt, response_mask_bt,
-                     sample_logp_bt, eos_b, truncated_b=None, *, values_bt=None, entropy_bt=None) -> "Rollout":
+                     sample_logp_bt, eos_b, truncated_b=None, *, values_bt=None, entropy_bt=None,
+                     first_action: int = 1) -> "Rollout":
         """What a sampler knows; the other fields are zeros until the loop fills them.
 
         `truncated_b` defaults to `~eos_b` (every response ends at EOS or at the length limit). Pass
         `values_bt` and `entropy_bt` (aligned to actions) only when the sampling distribution is the
         policy's at the update temperature: `sample_logp_bt` then stands for the old logprobs too.
+        `first_action`: the first slot that can hold a response token (the padded prompt length); every
+        `response_mask_bt` entry before it must be False.
         """
         zeros_bt = jnp.zeros(tokens_bt.shape, jnp.float32)
         eos_b = jnp.asarray(eos_b, bool)
@@ -161,7 +169,7 @@ class Rollout:
             old_values_bt=jnp.asarray(values_bt, jnp.float32) if from_sampler else zeros_bt,
             advantages_bt=zeros_bt, targets_bt=zeros_bt,
             entropy_bt=jnp.asarray(entropy_bt, jnp.float32) if from_sampler else zeros_bt,
-            policy_stats_from_sampler=from_sampler,
+            policy_stats_from_sampler=from_sampler, first_action=int(first_action),
         )
 
 
@@ -215,6 +223,15 @@ def compute_targets(batch: Rollout, kl_coef, algo_cfg) -> Rollout:
 # ----------------------------------------------------------------------------- loss
 
 
+def policy_outputs(apply_fn: ApplyFn, params, batch: Rollout):
+    """`apply_fn` over a rollout: logits from slot `first_action - 1` on (all of them when it is 1, so an
+    `apply_fn` without `logits_from` serves rollouts that may act from slot 1), values everywhere."""
+    args = (params, batch.tokens_bt, batch.positions_bt, batch.attention_mask_bt)
+    if batch.first_action > 1:
+        return apply_fn(*args, logits_from=batch.first_action - 1)
+    return apply_fn(*args)
+
+
 def make_loss_fn(apply_fn: ApplyFn, algo_cfg):
     """`loss_fn(params, minibatch, kl_coef) -> (loss_sum, metrics)`.
 
@@ -225,8 +242,8 @@ def make_loss_fn(apply_fn: ApplyFn, algo_cfg):
     temperature = algo_cfg.temperature
 
     def loss_fn(params, mb: Rollout, kl_coef):
-        logits_btv, values_bt = apply_fn(params, mb.tokens_bt, mb.positions_bt, mb.attention_mask_bt)
-        logp, values = losses.shift_to_actions(logits_btv, values_bt, mb.tokens_bt, temperature)
+        logits_btv, values_bt = policy_outputs(apply_fn, params, mb)
+        logp, values = losses.shift_to_actions(logits_btv, values_bt, mb.tokens_bt, temperature, mb.first_action)
         mask = mb.response_mask_bt
         sg = jax.lax.stop_gradient
         # KL(pi_old || pi_theta) by k3, samples from pi_old. (No entropy here: it would cost another
