@@ -114,6 +114,32 @@ def activation(name: str, x):
     return jax.nn.silu(x)
 
 
+@jax.custom_vjp
+def dense(x_bti: jax.Array, w_io: jax.Array) -> jax.Array:
+    """`x @ w` over the last axis of `x`, with the weight gradient computed as `x^T dy`.
+
+    Autodiff's transpose of the matmul computes `dw^T = dy^T x` and transposes it back, which makes XLA:CPU
+    transpose the [tokens, out] cotangent (fused with the activation's backward for the MLP) at every layer;
+    writing the backward out keeps both cotangents in their natural layout (SmolLM2 update on 2 CPU
+    cores, 8 x 176 tokens: -0.45 s of 4.6 s). Same values as autodiff.
+    """
+    return x_bti @ w_io
+
+
+def _dense_fwd(x_bti, w_io):
+    return x_bti @ w_io, (x_bti, w_io)
+
+
+def _dense_bwd(residuals, dy_bto):
+    x_bti, w_io = residuals
+    dx_bti = jnp.einsum("...o,io->...i", dy_bto, w_io)
+    dw_io = jnp.einsum("ni,no->io", x_bti.reshape(-1, x_bti.shape[-1]), dy_bto.reshape(-1, dy_bto.shape[-1]))
+    return dx_bti, dw_io.astype(w_io.dtype)
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)
+
+
 def attention_mask(q_slots_bt: jax.Array, kv_mask_bs: jax.Array) -> jax.Array:
     """[B, T, S] bool: a query at cache slot i sees key slots s <= i that hold real tokens."""
     key_slots_s = jnp.arange(kv_mask_bs.shape[1])
@@ -172,14 +198,14 @@ class Block(nnx.Module):
     def _attention(self, x_btd, rope, mask_bts, cache_kv, cache_pos):
         cfg, dt = self.cfg, x_btd.dtype
         h, k_heads, g, hd = cfg.num_heads, cfg.num_kv_heads, cfg.num_groups, cfg.head_dim
-        q = jnp.einsum("btd,dnh->btnh", x_btd, self.wq_dnh[...].astype(dt))
-        k = jnp.einsum("btd,dkh->btkh", x_btd, self.wk_dkh[...].astype(dt))
-        v = jnp.einsum("btd,dkh->btkh", x_btd, self.wv_dkh[...].astype(dt))
+        b, t, d = x_btd.shape
+        q = dense(x_btd, self.wq_dnh[...].astype(dt).reshape(d, h * hd)).reshape(b, t, h, hd)
+        k = dense(x_btd, self.wk_dkh[...].astype(dt).reshape(d, k_heads * hd)).reshape(b, t, k_heads, hd)
+        v = dense(x_btd, self.wv_dkh[...].astype(dt).reshape(d, k_heads * hd)).reshape(b, t, k_heads, hd)
         if self.bq_nh is not None:
             q, k, v = q + self.bq_nh[...].astype(dt), k + self.bk_kh[...].astype(dt), v + self.bv_kh[...].astype(dt)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        b, t = q.shape[:2]
         # Heads-major layouts [B, K, ., hd]: the (B, K)-batched dots below then read q, k, v and the cache in place.
         q_bkgth = q.reshape(b, t, k_heads, g, hd).transpose(0, 2, 3, 1, 4)
         k_bksh, v_bksh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
@@ -195,21 +221,21 @@ class Block(nnx.Module):
         out_bkgth = jnp.einsum("bkgts,bksh->bkgth", probs, v_bksh.astype(dt))
         out_btf = out_bkgth.transpose(0, 3, 1, 2, 4).reshape(b, t, h * hd)
         # The output projection as one [H*hd, D] matrix (a free reshape of [H, hd, D]).
-        out = out_btf @ self.wo_nhd[...].astype(dt).reshape(h * hd, -1)
+        out = dense(out_btf, self.wo_nhd[...].astype(dt).reshape(h * hd, d))
         if self.bo_d is not None:
             out = out + self.bo_d[...].astype(dt)
         return out, cache_kv
 
     def _mlp(self, x_btd):
         dt = x_btd.dtype
-        up = x_btd @ self.w_up_df[...].astype(dt)
+        up = dense(x_btd, self.w_up_df[...].astype(dt))
         if self.b_up_f is not None:
             up = up + self.b_up_f[...].astype(dt)
         if self.w_gate_df is not None:
-            hidden = jax.nn.silu(x_btd @ self.w_gate_df[...].astype(dt)) * up
+            hidden = jax.nn.silu(dense(x_btd, self.w_gate_df[...].astype(dt))) * up
         else:
             hidden = activation(self.cfg.activation, up)
-        out = hidden @ self.w_down_fd[...].astype(dt)
+        out = dense(hidden, self.w_down_fd[...].astype(dt))
         if self.b_down_d is not None:
             out = out + self.b_down_d[...].astype(dt)
         return out
