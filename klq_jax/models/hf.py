@@ -9,6 +9,7 @@ table backwards and writes a folder transformers loads with the same logits.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import os
 import re
@@ -405,6 +406,10 @@ def load_model(name_or_path: str | os.PathLike, *, value_head: bool = False, sco
             raise CheckpointError(f"checkpoint {str(path)!r} lacks the tensor for {name} (family {cfg.family})")
     model = abstract
     model.hf_config_json = json.dumps(hf_config)  # kept (hashable) for export
+    # The checkpoint's memory maps are left in reference cycles and stay mapped until a collection: their
+    # pages then count in the process's RSS (one file's worth per model loaded: 0.5 GiB for SmolLM2-135M).
+    del params
+    gc.collect()
     return model
 
 
