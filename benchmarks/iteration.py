@@ -18,10 +18,11 @@ and PPO). Each side runs `--iterations` iterations; the first of ours includes c
 table reports the fastest of the others (the same statistic for TRL), so noise from other processes
 on the machine inflates neither side.
 
-The update's achieved FLOP/s counts matmul FLOPs: per epoch `6 * N * B*T` (N: the matmul parameters,
-layers and LM head) plus attention `12 * L * B * T^2 * d` (fwd+bwd; full T^2, as both sides compute
-it); TRL's value backbone doubles the layer terms. The CPU's matmul throughput is a jitted fp32
-2048^3 `jnp.dot` measured in each JAX process just before its iterations.
+The update's achieved FLOP/s counts the matmul FLOPs each side needs: per epoch `6 * N_layers * B*T`
+plus attention `12 * L * B * T^2 * d` (fwd+bwd; full T^2, as both sides compute it) plus the LM head
+`6 * d*V` per position where logits are made (TRL: all T; ours: the N+1 that predict response tokens);
+TRL's value backbone doubles the layer terms; recomputation (remat) is not counted. The CPU's matmul
+throughput is a jitted fp32 2048^3 `jnp.dot` measured in each JAX process just before its iterations.
 
     python benchmarks/iteration.py [--new_tokens 128] [--epochs 1] [--iterations 3] [--sides klq,ppo,trl]
         [--compute_dtype bfloat16] [--trl_python /work/venv-bench/bin/python]
@@ -285,11 +286,15 @@ def model_dims(policy_path: Path) -> dict:
     return {"layers": L, "d": d, "layer_params": L * per_layer, "lm_head": d * c["vocab_size"], "attn_dim": h * hd}
 
 
-def update_flops(dims: dict, batch: int, seq: int, epochs: int, backbones: int = 1) -> float:
-    """Matmul FLOPs of the update: fwd+bwd (x3 of 2 per MAC) over B*T tokens, per epoch."""
+def update_flops(dims: dict, batch: int, seq: int, epochs: int, backbones: int = 1,
+                 head_positions: int | None = None) -> float:
+    """Matmul FLOPs of the update: fwd+bwd (x3 of 2 per MAC) over B*T tokens, per epoch; the LM head over
+    `head_positions` positions per row (all T by default: TRL's; ours computes the N+1 that predict a
+    response token). Recomputation (remat) is not counted."""
     tokens = batch * seq
     layers = 6 * dims["layer_params"] * tokens + 12 * dims["layers"] * batch * seq * seq * dims["attn_dim"]
-    return epochs * (backbones * layers + 6 * dims["lm_head"] * tokens)
+    head_tokens = batch * (seq if head_positions is None else head_positions)
+    return epochs * (backbones * layers + 6 * dims["lm_head"] * head_tokens)
 
 
 def best(result: dict) -> dict:
@@ -396,7 +401,8 @@ def main():
     summary = {}
     seq = {s: results[s]["prompt_len"] + args.new_tokens for s in cols}
     for s in cols:
-        flops = update_flops(dims, args.batch, seq[s], args.epochs, backbones=2 if s == "trl" else 1)
+        flops = update_flops(dims, args.batch, seq[s], args.epochs, backbones=2 if s == "trl" else 1,
+                             head_positions=None if s == "trl" else args.new_tokens + 1)
         gflops = flops / rows[s]["update"] / 1e9
         frac = f", {gflops / mm['fp32']:.0%} of jnp fp32 matmul" if mm else ""
         print(f"update {names[s]}: T={seq[s]}, {flops / 1e12:.2f} TFLOP, {gflops:.0f} GFLOP/s{frac}")
