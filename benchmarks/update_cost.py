@@ -2,10 +2,12 @@
 
 SmolLM2-135M-Instruct with its value head, a rollout batch of `--batch` sequences of `--length` tokens
 (the last `--response` are the response), one optimiser step on the whole batch with each algorithm's
-jitted train step. Both steps run one forward and one backward of the same network; the losses differ
-only in elementwise work. Prints a table (time, achieved FLOP/s) and `RESULT klq_over_ppo=<x> ...`.
+jitted train step, set up as the trainer does (`--remat full`, logits only where they predict a response
+token). Both steps run one forward and one backward of the same network; the losses differ only in
+elementwise work. Prints a table (time, achieved FLOP/s: the FLOPs the step needs, recomputation not
+counted) and `RESULT klq_over_ppo=<x> ...`.
 
-    python benchmarks/update_cost.py [--batch 8 --length 192 --response 128 --repeats 3]
+    python benchmarks/update_cost.py [--batch 8 --length 192 --response 128 --repeats 3 --remat full]
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ from klq_jax.rl.train_step import (Rollout, TrainState, compute_targets, default
                                    default_optim_config, make_optimizer, make_train_step)
 
 
-def train_flops(cfg, batch: int, length: int) -> float:
-    """Forward + backward FLOPs: 6 * matmul params * tokens, plus attention scores and values."""
+def train_flops(cfg, batch: int, length: int, head_positions: int) -> float:
+    """Forward + backward FLOPs: 6 * matmul params * tokens, plus attention scores and values; the LM head
+    over the `head_positions` positions per row where logits are made."""
     # The embedding lookup is no matmul, the LM head is one (tied or not).
-    matmul_params = cfg.num_params() - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.hidden_size)
+    head = cfg.vocab_size * cfg.hidden_size
+    layer_params = cfg.num_params() - head - (0 if cfg.tie_embeddings else head)
     attention = 2 * 2 * cfg.num_layers * length * length * cfg.num_heads * cfg.head_dim  # QK^T and PV, per row
-    return 3 * (2 * matmul_params * batch * length + attention * batch)
+    return 3 * batch * (2 * layer_params * length + 2 * head * head_positions + attention)
 
 
 def make_batch(rng, cfg, batch, length, response):
@@ -40,7 +44,8 @@ def make_batch(rng, cfg, batch, length, response):
     mask = jnp.ones((batch, length), bool)
     resp = jnp.zeros((batch, length), bool).at[:, length - response:].set(True)
     rollout = Rollout.from_samples(tokens, positions_from_mask(mask), mask, resp,
-                                   jnp.zeros((batch, length)), jnp.ones((batch,), bool))
+                                   jnp.zeros((batch, length)), jnp.ones((batch,), bool),
+                                   first_action=length - response)
     return rollout.replace(
         rewards_b=jax.random.normal(k2, (batch,)),
         old_logp_bt=jnp.where(resp, -jax.random.uniform(k3, (batch, length)) * 3, 0.0),
@@ -53,18 +58,19 @@ def main():
     parser.add_argument("--length", type=int, default=192)
     parser.add_argument("--response", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--remat", default="full", help="none, dots or full (the trainer's model.remat)")
     args = parser.parse_args()
 
-    model = load_model(embedded_smollm2_path(), value_head=True)
+    model = load_model(embedded_smollm2_path(), value_head=True, remat=args.remat)
     graphdef, params = nnx.split(model)
 
-    def apply_fn(params, tokens_bt, positions_bt, mask_bt):
-        out = nnx.merge(graphdef, params)(tokens_bt, positions_bt, mask_bt)
+    def apply_fn(params, tokens_bt, positions_bt, mask_bt, logits_from=0):
+        out = nnx.merge(graphdef, params)(tokens_bt, positions_bt, mask_bt, logits_from=logits_from)
         return out.logits_btv, out.values_bt
 
     optimizer = make_optimizer(default_optim_config())
     batch = make_batch(jax.random.key(0), model.cfg, args.batch, args.length, args.response)
-    flops = train_flops(model.cfg, args.batch, args.length)
+    flops = train_flops(model.cfg, args.batch, args.length, args.response + 1)
 
     # Peak of this CPU: a large fp32 matmul, same process, same moment.
     a = jax.random.normal(jax.random.key(1), (2048, 2048), jnp.float32)
@@ -93,7 +99,7 @@ def main():
         seconds[algo] = min(min(times), seconds.get(algo, np.inf))
 
     print(f"SmolLM2-135M-Instruct + value head, fp32, batch {args.batch} x {args.length} tokens, "
-          f"CPU x{os.cpu_count()}, jax {jax.__version__}")
+          f"remat {args.remat}, CPU x{os.cpu_count()}, jax {jax.__version__}")
     print(f"CPU fp32 matmul peak (2048^3): {peak / 1e9:.1f} GFLOP/s")
     print(f"{'update':<8}{'seconds':>10}{'GFLOP/s':>10}{'% of matmul peak':>18}")
     for algo in ("klq", "ppo"):

@@ -1,8 +1,10 @@
 """Logits parity with transformers' PyTorch models for tiny random configs of every family, export round
 trips, and the one-line errors for bad checkpoints."""
 
+import functools
 import json
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -234,3 +236,22 @@ def test_error_missing_tensor_and_corrupt_file(good_folder):
     with pytest.raises(CheckpointError) as e:
         load_model(good_folder)
     assert "safetensors" in _one_line(e)
+
+
+def test_dense_backward_equals_autodiff():
+    """`dense` (the matmul with a written-out weight gradient) has autodiff's values and gradients."""
+    from klq_jax.models.transformer import dense
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 5, 7)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(7, 3)), jnp.float32)
+    g = jnp.asarray(rng.normal(size=(2, 5, 3)), jnp.float32)
+
+    def loss(matmul, x, w):
+        return jnp.sum(g * jnp.tanh(matmul(x, w)))
+
+    np.testing.assert_allclose(dense(x, w), x @ w, rtol=1e-6)
+    ours = jax.grad(functools.partial(loss, dense), argnums=(0, 1))(x, w)
+    ref = jax.grad(functools.partial(loss, jnp.matmul), argnums=(0, 1))(x, w)
+    for a, b in zip(ours, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
