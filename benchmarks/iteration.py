@@ -25,7 +25,7 @@ TRL's value backbone doubles the layer terms; recomputation (remat) is not count
 throughput is a jitted fp32 2048^3 `jnp.dot` measured in each JAX process just before its iterations.
 
     python benchmarks/iteration.py [--new_tokens 128] [--epochs 1] [--iterations 3] [--sides klq,ppo,trl]
-        [--compute_dtype bfloat16] [--trl_python /work/venv-bench/bin/python]
+        [--compute_dtype bfloat16] [--trl_python /work/venv-bench/bin/python] [--policy HF_FOLDER]
 
 Prints a table and a last line `RESULT speedup_vs_trl=... rss_ratio=... ...` (speedup: TRL's iteration
 time over ours, KLQ; rss_ratio: our peak RSS over TRL's, KLQ).
@@ -60,7 +60,7 @@ def reward_model_folder(policy_path: Path) -> Path:
     from klq_jax.models.gguf import cache_root
     from klq_jax.models.hf import export_model, load_model
 
-    folder = cache_root() / "bench-smollm2-135m-score"
+    folder = cache_root() / f"bench-{policy_path.name}-score"
     if not (folder / "model.safetensors").is_file():
         export_model(load_model(policy_path, score_head=True, seed=0), folder, tokenizer_from=policy_path)
     return folder
@@ -71,6 +71,8 @@ def make_config(args, algo: str, reward_path: str):
 
     c = dialogue.get_config("")
     c.algo = algo
+    if args.policy:
+        c.model.policy = args.policy
     c.batch_size = args.batch
     c.data.max_examples = args.batch            # the first `batch` prompts: each iteration uses all of them
     c.sampling.max_new_tokens = args.new_tokens
@@ -321,6 +323,8 @@ def main():
     parser.add_argument("--policy_forward", action="store_true", help="recompute old logprobs/values in a policy "
                         "forward instead of taking them from the sampler (config sampling.policy_stats=False)")
     parser.add_argument("--sides", default="klq,ppo,trl")
+    parser.add_argument("--policy", help="an HF folder of a Llama-family LM used as policy, reference and (with a "
+                        "fresh score head) reward model on both sides; default: the embedded SmolLM2-135M-Instruct")
     parser.add_argument("--trl_python", default=DEFAULT_TRL_PYTHON)
     parser.add_argument("--trl_gradient_checkpointing", action="store_true",
                         help="TRL's default (off here: it also disables TRL's KV cache in generation)")
@@ -337,7 +341,8 @@ def main():
 
     from klq_jax.models.gguf import embedded_smollm2_path
 
-    policy_path = embedded_smollm2_path()
+    policy_path = Path(args.policy).resolve() if args.policy else embedded_smollm2_path()
+    args.policy = str(policy_path)
     reward_path = reward_model_folder(policy_path)
     if args.check_dtypes:
         args.reward_path = str(reward_path)
@@ -351,7 +356,7 @@ def main():
     ours_flags = common + ["--batch", str(args.batch), "--prompt_bucket", str(args.prompt_bucket),
                            "--param_dtype", args.param_dtype, "--compute_dtype", args.compute_dtype,
                            "--ref_dtype", args.ref_dtype, "--reward_dtype", args.reward_dtype,
-                           "--remat", args.remat, "--reward_path", str(reward_path)]
+                           "--remat", args.remat, "--reward_path", str(reward_path), "--policy", args.policy]
     ours_flags += ["--policy_forward"] if args.policy_forward else []
     results = {}
     for side in args.sides.split(","):
@@ -374,7 +379,7 @@ def main():
     mm = next((results[s]["matmul_gflops_jax"] for s in ("klq", "ppo") if s in results), None)
     cpu = _cpu_name()
     print(f"One iteration: {args.batch} prompts x {args.new_tokens} response tokens, {args.epochs} epoch(s), "
-          f"1 minibatch; SmolLM2-135M-Instruct policy/reference/reward (TRL: + value model); "
+          f"1 minibatch; {policy_path.name} policy/reference/reward (TRL: + value model); "
           f"params {args.param_dtype}, compute {args.compute_dtype}, reference {args.ref_dtype}, "
           f"reward {args.reward_dtype}; {cpu}, {os.cpu_count()} cores")
     header = f"{'phase (s)':<22}" + "".join(f"{names[s]:>12}" for s in cols)
