@@ -335,7 +335,10 @@ def main():
     parser.add_argument("--reward_path", help=argparse.SUPPRESS)    # internal
     args = parser.parse_args()
 
-    if args.side:  # child
+    if args.side:  # child: set up as `python -m klq_jax.main` is
+        from klq_jax.allocator import keep_freed_memory
+
+        keep_freed_memory()
         print("SIDE_JSON " + json.dumps(run_ours(args)), flush=True)
         return
 

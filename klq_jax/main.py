@@ -22,6 +22,9 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.ini
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; accepted: --config, --config.<key>, --workdir")
+    from klq_jax.allocator import keep_freed_memory
+
+    keep_freed_memory()  # before JAX starts its threads (see klq_jax/allocator.py)
     import jax
 
     if _DISTRIBUTED.value:
