@@ -43,6 +43,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from procstat import rss_gib  # this folder is the script's: sys.path[0]
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.append(str(ROOT))  # after PYTHONPATH / the installed package: a patched copy can be benchmarked
 sys.path.insert(0, str(ROOT / "configs"))
@@ -110,14 +112,6 @@ def prompt_ids(args, reward_path: str) -> list[list[int]]:
 
 # ----------------------------------------------------------------------------------------------------
 # Our side (child process).
-
-
-def rss_gib(field: str = "VmRSS") -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 2**20
-    return float("nan")
 
 
 def jax_matmul_gflops(n: int = 2048, repeats: int = 5) -> dict[str, float]:

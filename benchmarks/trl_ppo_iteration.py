@@ -35,13 +35,7 @@ import sys
 import tempfile
 import time
 
-
-def rss_gib(field: str = "VmRSS") -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 2**20
-    return float("nan")
+from procstat import rss_gib  # this folder is the script's: sys.path[0]
 
 
 def matmul_gflops(torch, n: int = 2048, repeats: int = 5) -> float:

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from klq_jax.rl import losses
-from klq_jax.rl.train_step import ApplyFn, Rollout, TrainState, compute_targets, make_update, policy_outputs
+from klq_jax.rl.train_step import ApplyFn, Rollout, TrainState, apply_from, compute_targets, make_update, policy_outputs
 
 Array = jax.Array
 SampleFn = Callable[[Any, Any, Array], Rollout]
@@ -68,8 +68,7 @@ def make_ref_logprob_fn(ref_apply_fn: Callable, ref_params, temperature: float) 
 
     @functools.partial(jax.jit, static_argnames="first_action")
     def ref_logprobs(params, tokens_bt, positions_bt, attention_mask_bt, first_action: int = 1):
-        kwargs = {"logits_from": first_action - 1} if first_action > 1 else {}
-        out = ref_apply_fn(params, tokens_bt, positions_bt, attention_mask_bt, **kwargs)
+        out = apply_from(ref_apply_fn, params, tokens_bt, positions_bt, attention_mask_bt, first_action)
         logits_btv = out[0] if isinstance(out, tuple) else out
         return losses.shift_to_actions(logits_btv, None, tokens_bt, temperature, first_action)[0]
 

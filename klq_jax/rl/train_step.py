@@ -223,13 +223,20 @@ def compute_targets(batch: Rollout, kl_coef, algo_cfg) -> Rollout:
 # ----------------------------------------------------------------------------- loss
 
 
-def policy_outputs(apply_fn: ApplyFn, params, batch: Rollout):
-    """`apply_fn` over a rollout: logits from slot `first_action - 1` on (all of them when it is 1, so an
-    `apply_fn` without `logits_from` serves rollouts that may act from slot 1), values everywhere."""
-    args = (params, batch.tokens_bt, batch.positions_bt, batch.attention_mask_bt)
-    if batch.first_action > 1:
-        return apply_fn(*args, logits_from=batch.first_action - 1)
+def apply_from(apply_fn: Callable, params, tokens_bt, positions_bt, attention_mask_bt, first_action: int):
+    """`apply_fn` over sequences whose actions start at slot `first_action`: logits from position
+    `first_action - 1` on (all of them when it is 1, so an `apply_fn` without `logits_from` serves
+    rollouts that may act from slot 1)."""
+    args = (params, tokens_bt, positions_bt, attention_mask_bt)
+    if first_action > 1:
+        return apply_fn(*args, logits_from=first_action - 1)
     return apply_fn(*args)
+
+
+def policy_outputs(apply_fn: ApplyFn, params, batch: Rollout):
+    """`apply_fn` over a rollout (`apply_from`): logits from its first action on, values everywhere."""
+    return apply_from(apply_fn, params, batch.tokens_bt, batch.positions_bt, batch.attention_mask_bt,
+                      batch.first_action)
 
 
 def make_loss_fn(apply_fn: ApplyFn, algo_cfg):
