@@ -64,8 +64,9 @@ def main():
     model = load_model(embedded_smollm2_path(), value_head=True, remat=args.remat)
     graphdef, params = nnx.split(model)
 
-    def apply_fn(params, tokens_bt, positions_bt, mask_bt, logits_from=0):
-        out = nnx.merge(graphdef, params)(tokens_bt, positions_bt, mask_bt, logits_from=logits_from)
+    def apply_fn(params, tokens_bt, positions_bt, mask_bt, logits_from=0, logits_to=None):
+        out = nnx.merge(graphdef, params)(tokens_bt, positions_bt, mask_bt, logits_from=logits_from,
+                                          logits_to=logits_to)
         return out.logits_btv, out.values_bt
 
     optimizer = make_optimizer(default_optim_config())

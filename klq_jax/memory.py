@@ -308,8 +308,8 @@ def measure(cfg: ModelConfig, work: Workload, mesh) -> dict[str, Any]:
                                              tree, sh)
     state_in = abstract(state, state_sh)
 
-    def apply_fn(p, tokens_bt, positions_bt, mask_bt, logits_from=0):
-        out = nnx.merge(graphdef, p)(tokens_bt, positions_bt, mask_bt, logits_from=logits_from)
+    def apply_fn(p, tokens_bt, positions_bt, mask_bt, logits_from=0, logits_to=None):
+        out = nnx.merge(graphdef, p)(tokens_bt, positions_bt, mask_bt, logits_from=logits_from, logits_to=logits_to)
         return out.logits_btv, out.values_bt
 
     algo = default_algo_config()

@@ -189,12 +189,14 @@ def make_fns(setup: Setup, mesh, *, policy_stats: bool = True):
     sampler = setup.sampler
     policy_stats = policy_stats and sampler.top_k == 0 and sampler.top_p >= 1.0
 
-    def apply_fn(params, tokens_bt, positions_bt, mask_bt, logits_from: int = 0):
-        out = nnx.merge(graphdef, params)(tokens_bt, positions_bt, mask_bt, logits_from=logits_from)
+    def apply_fn(params, tokens_bt, positions_bt, mask_bt, logits_from: int = 0, logits_to: int | None = None):
+        out = nnx.merge(graphdef, params)(tokens_bt, positions_bt, mask_bt, logits_from=logits_from,
+                                          logits_to=logits_to)
         return out.logits_btv, out.values_bt
 
-    def ref_apply_fn(params, tokens_bt, positions_bt, mask_bt, logits_from: int = 0):
-        return nnx.merge(ref_graphdef, params)(tokens_bt, positions_bt, mask_bt, logits_from=logits_from).logits_btv
+    def ref_apply_fn(params, tokens_bt, positions_bt, mask_bt, logits_from: int = 0, logits_to: int | None = None):
+        return nnx.merge(ref_graphdef, params)(tokens_bt, positions_bt, mask_bt, logits_from=logits_from,
+                                               logits_to=logits_to).logits_btv
 
     def sample_fn(params, prompt_batch: list[Prompt], rng):
         out = sharding.global_sample(sampler, params, [p.ids for p in prompt_batch], rng, mesh,

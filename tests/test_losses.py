@@ -142,21 +142,41 @@ def test_shift_to_actions(temperature):
 
 @pytest.mark.parametrize("first_action", [2, 4])
 def test_shift_to_actions_from_first_action(first_action):
-    """Logits over positions first_action-1..T-1 only give the full alignment from slot first_action on,
-    and 0 before it (logprobs, entropy); any other number of positions is refused."""
+    """Logits over positions first_action-1..T-2 only (those that predict an action) give the full
+    alignment from slot first_action on, and 0 before it (logprobs, entropy); any other number of positions
+    is refused."""
     rng = np.random.default_rng(3)
     logits = rng.normal(size=(B, T, V)).astype(np.float32)
     tokens = rng.integers(0, V, size=(B, T))
     full_logp, _ = losses.shift_to_actions(logits, None, tokens, 0.7)
-    part_logp, _ = losses.shift_to_actions(logits[:, first_action - 1:], None, tokens, 0.7, first_action)
+    part_logp, _ = losses.shift_to_actions(logits[:, first_action - 1:-1], None, tokens, 0.7, first_action)
     np.testing.assert_array_equal(np.asarray(part_logp[:, :first_action]), 0.0)
     np.testing.assert_allclose(part_logp[:, first_action:], full_logp[:, first_action:], rtol=1e-6)
     full_h = losses.action_entropy(logits, 0.7)
-    part_h = losses.action_entropy(logits[:, first_action - 1:], 0.7, first_action)
+    part_h = losses.action_entropy(logits[:, first_action - 1:-1], 0.7, first_action)
     np.testing.assert_array_equal(np.asarray(part_h[:, :first_action]), 0.0)
     np.testing.assert_allclose(part_h[:, first_action:], full_h[:, first_action:], rtol=1e-6)
-    with pytest.raises(ValueError, match="expected"):
-        losses.shift_to_actions(logits[:, first_action:], None, tokens, 1.0, first_action)
+    for wrong in (logits[:, first_action - 1:], logits[:, first_action:-1]):
+        with pytest.raises(ValueError, match="expected"):
+            losses.shift_to_actions(wrong, None, tokens, 1.0, first_action)
+
+
+def test_token_logprobs_gradient_equals_autodiff():
+    """The written-out backward of `token_logprobs` (softmax turned into the cotangent) is autodiff's."""
+    rng = np.random.default_rng(5)
+    logits = jnp.asarray(rng.normal(size=(B, T, V)) * 3, jnp.float32)
+    targets = jnp.asarray(rng.integers(0, V, size=(B, T)))
+    weights = jnp.asarray(rng.normal(size=(B, T)), jnp.float32)
+
+    def reference(logits_btv):
+        scaled = logits_btv / 0.7
+        picked = jnp.take_along_axis(scaled, targets[..., None], axis=-1)[..., 0]
+        return jnp.sum(weights * (picked - jax.nn.logsumexp(scaled, axis=-1)))
+
+    ours = jax.grad(lambda x: jnp.sum(weights * losses.token_logprobs(x, targets, 0.7)))(logits)
+    expected = np_log_softmax(np.asarray(logits) / 0.7)[np.arange(B)[:, None], np.arange(T), np.asarray(targets)]
+    np.testing.assert_allclose(losses.token_logprobs(logits, targets, 0.7), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ours, jax.grad(reference)(logits), rtol=1e-5, atol=1e-6)
 
 
 def test_kl_estimators_and_exact_kl():

@@ -142,11 +142,14 @@ def test_logits_from_is_the_tail_of_the_logits(tiny_checkpoint):
     ours = load_model(path, value_head=True)
     ids, mask = _batch()
     full, mask_np = _ours(ours, ids, mask)
-    tail = ours(jnp.asarray(ids.numpy()), positions_from_mask(jnp.asarray(mask_np)), jnp.asarray(mask_np),
-                logits_from=5)
+    args = (jnp.asarray(ids.numpy()), positions_from_mask(jnp.asarray(mask_np)), jnp.asarray(mask_np))
+    tail = ours(*args, logits_from=5)
     assert tail.logits_btv.shape == (3, 4, VOCAB)
     np.testing.assert_array_equal(np.asarray(tail.logits_btv), np.asarray(full.logits_btv[:, 5:]))
     np.testing.assert_array_equal(np.asarray(tail.values_bt), np.asarray(full.values_bt))
+    middle = ours(*args, logits_from=5, logits_to=8)
+    assert middle.logits_btv.shape == (3, 3, VOCAB)
+    np.testing.assert_array_equal(np.asarray(middle.logits_btv), np.asarray(full.logits_btv[:, 5:8]))
 
 
 def test_sharded_index_and_bf16(tmp_path):
@@ -253,5 +256,25 @@ def test_dense_backward_equals_autodiff():
     np.testing.assert_allclose(dense(x, w), x @ w, rtol=1e-6)
     ours = jax.grad(functools.partial(loss, dense), argnums=(0, 1))(x, w)
     ref = jax.grad(functools.partial(loss, jnp.matmul), argnums=(0, 1))(x, w)
+    for a, b in zip(ours, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_tied_head_backward_equals_autodiff():
+    """`tied_head` (logits `h @ embed^T` with a written-out backward) has autodiff's values and gradients."""
+    from klq_jax.models.transformer import tied_head
+
+    rng = np.random.default_rng(1)
+    h = jnp.asarray(rng.normal(size=(2, 5, 7)), jnp.float32)
+    embed = jnp.asarray(rng.normal(size=(11, 7)), jnp.float32)
+    g = jnp.asarray(rng.normal(size=(2, 5, 11)), jnp.float32)
+
+    def loss(head, h, embed):
+        return jnp.sum(g * jnp.tanh(head(h, embed)))
+
+    autodiff_head = lambda h, e: jnp.einsum("btd,vd->btv", h, e)  # noqa: E731
+    np.testing.assert_allclose(tied_head(h, embed), autodiff_head(h, embed), rtol=1e-6)
+    ours = jax.grad(functools.partial(loss, tied_head), argnums=(0, 1))(h, embed)
+    ref = jax.grad(functools.partial(loss, autodiff_head), argnums=(0, 1))(h, embed)
     for a, b in zip(ours, ref):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -103,8 +103,8 @@ def test_response_only_logits_leave_the_update_unchanged(tiny, tmp_path, algo):
     model.value_w_d.value = jax.random.normal(jax.random.key(1), model.value_w_d.value.shape)
     graphdef, params = nnx.split(model)
 
-    def apply_fn(p, tokens_bt, positions_bt, mask_bt, logits_from=0):
-        out = nnx.merge(graphdef, p)(tokens_bt, positions_bt, mask_bt, logits_from=logits_from)
+    def apply_fn(p, tokens_bt, positions_bt, mask_bt, logits_from=0, logits_to=None):
+        out = nnx.merge(graphdef, p)(tokens_bt, positions_bt, mask_bt, logits_from=logits_from, logits_to=logits_to)
         return out.logits_btv, out.values_bt
 
     sampler = Sampler.for_model(model, eos_ids=(EOS,), pad_id=PAD, max_new_tokens=10, bucket=8)

@@ -140,6 +140,34 @@ def _dense_bwd(residuals, dy_bto):
 dense.defvjp(_dense_fwd, _dense_bwd)
 
 
+@jax.custom_vjp
+def tied_head(h_btd: jax.Array, embed_vd: jax.Array) -> jax.Array:
+    """Float32 logits `h @ embed^T` of a tied LM head, with the backward written out.
+
+    Autodiff transposes the [tokens, V] logits cotangent (the largest tensor of an update) to form the
+    embedding gradient, and keeps it alive until then; here `d embed = (h^T dlogits)^T` transposes only the
+    [d, V] product. Same values as autodiff.
+    """
+    return jnp.einsum("btd,vd->btv", h_btd, embed_vd, preferred_element_type=jnp.float32)
+
+
+def _tied_head_fwd(h_btd, embed_vd):
+    return tied_head(h_btd, embed_vd), (h_btd, embed_vd)
+
+
+def _tied_head_bwd(residuals, dlogits_btv):
+    h_btd, embed_vd = residuals
+    dlogits = dlogits_btv.astype(h_btd.dtype)
+    dh_btd = jnp.einsum("btv,vd->btd", dlogits, embed_vd, preferred_element_type=jnp.float32)
+    h_nd = h_btd.reshape(-1, h_btd.shape[-1])
+    dembed_dv = jnp.einsum("nd,nv->dv", h_nd, dlogits.reshape(-1, dlogits.shape[-1]),
+                           preferred_element_type=jnp.float32)
+    return dh_btd.astype(h_btd.dtype), dembed_dv.T.astype(embed_vd.dtype)
+
+
+tied_head.defvjp(_tied_head_fwd, _tied_head_bwd)
+
+
 def attention_mask(q_slots_bt: jax.Array, kv_mask_bs: jax.Array) -> jax.Array:
     """[B, T, S] bool: a query at cache slot i sees key slots s <= i that hold real tokens."""
     key_slots_s = jnp.arange(kv_mask_bs.shape[1])
@@ -302,16 +330,16 @@ class CausalLM(nnx.Module):
     def __call__(self, tokens_bt: jax.Array, positions_bt: jax.Array, kv_mask_bs: jax.Array,
                  cache: KVCache | None = None, cache_pos: jax.Array | int | None = None,
                  return_logits: bool = True, layers: tuple[nnx.State, ...] | None = None,
-                 logits_from: int = 0) -> ModelOutput:
+                 logits_from: int = 0, logits_to: int | None = None) -> ModelOutput:
         """Forward over `tokens_bt` at `positions_bt`.
 
         Without a cache, `kv_mask_bs` is the attention mask of `tokens_bt` (S == T). With a cache of S
         slots, the tokens are written at slots `cache_pos..cache_pos+T` and `kv_mask_bs` marks which
         slots hold real tokens (after this write). With `layers` (from `unstack_layers`) the layers run
         as an unrolled Python loop on those states, and the cache is the unstacked kind (`KVCache.unstacked`).
-        With `logits_from = s` (static) the logits are computed for positions `s..T-1` only (`logits_btv` is
-        [B, T-s, V]): RL needs them only where they predict a response token, and the float32 logits are the
-        largest activation of a forward.
+        With `logits_from = s` and `logits_to = e` (static; default 0 and T) the logits are computed for
+        positions `s..e-1` only (`logits_btv` is [B, e-s, V]): RL needs them only where they predict a
+        response token, and the float32 logits are the largest activation of a forward.
         """
         cfg, dt = self.cfg, self.dtype
         x = jnp.take(self.embed_vd[...], tokens_bt, axis=0).astype(dt)
@@ -352,8 +380,12 @@ class CausalLM(nnx.Module):
             h = layer_norm(x, self.final_scale[...], self.final_bias[...], cfg.norm_eps)
         logits = None
         if self.has_lm_head and return_logits:
-            w_dv = self.embed_vd[...].T if self.lm_head_dv is None else self.lm_head_dv[...]
-            logits = jnp.einsum("btd,dv->btv", h[:, logits_from:], w_dv.astype(dt), preferred_element_type=jnp.float32)
+            h_head = h[:, logits_from:logits_to]
+            if self.lm_head_dv is None:
+                logits = tied_head(h_head, self.embed_vd[...].astype(dt))
+            else:
+                logits = jnp.einsum("btd,dv->btv", h_head, self.lm_head_dv[...].astype(dt),
+                                    preferred_element_type=jnp.float32)
         values = None
         if self.value_w_d is not None:
             values = h.astype(jnp.float32) @ self.value_w_d[...] + self.value_b[...]

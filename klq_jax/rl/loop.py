@@ -19,9 +19,10 @@ Injected functions (the tests use a tabular tree MDP; the trainer plugs in the L
     ref_logprob_fn(tokens_bt, positions_bt, attention_mask_bt, first_action) -> ref_logp_bt
                                                          (aligned to actions, at the sampling temperature;
                                                           0 before slot `first_action`)
-    apply_fn(params, tokens_bt, positions_bt, attention_mask_bt[, logits_from]) -> (logits_btv, values_bt)
-                                                         (`logits_from` only for rollouts that act from a
-                                                          later slot than 1, see `Rollout.first_action`)
+    apply_fn(params, tokens_bt, positions_bt, attention_mask_bt[, logits_from, logits_to])
+        -> (logits_btv, values_bt)                       (`logits_from`/`logits_to` only for rollouts that
+                                                          act from a later slot than 1, see
+                                                          `Rollout.first_action` and `apply_from`)
 """
 
 from __future__ import annotations
@@ -61,8 +62,8 @@ def make_policy_forward(apply_fn: ApplyFn, temperature: float):
 
 
 def make_ref_logprob_fn(ref_apply_fn: Callable, ref_params, temperature: float) -> RefLogprobFn:
-    """`ref_logprob_fn` from a reference model `ref_apply_fn(params, tokens, positions, mask[, logits_from])
-    -> logits` (or a tuple starting with the logits; `logits_from` is passed when `first_action > 1`). The
+    """`ref_logprob_fn` from a reference model `ref_apply_fn(params, tokens, positions, mask[, logits_from,
+    logits_to]) -> logits` (or a tuple starting with the logits; the slice is passed when `first_action > 1`). The
     parameters are passed to the jitted function as an argument, not closed over (a closure would bake
     them into the program as constants)."""
 

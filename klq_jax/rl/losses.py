@@ -92,9 +92,46 @@ def token_logprobs(logits_btv: Array, targets_bt: Array, temperature: float = 1.
     """`log softmax(logits[:, t] / temperature)[targets[:, t]]`, no shift, in float32."""
     chex.assert_rank([logits_btv, targets_bt], [3, 2])
     chex.assert_equal_shape_prefix([logits_btv, targets_bt], 2)
-    logits = logits_btv.astype(jnp.float32) / temperature
-    picked = jnp.take_along_axis(logits, targets_bt[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return _token_logprobs(logits_btv.astype(jnp.float32), targets_bt.astype(jnp.int32),
+                           jnp.asarray(temperature, jnp.float32))
+
+
+@jax.custom_vjp
+def _token_logprobs(logits_btv, targets_bt, temperature):
+    logits = logits_btv / temperature
+    picked = jnp.take_along_axis(logits, targets_bt[..., None], axis=-1)[..., 0]
     return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
+# The backward keeps one vocabulary-wide tensor, the softmax, and turns it into the logits' cotangent in
+# place: autodiff keeps the logits and their exponentials side by side (2 x 192 MiB for 8 x 128 SmolLM2
+# positions, the largest buffers of an update).
+def _token_logprobs_fwd(logits_btv, targets_bt, temperature):
+    logits = logits_btv / temperature
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets_bt[..., None], axis=-1)[..., 0]
+    probs_btv = jnp.exp(logits - lse[..., None])
+    return picked - lse, (probs_btv, targets_bt, temperature)
+
+
+def _token_logprobs_bwd(residuals, g_bt):
+    probs_btv, targets_bt, temperature = residuals
+    onehot = jax.lax.broadcasted_iota(jnp.int32, probs_btv.shape, 2) == targets_bt[..., None]
+    dlogits_btv = (onehot.astype(jnp.float32) - probs_btv) * (g_bt / temperature)[..., None]
+    return dlogits_btv, None, None
+
+
+_token_logprobs.defvjp(_token_logprobs_fwd, _token_logprobs_bwd)
+
+
+def _action_logits(logits_btv: Array, t: int, first_action: int) -> Array:
+    """The logits at positions `first_action-1..T-2` (those that predict an action) of a forward as
+    `train_step.apply_from` makes it: all T positions when `first_action` is 1, else those positions only."""
+    expected = t if first_action == 1 else t - first_action
+    if not 1 <= first_action <= t or logits_btv.shape[1] != expected:
+        raise ValueError(f"logits over {logits_btv.shape[1]} positions for {t} tokens and first_action={first_action}; "
+                         f"expected {expected} ({'all' if first_action == 1 else 'positions first_action-1..T-2'})")
+    return logits_btv[:, :-1] if first_action == 1 else logits_btv
 
 
 def shift_to_actions(
@@ -111,17 +148,14 @@ def shift_to_actions(
     `tokens[:, t]` is chosen. The sampling temperature must be the one used at rollout.
 
     With `first_action = s > 1` (static: no action before slot `s`, e.g. a rollout's prompt slots),
-    `logits_btv` holds only positions `s-1..T-1` (a forward with `logits_from = s - 1`) and `logp_bt`
-    is 0 before slot `s`.
+    `logits_btv` holds only positions `s-1..T-2`, those that predict an action (a forward with
+    `logits_from = s - 1, logits_to = T - 1`, see `train_step.apply_from`), and `logp_bt` is 0 before slot `s`.
     """
     chex.assert_rank([logits_btv, tokens_bt], [3, 2])
-    t = tokens_bt.shape[1]
-    if not 1 <= first_action <= t or logits_btv.shape[1] != t - first_action + 1:
-        raise ValueError(f"logits over {logits_btv.shape[1]} positions for {t} tokens and first_action="
-                         f"{first_action}; expected {t - first_action + 1} (positions first_action-1..T-1)")
+    logits_btv = _action_logits(logits_btv, tokens_bt.shape[1], first_action)
     logp_bt = jnp.concatenate(
         [jnp.zeros((tokens_bt.shape[0], first_action), jnp.float32),
-         token_logprobs(logits_btv[:, :-1], tokens_bt[:, first_action:], temperature)],
+         token_logprobs(logits_btv, tokens_bt[:, first_action:], temperature)],
         axis=1,
     )
     if values_bt is None:
@@ -137,9 +171,10 @@ def entropy_from_logits(logits_btv: Array, temperature: float = 1.0) -> Array:
 
 
 def action_entropy(logits_btv: Array, temperature: float = 1.0, first_action: int = 1) -> Array:
-    """Entropy of the policy in the state of each action: `H(pi(.|s_t))` stored at `t`; logits over
-    positions `first_action-1..T-1` as in `shift_to_actions` (0 before slot `first_action`)."""
-    h_bt = entropy_from_logits(logits_btv[:, :-1], temperature)
+    """Entropy of the policy in the state of each action: `H(pi(.|s_t))` stored at `t` (0 before slot
+    `first_action`); logits over all T positions, or over `first_action-1..T-2` as in `shift_to_actions`."""
+    t = logits_btv.shape[1] + (0 if first_action == 1 else first_action)
+    h_bt = entropy_from_logits(_action_logits(logits_btv, t, first_action), temperature)
     return jnp.concatenate([jnp.zeros((h_bt.shape[0], first_action), h_bt.dtype), h_bt], axis=1)
 
 

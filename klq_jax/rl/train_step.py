@@ -3,7 +3,8 @@
 The policy is any `apply_fn(params, tokens_bt, positions_bt, attention_mask_bt) ->
 (logits_btv, values_bt)` with a value head (see docs/architecture.md for the alignment). For rollouts
 whose actions start at slot `first_action > 1` (the prompt slots of an LM rollout), it is called with
-`logits_from=first_action - 1` and returns logits for positions `first_action-1..T-1` only. The
+`logits_from=first_action - 1, logits_to=T - 1` and returns logits for positions `first_action-1..T-2`
+only: those that predict an action. The
 algorithm is chosen by `algo_cfg.algo` ("klq" or "ppo"); both share everything but the loss:
 
     KLQ: loss = mean_t 0.5 * (Q_theta(s_t, a_t) - G_t)^2,
@@ -224,12 +225,12 @@ def compute_targets(batch: Rollout, kl_coef, algo_cfg) -> Rollout:
 
 
 def apply_from(apply_fn: Callable, params, tokens_bt, positions_bt, attention_mask_bt, first_action: int):
-    """`apply_fn` over sequences whose actions start at slot `first_action`: logits from position
-    `first_action - 1` on (all of them when it is 1, so an `apply_fn` without `logits_from` serves
-    rollouts that may act from slot 1)."""
+    """`apply_fn` over sequences whose actions start at slot `first_action`: logits for positions
+    `first_action-1..T-2`, those that predict an action (all T positions when `first_action` is 1, so an
+    `apply_fn` without `logits_from` / `logits_to` serves rollouts that may act from slot 1)."""
     args = (params, tokens_bt, positions_bt, attention_mask_bt)
-    if first_action > 1:
-        return apply_fn(*args, logits_from=first_action - 1)
+    if first_action > 1:  # the last position predicts no token of the sequence
+        return apply_fn(*args, logits_from=first_action - 1, logits_to=tokens_bt.shape[1] - 1)
     return apply_fn(*args)
 
 
