@@ -5,6 +5,7 @@ import functools
 import json
 
 import jax
+from flax import nnx
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -278,3 +279,27 @@ def test_tied_head_backward_equals_autodiff():
     ref = jax.grad(functools.partial(loss, autodiff_head), argnums=(0, 1))(h, embed)
     for a, b in zip(ours, ref):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_stored_layers_are_widened_one_at_a_time(tiny_checkpoint):
+    """A bf16-stored model computing in fp32 (a frozen reference) gives exactly the fp32 forward of the
+    bf16-rounded weights, and its compiled forward holds no fp32 copy of the stacked layers."""
+    _, path, _ = tiny_checkpoint
+    stored = load_model(path, param_dtype=jnp.bfloat16, dtype=jnp.float32)
+    rounded = load_model(path)
+    graphdef, params = nnx.split(rounded)
+    rounded = nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(jnp.bfloat16).astype(jnp.float32), params))
+    ids, mask = _batch()
+    np.testing.assert_array_equal(np.asarray(_ours(stored, ids, mask)[0].logits_btv),
+                                  np.asarray(_ours(rounded, ids, mask)[0].logits_btv))
+
+    def temp_bytes(model):
+        graphdef, params = nnx.split(model)
+        mask_np = mask.numpy().astype(bool)
+        args = (jnp.asarray(ids.numpy()), positions_from_mask(jnp.asarray(mask_np)), jnp.asarray(mask_np))
+        forward = jax.jit(lambda p, *a: nnx.merge(graphdef, p)(*a).logits_btv)
+        return forward.lower(params, *args).compile().memory_analysis().temp_size_in_bytes
+
+    layer_bytes_f32 = sum(x.size * 4 for x in jax.tree.leaves(nnx.state(rounded.blocks)))
+    # Widening the whole stack before the loop would add about its fp32 size.
+    assert temp_bytes(stored) < temp_bytes(rounded) + 0.75 * layer_bytes_f32
