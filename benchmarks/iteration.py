@@ -138,6 +138,7 @@ def run_ours(args) -> dict:
     import numpy as np
 
     from klq_jax import sharding, trainer
+    from klq_jax.allocator import release_freed_memory
     from klq_jax.data.datasets import PromptStream
     from klq_jax.rl import loop as rl_loop
     from klq_jax.rl.train_step import make_optimizer
@@ -154,7 +155,8 @@ def run_ours(args) -> dict:
     # updated state has the shardings of the first one and nothing recompiles at the second iteration).
     state = sharding.create_train_state(setup.params, optimizer, rl.kl_coef, mesh)
     ref_params = sharding.place_state(setup.ref_params, mesh)
-    del setup.policy, setup.params, setup.ref_params  # the state and ref_params hold them from here on
+    setup.policy = setup.params = setup.ref_params = None  # as the trainer: the state and ref_params hold them
+    release_freed_memory()
     stream = PromptStream(setup.train_prompts, config.batch_size, seed=config.seed)
     apply_fn, ref_apply_fn, sample_fn, reward_fn = trainer.make_fns(setup, mesh,
                                                                     policy_stats=config.sampling.policy_stats)

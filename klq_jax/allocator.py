@@ -11,6 +11,11 @@ between phases (the peak itself is the same program's).
 
 `keep_freed_memory()` sets this with `mallopt` (glibc only; elsewhere it does nothing). Call it before
 JAX starts its threads, as `klq_jax.main` does. `KLQ_JAX_MALLOC=default` in the environment turns it off.
+
+What one-off work frees (checkpoint conversion at start-up, XLA's compilation of each program in the first
+iteration) would then stay resident for the whole run, under the later phases' buffers. `release_freed_memory()`
+(`malloc_trim`) hands those pages back; the trainer calls it after building and after each phase of the first
+iteration only, so the steady-state iterations still reuse their pages without faults.
 """
 
 from __future__ import annotations
@@ -32,3 +37,13 @@ def keep_freed_memory() -> bool:
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     settings = ((_M_ARENA_MAX, 1), (_M_MMAP_THRESHOLD, _NEVER), (_M_TRIM_THRESHOLD, _NEVER))
     return all(libc.mallopt(param, value) == 1 for param, value in settings)
+
+
+def release_freed_memory() -> bool:
+    """Give the pages of freed heap memory back to the OS (`malloc_trim(0)`, glibc); returns whether it ran.
+    Later allocations fault them in again: call it after one-off work, not in a loop."""
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc.malloc_trim(0)
+    return True

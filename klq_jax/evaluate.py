@@ -351,14 +351,12 @@ def resolve_model_path(ref: str) -> str:
 
 
 def load_tokenizer(path: str):
-    from transformers import AutoTokenizer
+    from klq_jax.tokenizer import load_tokenizer as load
 
     try:
-        return AutoTokenizer.from_pretrained(path)
-    except Exception as e:  # noqa: BLE001 -- missing files, unknown class: one line
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        raise EvalError(f"no usable tokenizer in {path!r} ({type(e).__name__}: {first}); "
-                        "accepted: a folder with tokenizer.json/tokenizer_config.json") from None
+        return load(path)  # torch-free for a folder with tokenizer.json (klq_jax/tokenizer.py)
+    except (OSError, ValueError) as e:  # missing or malformed files: one line
+        raise EvalError(str(e)) from None
 
 
 def encode_chat(tokenizer, messages: Sequence[Mapping[str, str]], fallback_text: str | None = None) -> list[int]:

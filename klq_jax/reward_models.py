@@ -34,19 +34,23 @@ class HFRewardModel(Reward):
 
     def __init__(self, path: str, *, chat: bool | None = None, max_length: int = 1024, batch_size: int = 16,
                  param_dtype=jnp.float32, mesh=None):
-        from transformers import AutoTokenizer
+        from klq_jax.tokenizer import load_tokenizer
 
         folder = resolve_checkpoint(path)
-        self.model = load_model(folder, score_head=True, param_dtype=param_dtype)
-        self.graphdef, self.state = nnx.split(self.model)
+        model = load_model(folder, score_head=True, param_dtype=param_dtype)
+        self.cfg = model.cfg
+        self.graphdef, self.state = nnx.split(model)  # the state alone holds the weights (no second copy)
         if mesh is not None:  # weights split over this host's devices by the parameter rules (FSDP/tensor)
             from klq_jax.sharding import place_state
 
             self.state = place_state(self.state, mesh)
-        self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        if len(self.tokenizer) > self.model.cfg.vocab_size:
+        try:
+            self.tokenizer = load_tokenizer(folder)
+        except (OSError, ValueError) as e:
+            raise RewardError(f"reward model {path!r}: {e}") from None
+        if len(self.tokenizer) > self.cfg.vocab_size:
             raise RewardError(f"reward model {path!r}: its tokenizer has {len(self.tokenizer)} tokens, the model "
-                              f"only {self.model.cfg.vocab_size}; accepted: a tokenizer that fits the model")
+                              f"only {self.cfg.vocab_size}; accepted: a tokenizer that fits the model")
         self.chat = bool(self.tokenizer.chat_template) if chat is None else chat
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.max_length, self.batch_size = max_length, batch_size

@@ -19,9 +19,12 @@ What it covers, read the way transformers 5 reads it:
   tokens passed as variables, and tokenized with `add_special_tokens=False`;
 - `__call__`, `encode`, `decode`, `apply_chat_template`, `len()` and the special-token attributes.
 
-Not covered: batches, padding/truncation, offsets, pairs. transformers' model-specific tokenizer
-classes (e.g. `BertTokenizer`, `GPT2Tokenizer`) rebuild the pipeline from the vocabulary and their
-own defaults; this module trusts `tokenizer.json`, which is what those rebuilds normally reproduce.
+Not covered: batches, padding/truncation, offsets, pairs. transformers 5's model-specific classes
+(`tokenizer_class` "BertTokenizer", "GPT2Tokenizer", ...) rebuild the pipeline from the vocabulary
+and their own defaults instead of using `tokenizer.json` as is; this module always uses
+`tokenizer.json`. Usually the two agree, but not always: with "GPT2Tokenizer"/"Qwen2Tokenizer" on a
+SmolLM2 `tokenizer.json` (digits split before the byte-level regex), transformers gives "x  1" as
+x|Ġ|Ġ|1 where `tokenizer.json` (and llama.cpp) give x|ĠĠ|1.
 
 `load_tokenizer` uses `Tokenizer` when the folder has a `tokenizer.json` and otherwise falls back to
 `transformers.AutoTokenizer` (sentencepiece/vocab-only folders, hub ids), which imports torch.
@@ -37,6 +40,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as _Backend
 
@@ -85,7 +89,7 @@ class Tokenizer:
             raise OSError(f"no {TOKENIZER_FILE} in {str(folder)!r}; {_ACCEPTED}")
         try:
             backend = _Backend.from_file(str(tok_file))
-        except Exception as e:  # the Rust side raises a bare Exception for any parse error
+        except Exception as e:  # noqa: BLE001 -- the Rust side raises a bare Exception for any parse error
             first = (str(e).strip().splitlines() or [""])[0][:200]
             raise ValueError(f"malformed {str(tok_file)!r} ({first}); {_ACCEPTED}") from None
         config_file = folder / CONFIG_FILE
@@ -193,7 +197,7 @@ class Tokenizer:
                 templates[f.name.removesuffix(".jinja")] = f.read_text(encoding="utf-8")
         if len(templates) == 1 and "default" in templates:
             return templates["default"]
-        if templates and not config.get('chat_template'):
+        if templates:
             return templates
         value = config.get("chat_template")
         if isinstance(value, (list, tuple)):  # saved as [{"name": ..., "template": ...}, ...]
@@ -376,9 +380,7 @@ def _plain(value: Any) -> Any:
     """Only plain JSON-like data reaches the sandboxed template (transformers' `_plain_template_data`)."""
     if value is None or type(value) in (str, int, float, bool):
         return value
-    if isinstance(value, bool):
-        return bool(value)
-    if isinstance(value, str):
+    if isinstance(value, str):  # subclasses (enums, numpy strings) carry methods: strip to the base type
         return str.__str__(value)
     if isinstance(value, int):
         return int.__int__(value)
@@ -390,7 +392,7 @@ def _plain(value: Any) -> Any:
         return [_plain(v) for v in value]
     if isinstance(value, tuple):
         return tuple(_plain(v) for v in value)
-    if hasattr(value, "item") and getattr(value, "shape", None) == ():  # numpy scalars
+    if isinstance(value, np.generic):  # np.bool_(False) must not become a truthy placeholder
         return _plain(value.item())
     return f"<{type(value).__name__}>"
 
@@ -412,7 +414,7 @@ def _compile_template(template: str):
     class GenerationTag(jinja2.ext.Extension):
         # `{% generation %}...{% endgeneration %}` marks assistant text for transformers' assistant
         # masks; it renders its body unchanged, which is all that is needed here.
-        tags = {"generation"}
+        tags = frozenset({"generation"})
 
         def parse(self, parser):
             lineno = next(parser.stream).lineno

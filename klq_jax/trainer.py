@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from klq_jax import sharding
+from klq_jax.allocator import release_freed_memory
 from klq_jax.data.datasets import DataError, PromptExample, PromptStream, load_prompts, to_messages, to_text
 from klq_jax.models.hf import CheckpointError, export_model, load_model, resolve_checkpoint
 from klq_jax.models.sampler import Sampler, bucket_length
@@ -48,13 +49,12 @@ def resolve_model_path(name: str) -> Path:
 
 
 def load_tokenizer(path: Path, vocab_size: int):
-    from transformers import AutoTokenizer
+    from klq_jax.tokenizer import load_tokenizer as load
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except Exception as e:  # no tokenizer files, malformed files
-        raise CheckpointError(f"no usable tokenizer in {str(path)!r} ({type(e).__name__}); accepted: a folder "
-                              "with tokenizer.json or the tokenizer files transformers reads") from None
+        tokenizer = load(path)  # torch-free for a folder with tokenizer.json (klq_jax/tokenizer.py)
+    except (OSError, ValueError) as e:  # no tokenizer files, malformed files
+        raise CheckpointError(str(e)) from None
     if len(tokenizer) > vocab_size:
         raise CheckpointError(f"tokenizer of {str(path)!r} has {len(tokenizer)} tokens but the model's vocabulary "
                               f"is {vocab_size}; accepted: a tokenizer whose ids fit the model")
@@ -119,9 +119,10 @@ def build_reward(config) -> Reward:
 
 @dataclasses.dataclass
 class Setup:
-    """Everything built from a config before the loop starts."""
+    """Everything built from a config before the loop starts (`policy`, `params` and `ref_params` are
+    dropped once the train state and the placed reference hold the weights)."""
 
-    policy: CausalLM
+    policy: CausalLM | None
     graphdef: Any
     params: Any
     ref_params: Any
@@ -279,6 +280,9 @@ def _train(config, workdir: Path, ckpt) -> dict[str, float]:
     # Built on the mesh before `abstract_state`, so a restored checkpoint lands in the same shardings.
     state = sharding.create_train_state(setup.params, optimizer, rl.kl_coef, mesh)
     ref_params = sharding.place_state(setup.ref_params, mesh)
+    # Placing copies the weights: from here the state and ref_params hold them (1 GiB for SmolLM2-135M).
+    setup.policy = setup.params = setup.ref_params = None
+    release_freed_memory()  # what loading and converting the checkpoints freed
     with jax.set_mesh(mesh):
         return _train_on_mesh(config, workdir, ckpt, setup, rl, optimizer, state, ref_params, mesh)
 

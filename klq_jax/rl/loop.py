@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from klq_jax.allocator import release_freed_memory
 from klq_jax.rl import losses
 from klq_jax.rl.train_step import ApplyFn, Rollout, TrainState, apply_from, compute_targets, make_update, policy_outputs
 
@@ -160,6 +161,8 @@ def run(
         def lap(name, out):
             nonlocal t
             jax.block_until_ready(out)
+            if it == start_iteration:  # what compiling this phase's programs freed: not kept under the next
+                release_freed_memory()
             now = time.perf_counter()
             times[f"time/{name}"] = now - t
             t = now
