@@ -303,3 +303,29 @@ def test_bf16_stored_layers_are_widened_one_at_a_time(tiny_checkpoint):
     layer_bytes_f32 = sum(x.size * 4 for x in jax.tree.leaves(nnx.state(rounded.blocks)))
     # Widening the whole stack before the loop would add about its fp32 size.
     assert temp_bytes(stored) < temp_bytes(rounded) + 0.75 * layer_bytes_f32
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_keeps_values_and_gradients(tiny_checkpoint, remat):
+    """Rematerialised layers (remat="full": `remat_layer_scan`, the written-out backward; "dots":
+    `jax.checkpoint`) give the plain model's logits and parameter gradients."""
+    _, path, _ = tiny_checkpoint
+    ids, mask = _batch()
+    mask_np = mask.numpy().astype(bool)
+    args = (jnp.asarray(ids.numpy()), positions_from_mask(jnp.asarray(mask_np)), jnp.asarray(mask_np))
+    weights = jnp.asarray(np.random.default_rng(0).normal(size=(3, 9, VOCAB)), jnp.float32)
+
+    def loss_and_grads(model):
+        graphdef, params = nnx.split(model)
+
+        def loss(p):
+            logits = nnx.merge(graphdef, p)(*args).logits_btv
+            return jnp.sum(weights * jnp.tanh(logits)), logits
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+    (plain_loss, plain_logits), plain_grads = loss_and_grads(load_model(path))
+    (loss, logits), grads = loss_and_grads(load_model(path, remat=remat))
+    np.testing.assert_allclose(logits, plain_logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(loss, plain_loss, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(plain_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(b))))

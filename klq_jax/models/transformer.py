@@ -8,7 +8,9 @@ left-padded prompts, KV-cached decoding and plain forwards share one code path.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -297,6 +299,54 @@ REMAT_POLICIES = {
 }
 
 
+def remat_layer_scan(layer_fn: Callable, x, stacked_params, aux):
+    """`x <- layer_fn(x, params_l, aux)` for each layer `l` of `stacked_params` (leading axis), keeping only
+    each layer's input for the backward, which recomputes the layer: `jax.checkpoint` with nothing saved
+    over `lax.scan`, with the backward written out.
+
+    Autodiff's transposed scan collects the layers' weight gradients in buffers that XLA:CPU allocates
+    (zeroed) before the forward even runs, so they sit under the LM head's vocabulary-wide logits and their
+    gradient (SmolLM2-135M: 0.4 GiB of gradients under 0.4 GiB of logits). Here the gradient buffers are
+    made from the incoming cotangent, so they exist only from the start of the backward over the layers.
+    Same values as autodiff. `aux` (masks, rotary tables) gets no gradient.
+    """
+    return _remat_layer_scan(layer_fn, x, stacked_params, aux)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _remat_layer_scan(layer_fn, x, stacked_params, aux):
+    return jax.lax.scan(lambda x, p: (layer_fn(x, p, aux), None), x, stacked_params)[0]
+
+
+def _remat_layer_scan_fwd(layer_fn, x, stacked_params, aux):
+    y, inputs_l = jax.lax.scan(lambda x, p: (layer_fn(x, p, aux), x), x, stacked_params)
+    return y, (inputs_l, stacked_params, aux)
+
+
+def _remat_layer_scan_bwd(layer_fn, residuals, dy):
+    inputs_l, stacked_params, aux = residuals
+    # Zero buffers that depend on `dy`: XLA cannot schedule them before the cotangent exists.
+    zero = jnp.zeros((), dy.dtype) * dy.reshape(-1)[0]
+    grads0 = jax.tree.map(lambda p: jnp.broadcast_to(zero.astype(p.dtype), p.shape), stacked_params)
+
+    def step(carry, layer):
+        dx, grads = carry
+        index, x_in, params = layer
+        _, vjp = jax.vjp(lambda x, p: layer_fn(x, p, aux), x_in, params)
+        dx, dparams = vjp(dx)
+        grads = jax.tree.map(lambda g, d: jax.lax.dynamic_update_index_in_dim(g, d.astype(g.dtype), index, 0),
+                             grads, dparams)
+        return (dx, grads), None
+
+    num_layers = jax.tree.leaves(stacked_params)[0].shape[0]
+    (dx, grads), _ = jax.lax.scan(step, (dy, grads0), (jnp.arange(num_layers), inputs_l, stacked_params),
+                                  reverse=True)
+    return dx, grads, jax.tree.map(lambda a: None, aux)
+
+
+_remat_layer_scan.defvjp(_remat_layer_scan_fwd, _remat_layer_scan_bwd)
+
+
 class CausalLM(nnx.Module):
     """A decoder LM with optional heads: `lm_head` (next-token logits), `value_head` (V(s), KLQ/PPO
     critic on the shared backbone), `score_head` (reward model: score at the last real token)."""
@@ -388,6 +438,14 @@ class CausalLM(nnx.Module):
                     ks.append(kv[0])
                     vs.append(kv[1])
             new_cache = None if cache is None else KVCache(tuple(ks), tuple(vs))
+        elif cache is None and self.remat == "full":
+            def layer(x_btd, state, aux):
+                if widen:
+                    state = jax.tree.map(_widen_bf16_bits, state)
+                return nnx.merge(graphdef, state)(x_btd, *aux)[0]
+
+            x = remat_layer_scan(layer, x, block_state, (rope, mask_bts))
+            new_cache = None
         else:
             if REMAT_POLICIES[self.remat] is not None:
                 body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat])

@@ -28,6 +28,7 @@ import optax
 
 from klq_jax.rl import losses
 from klq_jax.rl.losses import LossOutput
+from klq_jax.rl.optimizer import ClippedAdamW, clipped_adamw
 
 Array = jax.Array
 ApplyFn = Callable[[Any, Array, Array, Array], tuple[Array, Array]]
@@ -77,6 +78,7 @@ def default_optim_config() -> ml_collections.ConfigDict:
     c.b2 = 0.999
     c.eps = 1e-8
     c.weight_decay = 0.0        # applied to parameters with ndim >= 2 only
+    c.mu_dtype = "float32"      # AdamW's first moment: "float32" or "bfloat16" (a quarter of the optimiser state)
     c.max_grad_norm = 1.0       # 0 = no clipping
     return c
 
@@ -95,16 +97,18 @@ def make_schedule(cfg) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), main], [warm])
 
 
-def make_optimizer(cfg) -> optax.GradientTransformation:
-    """`clip_by_global_norm(max_grad_norm)` then AdamW on `make_schedule(cfg)`."""
-    decay_mask = lambda params: jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)  # noqa: E731
-    adamw = optax.adamw(
-        make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-        weight_decay=cfg.weight_decay, mask=decay_mask,
-    )
-    if cfg.max_grad_norm and cfg.max_grad_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), adamw)
-    return adamw
+def make_optimizer(cfg) -> ClippedAdamW:
+    """AdamW on `make_schedule(cfg)` after clipping to global norm `max_grad_norm` (`optimizer.clipped_adamw`:
+    optax's `chain(clip_by_global_norm, adamw)`, applied to the summed gradient and 1/count without
+    materialising their product). Its first moment is stored in `mu_dtype`; the second moment stays float32
+    (bf16's 8-bit mantissa would round away `(1 - b2) g^2`)."""
+    mu_dtype = cfg.get("mu_dtype", "float32")
+    if mu_dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"optim.mu_dtype={mu_dtype!r}: expected 'float32' or 'bfloat16'")
+    return clipped_adamw(
+        make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+        decay_mask=lambda params: jax.tree.map(lambda p: jnp.ndim(p) >= 2, params),
+        max_grad_norm=cfg.max_grad_norm, mu_dtype=jnp.dtype(mu_dtype))
 
 
 # ----------------------------------------------------------------------------- pytrees
@@ -184,7 +188,7 @@ class TrainState:
     kl_coef: Array
 
     @classmethod
-    def create(cls, params, optimizer: optax.GradientTransformation, kl_coef) -> "TrainState":
+    def create(cls, params, optimizer: optax.GradientTransformation | ClippedAdamW, kl_coef) -> "TrainState":
         return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
                    kl_coef=jnp.asarray(kl_coef, jnp.float32))
 
@@ -288,7 +292,7 @@ def _split_microbatches(tree, n: int):
     return jax.tree.map(split, tree)
 
 
-def make_train_step(apply_fn: ApplyFn, algo_cfg, optimizer: optax.GradientTransformation, *, jit: bool = True):
+def make_train_step(apply_fn: ApplyFn, algo_cfg, optimizer: optax.GradientTransformation | ClippedAdamW, *, jit: bool = True):
     """`train_step(state, minibatch) -> (state, metrics)`: one optimiser step.
 
     With `algo_cfg.num_microbatches = n > 1` the minibatch is split in `n` along the batch axis,
@@ -317,11 +321,16 @@ def make_train_step(apply_fn: ApplyFn, algo_cfg, optimizer: optax.GradientTransf
 
             (grads, metrics), _ = jax.lax.scan(body, init, micro)
         count = jnp.maximum(metrics["loss"].count, 1.0)
-        grads = jax.tree.map(lambda g: g / count, grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        if isinstance(optimizer, ClippedAdamW):  # divides as it reads the gradient (klq_jax/rl/optimizer.py)
+            params, opt_state = optimizer.apply(grads, state.opt_state, state.params, grad_scale=1.0 / count)
+            grad_norm = optax.global_norm(grads) / count
+        else:
+            grads = jax.tree.map(lambda g: g / count, grads)
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            grad_norm = optax.global_norm(grads)
         out = {k: v.mean() for k, v in metrics.items()}
-        out["grad_norm"] = optax.global_norm(grads)
+        out["grad_norm"] = grad_norm
         out["tokens"] = metrics["loss"].count
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, out
@@ -329,7 +338,7 @@ def make_train_step(apply_fn: ApplyFn, algo_cfg, optimizer: optax.GradientTransf
     return jax.jit(train_step, donate_argnums=0) if jit else train_step
 
 
-def make_update(apply_fn: ApplyFn, algo_cfg, optimizer: optax.GradientTransformation):
+def make_update(apply_fn: ApplyFn, algo_cfg, optimizer: optax.GradientTransformation | ClippedAdamW):
     """`update(state, batch, rng, epochs, num_minibatches) -> (state, metrics)`, jitted, state donated.
 
     Each epoch draws a permutation of the batch from `rng` (`fold_in` by epoch), cuts it into

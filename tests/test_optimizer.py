@@ -1,0 +1,52 @@
+"""`clipped_adamw` (the trainer's optimiser) against optax's `chain(clip_by_global_norm, adamw)`."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from klq_jax.rl.optimizer import clipped_adamw
+from klq_jax.rl.train_step import default_optim_config, make_optimizer
+
+
+def _params(rng):
+    return {"w": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32), "b": jnp.asarray(rng.normal(size=(3,)), jnp.float32)}
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.0, 1.0, 50.0])
+@pytest.mark.parametrize("mu_dtype", [None, jnp.bfloat16])
+def test_equals_optax_clip_then_adamw(max_grad_norm, mu_dtype):
+    """Five steps on summed gradients with grad_scale = 1/count: the same parameters and moments as optax on
+    the divided gradients (warmup schedule, masked weight decay, clipping that triggers on some steps)."""
+    rng = np.random.default_rng(0)
+    params = _params(rng)
+    schedule = optax.linear_schedule(0.0, 1e-2, 3)
+    mask = lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)  # noqa: E731
+    ours = clipped_adamw(schedule, b1=0.9, b2=0.99, eps=1e-6, weight_decay=0.1, decay_mask=mask,
+                         max_grad_norm=max_grad_norm, mu_dtype=mu_dtype)
+    adamw = optax.adamw(schedule, b1=0.9, b2=0.99, eps=1e-6, weight_decay=0.1, mask=mask, mu_dtype=mu_dtype)
+    theirs = optax.chain(optax.clip_by_global_norm(max_grad_norm), adamw) if max_grad_norm else adamw
+    p_ours, s_ours = params, ours.init(params)
+    p_theirs, s_theirs = params, theirs.init(params)
+    for step in range(5):  # both jitted: XLA:CPU may keep a bf16 product in float32 inside a fusion
+        count = float(3 + step)
+        grads_sum = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape) * count * (1 + 3 * step), x.dtype),
+                                 params)
+        p_ours, s_ours = jax.jit(ours.apply)(grads_sum, s_ours, p_ours, 1.0 / count)
+        updates, s_theirs = jax.jit(theirs.update)(jax.tree.map(lambda g: g / count, grads_sum), s_theirs, p_theirs)
+        p_theirs = optax.apply_updates(p_theirs, updates)
+        for a, b in zip(jax.tree.leaves(p_ours), jax.tree.leaves(p_theirs)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    adam = (s_theirs[1] if max_grad_norm else s_theirs)[0]
+    assert int(s_ours.count) == int(adam.count) == 5
+    for a, b in zip(jax.tree.leaves((s_ours.mu, s_ours.nu)), jax.tree.leaves((adam.mu, adam.nu))):
+        assert a.dtype == b.dtype
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-5, atol=1e-8)
+
+
+def test_make_optimizer_checks_mu_dtype():
+    cfg = default_optim_config()
+    cfg.mu_dtype = "float16"
+    with pytest.raises(ValueError, match="mu_dtype='float16'"):
+        make_optimizer(cfg)
