@@ -88,8 +88,8 @@ def make_config(args, algo: str, reward_path: str):
     c.reward.chat = True
     c.model.param_dtype = args.param_dtype
     c.model.compute_dtype = args.compute_dtype
-    c.model.reference_dtype = args.ref_dtype
-    c.reward.dtype = args.reward_dtype
+    c.model.reference_dtype = args.ref_dtype or c.model.reference_dtype
+    c.reward.dtype = args.reward_dtype or c.reward.dtype
     c.model.remat = args.remat
     c.sampling.policy_stats = not args.policy_forward
     return c
@@ -214,7 +214,8 @@ def check_dtypes(args) -> None:
 
     apply_fn, ref_apply_fn, sample_fn, _ = trainer.make_fns(setup, sharding.make_mesh(config.mesh))
     forward = rl_loop.make_policy_forward(apply_fn, 1.0)
-    rewards = {dt: HFRewardModel(args.reward_path, chat=True, batch_size=args.batch, param_dtype=trainer.DTYPES[dt])
+    rewards = {dt: HFRewardModel(args.reward_path, chat=True, batch_size=args.batch, param_dtype=trainer.DTYPES[dt],
+                                 dtype=jnp.float32)
                for dt in ("float32", "bfloat16")}
     ref16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), setup.ref_params)
     kl_d, r_d, r_ref, r16 = [], [], [], []
@@ -312,9 +313,10 @@ def main():
                         help="our prompt padding multiple (16: the 39-48-token prompts pad to 48, TRL's length)")
     parser.add_argument("--param_dtype", default="float32")
     parser.add_argument("--compute_dtype", default="float32")
-    parser.add_argument("--ref_dtype", default="float32", help="the frozen reference's storage dtype "
-                        "(config model.reference_dtype)")
-    parser.add_argument("--reward_dtype", default="float32", help="the reward model's dtype (config reward.dtype)")
+    parser.add_argument("--ref_dtype", default="", help="the frozen reference's storage dtype "
+                        "(config model.reference_dtype; default: the config's)")
+    parser.add_argument("--reward_dtype", default="", help="the reward model's storage dtype (config reward.dtype; "
+                        "default: the config's)")
     parser.add_argument("--remat", default="full", help="config model.remat: none, full, dots")
     parser.add_argument("--policy_forward", action="store_true", help="recompute old logprobs/values in a policy "
                         "forward instead of taking them from the sampler (config sampling.policy_stats=False)")
@@ -377,10 +379,11 @@ def main():
     rows = {s: best(results[s]) for s in cols}
     mm = next((results[s]["matmul_gflops_jax"] for s in ("klq", "ppo") if s in results), None)
     cpu = _cpu_name()
+    effective = make_config(args, "klq", str(reward_path))
     print(f"One iteration: {args.batch} prompts x {args.new_tokens} response tokens, {args.epochs} epoch(s), "
           f"1 minibatch; {policy_path.name} policy/reference/reward (TRL: + value model); "
-          f"params {args.param_dtype}, compute {args.compute_dtype}, reference {args.ref_dtype}, "
-          f"reward {args.reward_dtype}; {cpu}, {os.cpu_count()} cores")
+          f"params {args.param_dtype}, compute {args.compute_dtype}, reference {effective.model.reference_dtype}, "
+          f"reward {effective.reward.dtype}; {cpu}, {os.cpu_count()} cores")
     header = f"{'phase (s)':<22}" + "".join(f"{names[s]:>12}" for s in cols)
     if "trl" in cols:
         header += "".join(f"{'TRL/' + names[s].split()[1]:>11}" for s in cols if s != "trl")

@@ -42,7 +42,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.reward = ml_collections.ConfigDict()
     c.reward.kind = "similarity"   # "similarity" (embedded MiniLM), "hf" (sequence-classification RM), "callable"
     c.reward.path = ""             # hf: folder or hub id; callable: "module:function"
-    c.reward.dtype = ""            # hf: dtype of the reward model (empty: model.compute_dtype)
+    c.reward.dtype = "bfloat16"    # hf: storage of the reward model (empty: model.compute_dtype); it computes in
+                                   # model.compute_dtype: bf16 halves it, rewards move by 2% of their std
+                                   # (`benchmarks/iteration.py --check_dtypes`)
     c.reward.chat = True           # hf: format (prompt, response) as a chat when the RM tokenizer has a template
 
     c.rl = default_algo_config()   # KLQ/PPO hyper-parameters (c.rl.algo is set from c.algo)

@@ -109,11 +109,13 @@ def build_reward(config) -> Reward:
         # Every process scores its own rows; its weights are sharded over the process's local devices.
         mesh = sharding.local_mesh() if jax.local_device_count() > 1 else None
         # One call scores this process's rows of the batch (the model's default pads every call to 16 rows).
-        # `reward.dtype` (default: the compute dtype): a frozen scorer can be bf16 while the policy is fp32.
-        dtype = config.reward.dtype or config.model.compute_dtype
+        # `reward.dtype`: its storage (default: the compute dtype); it computes in `model.compute_dtype`, so a bf16
+        # scorer next to an fp32 policy holds half the memory and rounds only its weights.
+        storage = config.reward.dtype or config.model.compute_dtype
         return HFRewardModel(config.reward.path, chat=config.reward.chat,
                              batch_size=max(config.batch_size // jax.process_count(), 1),
-                             param_dtype=_dtype(dtype, "reward.dtype"), mesh=mesh)
+                             param_dtype=_dtype(storage, "reward.dtype"),
+                             dtype=_dtype(config.model.compute_dtype, "model.compute_dtype"), mesh=mesh)
     raise ConfigError(f"reward.kind={kind!r}; accepted: 'similarity', 'hf', 'callable'")
 
 
