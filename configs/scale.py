@@ -5,14 +5,14 @@
 
 | variant               | policy = reference; reward; data  | machine                         | mesh   | GiB/dev |
 | --------------------- | --------------------------------- | ------------------------------- | ------ | ------- |
-| pythia1b_tldr_v4_8    | Pythia 1B SFT; 1B RM; TL;DR       | TPU v4-8: 4 chips x 32 GiB      | 1,4,1  | 13.8    |
-| pythia1b_tldr_v5e_8   | Pythia 1B SFT; 1B RM; TL;DR       | TPU v5e-8: 8 chips x 16 GiB     | 1,8,1  | 9.3     |
-| pythia2p8b_tldr_v5p_8 | Pythia 2.8B SFT; 2.8B RM; TL;DR   | TPU v5p-8: 4 chips x 95 GiB     | 1,4,1  | 35.0    |
-| pythia2p8b_tldr_v6e_8 | Pythia 2.8B SFT; 2.8B RM; TL;DR   | TPU v6e-8: 8 chips x 32 GiB     | 1,8,1  | 23.2    |
-| pythia2p8b_tldr_v4_16 | Pythia 2.8B SFT; 2.8B RM; TL;DR   | TPU v4-16: 8 chips x 32, 2 hosts| 1,8,1  | 23.2    |
-| llama8b_hh_v5p_64     | Llama 3.1 8B Instruct; 8B RM; HH  | TPU v5p-64: 32 chips, 8 hosts   | 1,16,2 | 38.1    |
-| pythia1b_tldr_gpu8    | Pythia 1B SFT; 1B RM; TL;DR       | 8 x A100 40 GB, one node        | 1,8,1  | 9.3     |
-| tiny_mesh             | embedded SmolLM2-135M; dialogue   | 8 (fake CPU) devices            | 2,2,2  |  1.0    |
+| pythia1b_tldr_v4_8    | Pythia 1B SFT; 1B RM; TL;DR       | TPU v4-8: 4 chips x 32 GiB      | 1,4,1  | 12.1    |
+| pythia1b_tldr_v5e_8   | Pythia 1B SFT; 1B RM; TL;DR       | TPU v5e-8: 8 chips x 16 GiB     | 1,8,1  | 7.6     |
+| pythia2p8b_tldr_v5p_8 | Pythia 2.8B SFT; 2.8B RM; TL;DR   | TPU v5p-8: 4 chips x 95 GiB     | 1,4,1  | 30.0    |
+| pythia2p8b_tldr_v6e_8 | Pythia 2.8B SFT; 2.8B RM; TL;DR   | TPU v6e-8: 8 chips x 32 GiB     | 1,8,1  | 18.2    |
+| pythia2p8b_tldr_v4_16 | Pythia 2.8B SFT; 2.8B RM; TL;DR   | TPU v4-16: 8 chips x 32, 2 hosts| 1,8,1  | 18.2    |
+| llama8b_hh_v5p_64     | Llama 3.1 8B Instruct; 8B RM; HH  | TPU v5p-64: 32 chips, 8 hosts   | 1,16,2 | 24.0    |
+| pythia1b_tldr_gpu8    | Pythia 1B SFT; 1B RM; TL;DR       | 8 x A100 40 GB, one node        | 1,8,1  | 7.6     |
+| tiny_mesh             | embedded SmolLM2-135M; dialogue   | 8 (fake CPU) devices            | 2,2,2  |  0.8    |
 
 All keep the paper's settings of the task config (192 episodes per batch, 4 epochs x 4 minibatches;
 TL;DR prompts padded to 512 tokens and 53 new tokens), float32 parameters and AdamW moments, bfloat16
@@ -55,14 +55,14 @@ HARDWARE = {
 
 # Per-device peak (GiB) from `klq_jax.memory.estimate` for each variant on its machine.
 EXPECTED_PEAK_GIB = {
-    "pythia1b_tldr_v4_8": 13.8,
-    "pythia1b_tldr_v5e_8": 9.3,
-    "pythia2p8b_tldr_v5p_8": 35.0,
-    "pythia2p8b_tldr_v6e_8": 23.2,
-    "pythia2p8b_tldr_v4_16": 23.2,
-    "llama8b_hh_v5p_64": 38.1,
-    "pythia1b_tldr_gpu8": 9.3,
-    "tiny_mesh": 1.0,
+    "pythia1b_tldr_v4_8": 12.1,
+    "pythia1b_tldr_v5e_8": 7.6,
+    "pythia2p8b_tldr_v5p_8": 30.0,
+    "pythia2p8b_tldr_v6e_8": 18.2,
+    "pythia2p8b_tldr_v4_16": 18.2,
+    "llama8b_hh_v5p_64": 24.0,
+    "pythia1b_tldr_gpu8": 7.6,
+    "tiny_mesh": 0.8,
 }
 
 

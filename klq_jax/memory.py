@@ -12,19 +12,22 @@ f, V` heads, KV heads, MLP width and vocabulary divided by `tp` where it divides
               exact: the sharding rules of `klq_jax.sharding` applied to the abstract models; + the
               reward model's params (`HFRewardModel` keeps them whole on one device of each host
               unless `--reward-sharded`) + the rollout batch.
-    update    gradients (x2 with microbatches: the running sum and the current one) + the AdamW update
-              temporaries (x1 params) + the activations of one microbatch of
+    update    gradients (x2 with microbatches: the running sum and the current one; + one parameter-sized
+              buffer XLA keeps at the optimiser step when autodiff writes the layers' backward, i.e.
+              without remat "full") + the activations of one microbatch of
               `b = B / (minibatches * microbatches * n)` rows, per layer the residuals kept for the
               backward pass, per token:
                   none  (3a+4)*d + 2a*(h+2k)*hd + (8+a)*h*T + {4 gated, 2 plain}*a*f
                   dots  2a*d + a*(h+2k)*hd + {2 gated, 1 plain}*a*f    (matmul outputs)
                   full  a*d                                          (the layer input)
               (with remat, plus one layer's full residuals while it is recomputed), the float32
-              logits `b*(N+1)*V*4` three times (logits, log-softmax, their gradient: only the positions
-              that predict a response token, `Rollout.first_action`), and with `fsdp > 1` the
-              all-gathered weights: the output-vocabulary matrix and two layers.
+              logits `b*N*V*4` twice (the logits, then the softmax turned into their gradient in place:
+              only the positions that predict a response token, `Rollout.first_action`), and with
+              `fsdp > 1` the all-gathered weights: the output-vocabulary matrix and two layers. With
+              remat "full" (`transformer.remat_layer_scan`) the gradient buffers exist only after the
+              LM head's backward: the larger of gradients and logits counts, not their sum.
     forward   old logprobs/values and reference logprobs over `B/n` rows at once: the largest of one
-              layer's activations (+ two gathered layers), the `N+1` positions' local logits (+ the
+              layer's activations (+ two gathered layers), the `N` positions' local logits (+ the
               gathered vocabulary matrix) and two float32 copies of those logits, one of
               them over the whole vocabulary when `tensor > 1`: the layers are done before the logits
               exist.
@@ -145,6 +148,9 @@ class Estimate:
     forward: int
     kv_cache: int
     sample_temps: int
+    # remat="full" (`remat_layer_scan`): the gradient buffers are made after the LM head's backward, so
+    # the logits and the gradients are not alive at once.
+    gradients_after_logits: bool = False
 
     @property
     def resident(self) -> int:
@@ -152,6 +158,8 @@ class Estimate:
 
     @property
     def update(self) -> int:
+        if self.gradients_after_logits:
+            return max(self.gradients, self.logits) + self.activations + self.gathered
         return self.gradients + self.activations + self.logits + self.gathered
 
     @property
@@ -247,9 +255,12 @@ def estimate(cfg: ModelConfig, work: Workload, mesh) -> Estimate:
              "full": a * d}[work.remat]
     b = B / (work.num_minibatches * work.num_microbatches * n)
     activations = b * T * (L * saved + (train_layer if work.remat != "none" else 0))
-    N1 = T - P + 1  # logit positions of a rollout forward: P-1..T-1
-    logits = 3 * b * N1 * v_l * 4
-    gradients = params * (2 if work.num_microbatches > 1 else 1) + params  # grads (+ running sum) + Adam update
+    N1 = T - P  # logit positions of a rollout forward: P-1..T-2, those that predict a response token
+    logits = 2 * b * N1 * v_l * 4  # the logits, then the softmax turned into their gradient in place
+    # Gradients (+ the running sum with microbatches). `clipped_adamw` writes the moments and the parameters in
+    # place as it reads them, but with the layers' backward written by autodiff (remat "none"/"dots") XLA keeps
+    # one more parameter-sized buffer at the optimiser step (measured on XLA:CPU, docs/scaling.md).
+    gradients = params * ((2 if work.num_microbatches > 1 else 1) + (0 if work.remat == "full" else 1))
 
     # FSDP: a weight split over `fsdp` is all-gathered (to its tensor share) where it is used. XLA keeps the
     # output-vocabulary matrix whole for a phase (in the sampler twice: the prefill's copy and the one
@@ -279,7 +290,7 @@ def estimate(cfg: ModelConfig, work: Workload, mesh) -> Estimate:
     return Estimate(params=int(params), optimizer=int(optimizer), reference=int(reference), reward_model=int(reward),
                     batch=batch, gradients=int(gradients), activations=int(activations), logits=int(logits),
                     gathered=int(gathered_vocab + gathered_layers), forward=int(forward), kv_cache=int(kv_cache),
-                    sample_temps=int(sample_temps))
+                    sample_temps=int(sample_temps), gradients_after_logits=work.remat == "full")
 
 
 # ----------------------------------------------------------------------------- measurement
@@ -426,7 +437,7 @@ def config_estimate(spec: str, *, reward_sharded: bool = False):
     if hw is None:
         raise ValueError(f"--config={spec!r} has no HARDWARE entry; pass --model and --devices with the other flags")
     rm = PRESETS[hw["reward_model"]] if hw.get("reward_model") else None
-    work = workload_from_config(config, reward_model=rm, reward_dtype=config.reward.get("param_dtype", "float32"),
+    work = workload_from_config(config, reward_model=rm, reward_dtype=config.reward.dtype or config.model.compute_dtype,
                                 reward_sharded=reward_sharded)
     shape = mesh_shape(config.mesh, hw["devices"])
     return estimate(PRESETS[hw["model"]], work, shape), work, shape, hw

@@ -150,7 +150,7 @@ def tied_head(h_btd: jax.Array, embed_vd: jax.Array) -> jax.Array:
     embedding gradient, and keeps it alive until then; here `d embed = (h^T dlogits)^T` transposes only the
     [d, V] product. Same values as autodiff.
     """
-    return jnp.einsum("btd,vd->btv", h_btd, embed_vd, preferred_element_type=jnp.float32)
+    return jnp.einsum("btd,dv->btv", h_btd, embed_vd.T, preferred_element_type=jnp.float32)
 
 
 def _tied_head_fwd(h_btd, embed_vd):
