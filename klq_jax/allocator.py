@@ -15,7 +15,8 @@ JAX starts its threads, as `klq_jax.main` does. `KLQ_JAX_MALLOC=default` in the 
 What one-off work frees (checkpoint conversion at start-up, XLA's compilation of each program in the first
 iteration) would then stay resident for the whole run, under the later phases' buffers. `release_freed_memory()`
 (`malloc_trim`) hands those pages back; the trainer calls it after building and after each phase of the first
-iteration only, so the steady-state iterations still reuse their pages without faults.
+iteration, and `HeapGrowthGuard` after any later iteration that grew the process, so the steady-state
+iterations still reuse their pages without faults.
 """
 
 from __future__ import annotations
@@ -47,3 +48,37 @@ def release_freed_memory() -> bool:
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     libc.malloc_trim(0)
     return True
+
+
+def resident_bytes() -> int:
+    """This process's resident set size (bytes), from /proc/self/statm; 0 where there is none."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class HeapGrowthGuard:
+    """Hands freed memory back after an iteration that grew the process, and only then.
+
+    With freed memory kept, a small allocation that lands inside a large freed block splits it; the next
+    program that needs the whole block then gets one at the top of the heap while the old pages stay
+    resident, and the RSS creeps up from one iteration to the next (SmolLM2 benchmark, 6 iterations: peak
+    4.48 GiB without this guard, 3.75 with it; 10 iterations: 4.23 with it). `after_iteration()` compares the
+    RSS with the previous iteration's end and calls `release_freed_memory()` when it grew by more than
+    `slack_bytes`: iterations that reuse their blocks (the steady state) pay nothing, one that grew pays a
+    page fault per released page it touches again.
+    """
+
+    def __init__(self, slack_bytes: int = 64 * 2**20):
+        self.slack_bytes = slack_bytes
+        self.last_bytes: int | None = None
+
+    def after_iteration(self) -> bool:
+        now = resident_bytes()
+        grew = self.last_bytes is not None and now > self.last_bytes + self.slack_bytes
+        if grew:
+            release_freed_memory()
+        self.last_bytes = resident_bytes()
+        return grew

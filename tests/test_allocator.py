@@ -43,3 +43,36 @@ def test_freed_memory_is_reused_without_page_faults():
     assert applied and faults < 1000, faults                       # reused: no page of 65536 faults again
     applied, faults = _run({"KLQ_JAX_MALLOC": "default"})
     assert not applied and faults > 60000, faults                  # unmapped and faulted in again
+
+
+GUARD_CHILD = """
+import ctypes, ctypes.util
+from klq_jax.allocator import HeapGrowthGuard, keep_freed_memory, release_freed_memory, resident_bytes
+assert keep_freed_memory()
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.malloc.restype = ctypes.c_void_p
+MiB = 2**20
+def touched_block(size):
+    block = libc.malloc(ctypes.c_size_t(size))
+    ctypes.memset(block, 1, size)
+    return block
+guard = HeapGrowthGuard(slack_bytes=64 * MiB)
+first = guard.after_iteration()                    # nothing to compare with yet
+a = touched_block(256 * MiB)
+pin = libc.malloc(ctypes.c_size_t(64))             # a small live block after it: the top cannot shrink
+libc.free(ctypes.c_void_p(a))
+kept = resident_bytes()                            # the freed 256 MiB are still resident
+grew = guard.after_iteration()                     # grew by 256 MiB > slack: hands them back
+released = resident_bytes()
+steady = guard.after_iteration()                   # no growth since: nothing to do
+print(first, grew, steady, (kept - released) // MiB)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
+def test_growth_guard_hands_back_freed_memory_only_after_growth():
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    out = subprocess.run([sys.executable, "-c", GUARD_CHILD], capture_output=True, text=True, env=env, check=True)
+    first, grew, steady, released_mib = out.stdout.split()
+    assert (first, grew, steady) == ("False", "True", "False")
+    assert int(released_mib) > 200, released_mib   # the freed block's pages left the RSS

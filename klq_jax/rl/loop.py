@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from klq_jax.allocator import release_freed_memory
+from klq_jax.allocator import HeapGrowthGuard, release_freed_memory
 from klq_jax.rl import losses
 from klq_jax.rl.train_step import ApplyFn, Rollout, TrainState, apply_from, compute_targets, make_update, policy_outputs
 
@@ -152,6 +152,7 @@ def run(
     shape_rewards = jax.jit(functools.partial(_shaped_rewards, algo_cfg=algo_cfg))
     summarise = jax.jit(rollout_metrics)
 
+    heap_guard = HeapGrowthGuard()  # klq_jax/allocator.py: kept host memory does not pile up across iterations
     # islice stops before pulling a batch it will not use (a resumable prompt stream stays exact).
     for it, prompt_batch in zip(itertools.count(start_iteration), itertools.islice(prompts, num_iterations)):
         k_sample, k_update = jax.random.split(jax.random.fold_in(rng, it))
@@ -182,6 +183,7 @@ def run(
         stats = lap("targets", summarise(batch, raw_rewards, state.kl_coef))
         state, train_metrics = update(state, batch, k_update, algo_cfg.epochs, algo_cfg.num_minibatches)
         lap("update", train_metrics)
+        heap_guard.after_iteration()
 
         metrics = {k: float(v) for k, v in jax.device_get(stats).items()}
         metrics.update({f"train/{k}": float(v) for k, v in jax.device_get(train_metrics).items()})
