@@ -11,7 +11,8 @@ from klq_jax.rl.train_step import default_optim_config, make_optimizer
 
 
 def _params(rng):
-    return {"w": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32), "b": jnp.asarray(rng.normal(size=(3,)), jnp.float32)}
+    return {"w": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32),
+            "b": jnp.asarray(rng.normal(size=(3,)), jnp.float32)}
 
 
 @pytest.mark.parametrize("max_grad_norm", [0.0, 1.0, 50.0])

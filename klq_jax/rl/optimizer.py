@@ -9,8 +9,9 @@ applies as it reads the gradient: the moments and the update are written from th
 directly.
 
 The result equals `optax.chain(optax.clip_by_global_norm(max_grad_norm), optax.adamw(...))` applied to
-`grad_scale * grads` then `optax.apply_updates` (`tests/test_optimizer.py` checks it step by step), with the moments in the same
-place: `mu` in `mu_dtype` (computed in float32, stored rounded), `nu` in the parameters' dtype.
+`grad_scale * grads`, then `optax.apply_updates` (`tests/test_optimizer.py` checks it step by step), with
+the moments in the same place: `mu` in `mu_dtype` (computed in float32, stored rounded), `nu` in the
+parameters' dtype.
 """
 
 from __future__ import annotations

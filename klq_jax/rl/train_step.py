@@ -292,7 +292,8 @@ def _split_microbatches(tree, n: int):
     return jax.tree.map(split, tree)
 
 
-def make_train_step(apply_fn: ApplyFn, algo_cfg, optimizer: optax.GradientTransformation | ClippedAdamW, *, jit: bool = True):
+def make_train_step(apply_fn: ApplyFn, algo_cfg, optimizer: optax.GradientTransformation | ClippedAdamW, *,
+                    jit: bool = True):
     """`train_step(state, minibatch) -> (state, metrics)`: one optimiser step.
 
     With `algo_cfg.num_microbatches = n > 1` the minibatch is split in `n` along the batch axis,
