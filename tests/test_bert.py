@@ -19,16 +19,6 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def minilm_dir(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("KLQ_JAX_CACHE", str(tmp_path_factory.mktemp("cache")))
-        try:
-            return bert.embedded_minilm_path()
-        except ModuleNotFoundError as e:
-            pytest.skip(str(e))
-
-
-@pytest.fixture(scope="module")
 def encoder(minilm_dir):
     return bert.SentenceEncoder(minilm_dir)
 

@@ -242,42 +242,26 @@ def test_error_missing_tensor_and_corrupt_file(good_folder):
     assert "safetensors" in _one_line(e)
 
 
-def test_dense_backward_equals_autodiff():
-    """`dense` (the matmul with a written-out weight gradient) has autodiff's values and gradients."""
-    from klq_jax.models.transformer import dense
+@pytest.mark.parametrize("name", ["dense", "tied_head"])
+def test_written_out_backward_equals_autodiff(name):
+    """`dense` (`x @ w`, weight gradient `x^T dy`) and `tied_head` (logits `h @ embed^T`, embedding gradient
+    `(h^T dlogits)^T`) have autodiff's values and gradients."""
+    from klq_jax.models import transformer
 
     rng = np.random.default_rng(0)
+    ours = getattr(transformer, name)
+    autodiff = {"dense": jnp.matmul, "tied_head": lambda h, e: jnp.einsum("btd,vd->btv", h, e)}[name]
     x = jnp.asarray(rng.normal(size=(2, 5, 7)), jnp.float32)
-    w = jnp.asarray(rng.normal(size=(7, 3)), jnp.float32)
-    g = jnp.asarray(rng.normal(size=(2, 5, 3)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(7, 3) if name == "dense" else (11, 7)), jnp.float32)
+    g = jnp.asarray(rng.normal(size=autodiff(x, w).shape), jnp.float32)
 
-    def loss(matmul, x, w):
-        return jnp.sum(g * jnp.tanh(matmul(x, w)))
+    def loss(fn, x, w):
+        return jnp.sum(g * jnp.tanh(fn(x, w)))
 
-    np.testing.assert_allclose(dense(x, w), x @ w, rtol=1e-6)
-    ours = jax.grad(functools.partial(loss, dense), argnums=(0, 1))(x, w)
-    ref = jax.grad(functools.partial(loss, jnp.matmul), argnums=(0, 1))(x, w)
-    for a, b in zip(ours, ref):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-
-
-def test_tied_head_backward_equals_autodiff():
-    """`tied_head` (logits `h @ embed^T` with a written-out backward) has autodiff's values and gradients."""
-    from klq_jax.models.transformer import tied_head
-
-    rng = np.random.default_rng(1)
-    h = jnp.asarray(rng.normal(size=(2, 5, 7)), jnp.float32)
-    embed = jnp.asarray(rng.normal(size=(11, 7)), jnp.float32)
-    g = jnp.asarray(rng.normal(size=(2, 5, 11)), jnp.float32)
-
-    def loss(head, h, embed):
-        return jnp.sum(g * jnp.tanh(head(h, embed)))
-
-    autodiff_head = lambda h, e: jnp.einsum("btd,vd->btv", h, e)  # noqa: E731
-    np.testing.assert_allclose(tied_head(h, embed), autodiff_head(h, embed), rtol=1e-6)
-    ours = jax.grad(functools.partial(loss, tied_head), argnums=(0, 1))(h, embed)
-    ref = jax.grad(functools.partial(loss, autodiff_head), argnums=(0, 1))(h, embed)
-    for a, b in zip(ours, ref):
+    np.testing.assert_allclose(ours(x, w), autodiff(x, w), rtol=1e-6)
+    grads = jax.grad(functools.partial(loss, ours), argnums=(0, 1))(x, w)
+    ref = jax.grad(functools.partial(loss, autodiff), argnums=(0, 1))(x, w)
+    for a, b in zip(grads, ref):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 

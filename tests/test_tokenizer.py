@@ -52,18 +52,6 @@ def smollm_dir():
         pytest.skip(str(e))
 
 
-@pytest.fixture(scope="module")
-def minilm_dir(tmp_path_factory):
-    from klq_jax.models import bert
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("KLQ_JAX_CACHE", str(tmp_path_factory.mktemp("cache")))
-        try:
-            return bert.embedded_minilm_path()
-        except ModuleNotFoundError as e:
-            pytest.skip(str(e))
-
-
 def _pair(folder):
     return Tokenizer(folder), transformers.AutoTokenizer.from_pretrained(str(folder))
 
