@@ -181,7 +181,6 @@ def run(
         batch = batch.replace(rewards_b=shape_rewards(raw_rewards, batch), ref_logp_bt=ref_logp)
         batch = targets_fn(batch, state.kl_coef)
         stats = lap("targets", summarise(batch, raw_rewards, state.kl_coef))
-        heap_guard.before_update()
         state, train_metrics = update(state, batch, k_update, algo_cfg.epochs, algo_cfg.num_minibatches)
         lap("update", train_metrics)
         heap_guard.after_iteration()
