@@ -138,7 +138,6 @@ def run_ours(args) -> dict:
     import numpy as np
 
     from klq_jax import sharding, trainer
-    from klq_jax.allocator import release_freed_memory
     from klq_jax.data.datasets import PromptStream
     from klq_jax.rl import loop as rl_loop
     from klq_jax.rl.train_step import make_optimizer
@@ -151,12 +150,7 @@ def run_ours(args) -> dict:
     rl = trainer.rl_config(config)
     optimizer = make_optimizer(config.optim)
     mesh = sharding.make_mesh(config.mesh)
-    # As the trainer does: the state and the reference placed on the mesh (committed arrays, so the
-    # updated state has the shardings of the first one and nothing recompiles at the second iteration).
-    state = sharding.create_train_state(setup.params, optimizer, rl.kl_coef, mesh)
-    ref_params = sharding.place_state(setup.ref_params, mesh)
-    setup.policy = setup.params = setup.ref_params = None  # as the trainer: the state and ref_params hold them
-    release_freed_memory()
+    state, ref_params = trainer.place_on_mesh(setup, optimizer, rl.kl_coef, mesh)  # as the trainer does
     stream = PromptStream(setup.train_prompts, config.batch_size, seed=config.seed)
     apply_fn, ref_apply_fn, sample_fn, reward_fn = trainer.make_fns(setup, mesh,
                                                                     policy_stats=config.sampling.policy_stats)

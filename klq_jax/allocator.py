@@ -31,11 +31,18 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
 _NEVER = 2**31 - 1  # bytes: larger than any block; mallopt takes an int
 
 
+def _glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc (mallopt and malloc_trim are glibc's), else None."""
+    if platform.libc_ver()[0] != "glibc":
+        return None
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
+
 def keep_freed_memory() -> bool:
     """One malloc arena that keeps freed memory; returns whether it was applied."""
-    if os.environ.get("KLQ_JAX_MALLOC") == "default" or platform.libc_ver()[0] != "glibc":
+    libc = _glibc()
+    if os.environ.get("KLQ_JAX_MALLOC") == "default" or libc is None:
         return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     settings = ((_M_ARENA_MAX, 1), (_M_MMAP_THRESHOLD, _NEVER), (_M_TRIM_THRESHOLD, _NEVER))
     return all(libc.mallopt(param, value) == 1 for param, value in settings)
 
@@ -43,9 +50,9 @@ def keep_freed_memory() -> bool:
 def release_freed_memory() -> bool:
     """Give the pages of freed heap memory back to the OS (`malloc_trim(0)`, glibc); returns whether it ran.
     Later allocations fault them in again: call it after one-off work, not in a loop."""
-    if platform.libc_ver()[0] != "glibc":
+    libc = _glibc()
+    if libc is None:
         return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     libc.malloc_trim(0)
     return True
 

@@ -271,6 +271,19 @@ def train(config, workdir: str | os.PathLike) -> dict[str, float]:
         ckpt.close()
 
 
+def place_on_mesh(setup: Setup, optimizer, kl_coef, mesh):
+    """`(state, ref_params)`: the train state and the reference placed on `mesh` (committed arrays, so the
+    updated state keeps the first one's shardings and nothing recompiles at the second iteration).
+
+    Placing copies the weights: `setup.policy`, `params` and `ref_params` are dropped (1 GiB for SmolLM2-135M)
+    and what loading and converting the checkpoints freed is handed back."""
+    state = sharding.create_train_state(setup.params, optimizer, kl_coef, mesh)
+    ref_params = sharding.place_state(setup.ref_params, mesh)
+    setup.policy = setup.params = setup.ref_params = None
+    release_freed_memory()
+    return state, ref_params
+
+
 def _train(config, workdir: Path, ckpt) -> dict[str, float]:
     setup = build(config)
     write_config(config, workdir)
@@ -280,11 +293,7 @@ def _train(config, workdir: Path, ckpt) -> dict[str, float]:
     sharding.check_batch(config.batch_size, mesh, num_minibatches=rl.num_minibatches,
                          num_microbatches=rl.num_microbatches)
     # Built on the mesh before `abstract_state`, so a restored checkpoint lands in the same shardings.
-    state = sharding.create_train_state(setup.params, optimizer, rl.kl_coef, mesh)
-    ref_params = sharding.place_state(setup.ref_params, mesh)
-    # Placing copies the weights: from here the state and ref_params hold them (1 GiB for SmolLM2-135M).
-    setup.policy = setup.params = setup.ref_params = None
-    release_freed_memory()  # what loading and converting the checkpoints freed
+    state, ref_params = place_on_mesh(setup, optimizer, rl.kl_coef, mesh)
     with jax.set_mesh(mesh):
         return _train_on_mesh(config, workdir, ckpt, setup, rl, optimizer, state, ref_params, mesh)
 

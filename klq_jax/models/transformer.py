@@ -299,6 +299,7 @@ REMAT_POLICIES = {
 }
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def remat_layer_scan(layer_fn: Callable, x, stacked_params, aux):
     """`x <- layer_fn(x, params_l, aux)` for each layer `l` of `stacked_params` (leading axis), keeping only
     each layer's input for the backward, which recomputes the layer: `jax.checkpoint` with nothing saved
@@ -310,11 +311,6 @@ def remat_layer_scan(layer_fn: Callable, x, stacked_params, aux):
     made from the incoming cotangent, so they exist only from the start of the backward over the layers.
     Same values as autodiff. `aux` (masks, rotary tables) gets no gradient.
     """
-    return _remat_layer_scan(layer_fn, x, stacked_params, aux)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _remat_layer_scan(layer_fn, x, stacked_params, aux):
     return jax.lax.scan(lambda x, p: (layer_fn(x, p, aux), None), x, stacked_params)[0]
 
 
@@ -344,7 +340,7 @@ def _remat_layer_scan_bwd(layer_fn, residuals, dy):
     return dx, grads, jax.tree.map(lambda a: None, aux)
 
 
-_remat_layer_scan.defvjp(_remat_layer_scan_fwd, _remat_layer_scan_bwd)
+remat_layer_scan.defvjp(_remat_layer_scan_fwd, _remat_layer_scan_bwd)
 
 
 class CausalLM(nnx.Module):
@@ -423,11 +419,14 @@ class CausalLM(nnx.Module):
         if widen:
             block_state = jax.tree.map(_bf16_bits, block_state)
 
-        def body(x_btd, layer):
-            state, kv = layer
+        def run_layer(x_btd, state, rope, mask_bts, kv=None):
             if widen:
                 state = jax.tree.map(_widen_bf16_bits, state)
             return nnx.merge(graphdef, state)(x_btd, rope, mask_bts, kv, cache_pos)
+
+        def body(x_btd, layer):
+            state, kv = layer
+            return run_layer(x_btd, state, rope, mask_bts, kv)
 
         if layers is not None:  # unrolled: each layer's weights and cache read in place
             ks, vs = [], []
@@ -439,12 +438,10 @@ class CausalLM(nnx.Module):
                     vs.append(kv[1])
             new_cache = None if cache is None else KVCache(tuple(ks), tuple(vs))
         elif cache is None and self.remat == "full":
-            def layer(x_btd, state, aux):
-                if widen:
-                    state = jax.tree.map(_widen_bf16_bits, state)
-                return nnx.merge(graphdef, state)(x_btd, *aux)[0]
-
-            x = remat_layer_scan(layer, x, block_state, (rope, mask_bts))
+            # rope and the mask go in as `aux`, not closed over: a custom_vjp's function must not close over
+            # traced values.
+            x = remat_layer_scan(lambda x_btd, state, aux: run_layer(x_btd, state, *aux)[0], x, block_state,
+                                 (rope, mask_bts))
             new_cache = None
         else:
             if REMAT_POLICIES[self.remat] is not None:

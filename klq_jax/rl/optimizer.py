@@ -66,9 +66,8 @@ def clipped_adamw(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.9, b2:
 
         def leaf(g, mu_old, nu_old, p, decays):
             g = g.astype(jnp.float32) * scale
-            mu, nu = mu_old, nu_old
-            mu = (1 - b1) * g + b1 * mu  # b1 * mu in mu's dtype, the sum in float32: optax's order
-            nu = b2 * nu + (1 - b2) * jnp.square(g)
+            mu = (1 - b1) * g + b1 * mu_old  # b1 * mu in mu's dtype, the sum in float32: optax's order
+            nu = b2 * nu_old + (1 - b2) * jnp.square(g)
             step = (mu / correct1) / (jnp.sqrt(nu / correct2) + eps)
             if decays and weight_decay:
                 step = step + weight_decay * p
