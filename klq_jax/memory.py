@@ -8,7 +8,8 @@ What one device holds (bytes per device; `B` the rollout batch, `P` the padded p
 `N` new tokens, `n = data*fsdp` the batch split, `tp` the tensor size, `a` the compute dtype's bytes, `h, k,
 f, V` heads, KV heads, MLP width and vocabulary divided by `tp` where it divides them):
 
-    resident  policy params + AdamW moments (mu, nu: the params' dtype and sharding) + reference params,
+    resident  policy params + AdamW moments (mu in `optim.mu_dtype`, bf16 by default; nu in the params'
+              dtype; both with the params' sharding) + reference params,
               exact: the sharding rules of `klq_jax.sharding` applied to the abstract models; + the
               reward model's params (`HFRewardModel` keeps them whole on one device of each host
               unless `--reward-sharded`) + the rollout batch.

@@ -11,7 +11,10 @@ directly.
 The result equals `optax.chain(optax.clip_by_global_norm(max_grad_norm), optax.adamw(...))` applied to
 `grad_scale * grads`, then `optax.apply_updates` (`tests/test_optimizer.py` checks it step by step), with
 the moments in the same place: `mu` in `mu_dtype` (computed in float32, stored rounded), `nu` in the
-parameters' dtype.
+parameters' dtype. One difference with a bfloat16 `mu`: the step reads the moment as stored (rounded),
+where optax reads the float32 value before rounding. Then each moment has one reader, the leaf's update
+writes it in place, and the update's temporaries stay those of a float32 `mu` (SmolLM2-135M: optax's order
+made XLA:CPU keep the float32 moments beside the bf16 ones, +0.20 GiB, more than the 0.25 GiB it saves).
 """
 
 from __future__ import annotations
@@ -66,12 +69,13 @@ def clipped_adamw(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.9, b2:
 
         def leaf(g, mu_old, nu_old, p, decays):
             g = g.astype(jnp.float32) * scale
-            mu = (1 - b1) * g + b1 * mu_old  # b1 * mu in mu's dtype, the sum in float32: optax's order
-            nu = b2 * nu_old + (1 - b2) * jnp.square(g)
-            step = (mu / correct1) / (jnp.sqrt(nu / correct2) + eps)
+            # b1 * mu in mu's dtype, the sum in float32 (optax's order); the step reads the moments as stored.
+            mu = ((1 - b1) * g + b1 * mu_old).astype(mu_old.dtype)
+            nu = (b2 * nu_old + (1 - b2) * jnp.square(g)).astype(nu_old.dtype)
+            step = (mu.astype(jnp.float32) / correct1) / (jnp.sqrt(nu.astype(jnp.float32) / correct2) + eps)
             if decays and weight_decay:
                 step = step + weight_decay * p
-            return (p - lr * step).astype(p.dtype), mu.astype(mu_old.dtype), nu.astype(nu_old.dtype)
+            return (p - lr * step).astype(p.dtype), mu, nu
 
         out = jax.tree.map(leaf, grads, state.mu, state.nu, params, decay)
         treedef = jax.tree.structure(params)

@@ -78,7 +78,7 @@ def default_optim_config() -> ml_collections.ConfigDict:
     c.b2 = 0.999
     c.eps = 1e-8
     c.weight_decay = 0.0        # applied to parameters with ndim >= 2 only
-    c.mu_dtype = "float32"      # AdamW's first moment: "float32" or "bfloat16" (a quarter of the optimiser state)
+    c.mu_dtype = "bfloat16"     # AdamW's first moment: "bfloat16" (default) or "float32"; a quarter of the state
     c.max_grad_norm = 1.0       # 0 = no clipping
     return c
 
@@ -100,8 +100,10 @@ def make_schedule(cfg) -> optax.Schedule:
 def make_optimizer(cfg) -> ClippedAdamW:
     """AdamW on `make_schedule(cfg)` after clipping to global norm `max_grad_norm` (`optimizer.clipped_adamw`:
     optax's `chain(clip_by_global_norm, adamw)`, applied to the summed gradient and 1/count without
-    materialising their product). Its first moment is stored in `mu_dtype`; the second moment stays float32
-    (bf16's 8-bit mantissa would round away `(1 - b2) g^2`)."""
+    materialising their product). Its first moment is stored in `mu_dtype` (bfloat16 by default: 8 steps of
+    SmolLM2-135M move the parameters within 0.34% of fp32's change, `benchmarks/optimizer_precision.py`); the
+    second moment stays float32 (bf16's 8-bit mantissa would round away `(1 - b2) g^2`). A config written
+    before the key existed gets float32, as it was trained."""
     mu_dtype = cfg.get("mu_dtype", "float32")
     if mu_dtype not in ("float32", "bfloat16"):
         raise ValueError(f"optim.mu_dtype={mu_dtype!r}: expected 'float32' or 'bfloat16'")
