@@ -5,20 +5,21 @@
 
 | variant               | policy = reference; reward; data  | machine                         | mesh   | GiB/dev |
 | --------------------- | --------------------------------- | ------------------------------- | ------ | ------- |
-| pythia1b_tldr_v4_8    | Pythia 1B SFT; 1B RM; TL;DR       | TPU v4-8: 4 chips x 32 GiB      | 1,4,1  | 12.1    |
-| pythia1b_tldr_v5e_8   | Pythia 1B SFT; 1B RM; TL;DR       | TPU v5e-8: 8 chips x 16 GiB     | 1,8,1  | 7.6     |
-| pythia2p8b_tldr_v5p_8 | Pythia 2.8B SFT; 2.8B RM; TL;DR   | TPU v5p-8: 4 chips x 95 GiB     | 1,4,1  | 30.0    |
-| pythia2p8b_tldr_v6e_8 | Pythia 2.8B SFT; 2.8B RM; TL;DR   | TPU v6e-8: 8 chips x 32 GiB     | 1,8,1  | 18.2    |
-| pythia2p8b_tldr_v4_16 | Pythia 2.8B SFT; 2.8B RM; TL;DR   | TPU v4-16: 8 chips x 32, 2 hosts| 1,8,1  | 18.2    |
-| llama8b_hh_v5p_64     | Llama 3.1 8B Instruct; 8B RM; HH  | TPU v5p-64: 32 chips, 8 hosts   | 1,16,2 | 24.0    |
-| pythia1b_tldr_gpu8    | Pythia 1B SFT; 1B RM; TL;DR       | 8 x A100 40 GB, one node        | 1,8,1  | 7.6     |
+| pythia1b_tldr_v4_8    | Pythia 1B SFT; 1B RM; TL;DR       | TPU v4-8: 4 chips x 32 GiB      | 1,4,1  | 11.6    |
+| pythia1b_tldr_v5e_8   | Pythia 1B SFT; 1B RM; TL;DR       | TPU v5e-8: 8 chips x 16 GiB     | 1,8,1  | 7.4     |
+| pythia2p8b_tldr_v5p_8 | Pythia 2.8B SFT; 2.8B RM; TL;DR   | TPU v5p-8: 4 chips x 95 GiB     | 1,4,1  | 28.7    |
+| pythia2p8b_tldr_v6e_8 | Pythia 2.8B SFT; 2.8B RM; TL;DR   | TPU v6e-8: 8 chips x 32 GiB     | 1,8,1  | 17.6    |
+| pythia2p8b_tldr_v4_16 | Pythia 2.8B SFT; 2.8B RM; TL;DR   | TPU v4-16: 8 chips x 32, 2 hosts| 1,8,1  | 17.6    |
+| llama8b_hh_v5p_64     | Llama 3.1 8B Instruct; 8B RM; HH  | TPU v5p-64: 32 chips, 8 hosts   | 1,16,2 | 23.5    |
+| pythia1b_tldr_gpu8    | Pythia 1B SFT; 1B RM; TL;DR       | 8 x A100 40 GB, one node        | 1,8,1  | 7.4     |
 | tiny_mesh             | embedded SmolLM2-135M; dialogue   | 8 (fake CPU) devices            | 2,2,2  |  0.8    |
 
 All keep the paper's settings of the task config (192 episodes per batch, 4 epochs x 4 minibatches;
-TL;DR prompts padded to 512 tokens and 53 new tokens), float32 parameters and AdamW moments, bfloat16
-compute, FSDP over the chips. GiB/dev is `python -m klq_jax.memory --config configs/scale.py:<variant>`'s
-per-device peak (`EXPECTED_PEAK_GIB`, checked by tests/test_memory.py; docs/scaling.md breaks it down). The
-reward model is counted as `HFRewardModel` holds it: whole, on one device of each host, in float32.
+TL;DR prompts padded to 512 tokens and 53 new tokens), float32 parameters and AdamW second moment (the
+first in bfloat16, `optim.mu_dtype`), bfloat16 compute, FSDP over the chips. GiB/dev is
+`python -m klq_jax.memory --config configs/scale.py:<variant>`'s per-device peak (`EXPECTED_PEAK_GIB`, checked by tests/test_memory.py; docs/scaling.md breaks it down). The
+reward model is counted as `HFRewardModel` holds it: whole, on one device of each host, in `reward.dtype`
+(bfloat16).
 
 Pythia 2.8B at 192 episodes does not fit 16-32 GiB chips four or eight at a time (v4-8, v5e-8): sampling
 decodes the whole batch at once, and its KV cache and prefill logits for 24-48 rows per chip come on top of
@@ -55,13 +56,13 @@ HARDWARE = {
 
 # Per-device peak (GiB) from `klq_jax.memory.estimate` for each variant on its machine.
 EXPECTED_PEAK_GIB = {
-    "pythia1b_tldr_v4_8": 12.1,
-    "pythia1b_tldr_v5e_8": 7.6,
-    "pythia2p8b_tldr_v5p_8": 30.0,
-    "pythia2p8b_tldr_v6e_8": 18.2,
-    "pythia2p8b_tldr_v4_16": 18.2,
-    "llama8b_hh_v5p_64": 24.0,
-    "pythia1b_tldr_gpu8": 7.6,
+    "pythia1b_tldr_v4_8": 11.6,
+    "pythia1b_tldr_v5e_8": 7.4,
+    "pythia2p8b_tldr_v5p_8": 28.7,
+    "pythia2p8b_tldr_v6e_8": 17.6,
+    "pythia2p8b_tldr_v4_16": 17.6,
+    "llama8b_hh_v5p_64": 23.5,
+    "pythia1b_tldr_gpu8": 7.4,
     "tiny_mesh": 0.8,
 }
 
@@ -72,7 +73,7 @@ def _tldr(size: str):
     c.model.policy = f"cleanrl/EleutherAI_pythia-{size}-deduped__sft__tldr"
     c.model.reference = ""               # the SFT checkpoint
     c.reward.path = f"cleanrl/EleutherAI_pythia-{size}-deduped__reward__tldr"
-    c.model.param_dtype = "float32"      # master weights and AdamW moments in float32 ...
+    c.model.param_dtype = "float32"      # master weights and AdamW second moment in float32 ...
     c.model.compute_dtype = "bfloat16"   # ... matmuls in bfloat16
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
     c.checkpoint.every = 20
