@@ -282,8 +282,8 @@ def model_dims(policy_path: Path) -> dict:
 def update_flops(dims: dict, batch: int, seq: int, epochs: int, backbones: int = 1,
                  head_positions: int | None = None) -> float:
     """Matmul FLOPs of the update: fwd+bwd (x3 of 2 per MAC) over B*T tokens, per epoch; the LM head over
-    `head_positions` positions per row (all T by default: TRL's; ours computes the N+1 that predict a
-    response token). Recomputation (remat) is not counted."""
+    `head_positions` positions per row (all T by default: TRL's; ours computes the N that predict a
+    response token, `logits_to = T - 1`). Recomputation (remat) is not counted."""
     tokens = batch * seq
     layers = 6 * dims["layer_params"] * tokens + 12 * dims["layers"] * batch * seq * seq * dims["attn_dim"]
     head_tokens = batch * (seq if head_positions is None else head_positions)
@@ -403,7 +403,7 @@ def main():
     seq = {s: results[s]["prompt_len"] + args.new_tokens for s in cols}
     for s in cols:
         flops = update_flops(dims, args.batch, seq[s], args.epochs, backbones=2 if s == "trl" else 1,
-                             head_positions=None if s == "trl" else args.new_tokens + 1)
+                             head_positions=None if s == "trl" else args.new_tokens)
         gflops = flops / rows[s]["update"] / 1e9
         frac = f", {gflops / mm['fp32']:.0%} of jnp fp32 matmul" if mm else ""
         print(f"update {names[s]}: T={seq[s]}, {flops / 1e12:.2f} TFLOP, {gflops:.0f} GFLOP/s{frac}")

@@ -71,7 +71,7 @@ def main():
 
     optimizer = make_optimizer(default_optim_config())
     batch = make_batch(jax.random.key(0), model.cfg, args.batch, args.length, args.response)
-    flops = train_flops(model.cfg, args.batch, args.length, args.response + 1)
+    flops = train_flops(model.cfg, args.batch, args.length, args.response)  # logits_to = T - 1: N positions
 
     # Peak of this CPU: a large fp32 matmul, same process, same moment.
     a = jax.random.normal(jax.random.key(1), (2048, 2048), jnp.float32)
