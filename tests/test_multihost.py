@@ -55,6 +55,9 @@ def worker(process_id: int, num_processes: int, port: int, out_dir: str) -> None
     algo.epochs, algo.num_minibatches, algo.kl_coef = 2, 2, 0.05
     optim = default_optim_config()
     optim.learning_rate = 3e-3
+    # float32 moments: a bfloat16 first moment turns the gradient's different summation order (fsdp across
+    # processes against one device) into whole bf16 rounding steps, beyond this float32 comparison.
+    optim.mu_dtype = "float32"
     optimizer = make_optimizer(optim)
     sampler = Sampler(graphdef=graphdef, eos_ids=(1,), pad_id=0, max_new_tokens=6, bucket=8)
 
