@@ -20,9 +20,11 @@ on the machine inflates neither side.
 
 The update's achieved FLOP/s counts the matmul FLOPs each side needs: per epoch `6 * N_layers * B*T`
 plus attention `12 * L * B * T^2 * d` (fwd+bwd; full T^2, as both sides compute it) plus the LM head
-`6 * d*V` per position where logits are made (TRL: all T; ours: the N+1 that predict response tokens);
+`6 * d*V` per position where logits are made (TRL: all T; ours: the N that predict response tokens);
 TRL's value backbone doubles the layer terms; recomputation (remat) is not counted. The CPU's matmul
-throughput is a jitted fp32 2048^3 `jnp.dot` measured in each JAX process just before its iterations.
+throughput is a jitted fp32 2048^3 `jnp.dot` (best of 5) measured in each of our processes before its
+set-up and after its iterations; each side's update is compared with the mean of its own two (TRL's with
+KLQ's).
 
     python benchmarks/iteration.py [--new_tokens 128] [--epochs 1] [--iterations 3] [--sides klq,ppo,trl]
         [--compute_dtype bfloat16] [--trl_python /work/venv-bench/bin/python] [--policy HF_FOLDER]
@@ -142,7 +144,7 @@ def run_ours(args) -> dict:
     from klq_jax.rl import loop as rl_loop
     from klq_jax.rl.train_step import make_optimizer
 
-    mm = jax_matmul_gflops()
+    mm_before = jax_matmul_gflops()
     config = make_config(args, args.side, args.reward_path)
     setup = trainer.build(config)
     # No EOS stop: an id that never occurs, so every response has exactly new_tokens tokens (as TRL's).
@@ -159,9 +161,17 @@ def run_ours(args) -> dict:
     with jax.set_mesh(mesh):
         iterations, curves = _iterate(args, config, rl, state, optimizer, apply_fn, sample_fn, reward_fn,
                                       ref_logprob_fn, stream)
+    rss_peak = rss_gib("VmHWM")
+    # The matmul reference of this side's update: measured in this process before its set-up and after its
+    # iterations, and averaged, so that each side is compared with the CPU as it was around its own run (a
+    # shared machine's throughput drifts over the minutes between the sides). The arrays fit in the freed
+    # update block, so the peak RSS is unchanged (checked against `rss_peak`).
+    mm_after = jax_matmul_gflops()
+    mm = {k: (mm_before[k] + mm_after[k]) / 2 for k in mm_before}
     return {
         "side": f"ours-{args.side}", "iterations": iterations, "curves": curves,
-        "matmul_gflops_jax": mm, "rss_setup_gib": rss_setup, "rss_peak_self_gib": rss_gib("VmHWM"),
+        "matmul_gflops_jax": mm, "matmul_gflops_jax_before": mm_before, "matmul_gflops_jax_after": mm_after,
+        "rss_setup_gib": rss_setup, "rss_peak_self_gib": rss_peak, "rss_peak_after_matmul_gib": rss_gib("VmHWM"),
         "batch": args.batch, "prompt_len": setup.prompt_length, "response_len": args.new_tokens,
         "versions": {"jax": jax.__version__, "numpy": np.__version__, "python": sys.version.split()[0]},
     }
@@ -405,11 +415,13 @@ def main():
         flops = update_flops(dims, args.batch, seq[s], args.epochs, backbones=2 if s == "trl" else 1,
                              head_positions=None if s == "trl" else args.new_tokens)
         gflops = flops / rows[s]["update"] / 1e9
-        frac = f", {gflops / mm['fp32']:.0%} of jnp fp32 matmul" if mm else ""
+        side_mm = results[s].get("matmul_gflops_jax", mm)  # ours: its own; TRL: ours (the same jnp matmul)
+        frac = f", {gflops / side_mm['fp32']:.0%} of jnp fp32 matmul ({side_mm['fp32']:.0f})" if mm else ""
         print(f"update {names[s]}: T={seq[s]}, {flops / 1e12:.2f} TFLOP, {gflops:.0f} GFLOP/s{frac}")
         summary[s] = gflops
     if mm:
-        print(f"matmul 2048^3 (jnp, same run): fp32 {mm['fp32']:.0f} GFLOP/s, bf16 {mm['bf16']:.0f} GFLOP/s"
+        print(f"matmul 2048^3 (jnp, same run; ours: each side's own, the mean of before and after its iterations): "
+              f"fp32 {mm['fp32']:.0f} GFLOP/s, bf16 {mm['bf16']:.0f} GFLOP/s"
               + (f"; torch fp32 {results['trl']['matmul_gflops_torch_fp32']:.0f} GFLOP/s" if "trl" in cols else ""))
     for s in cols:
         v = results[s]["versions"]
@@ -433,9 +445,8 @@ def main():
             out[f"{s}_iteration_s"] = rows[s]["iteration"]
             out[f"{s}_rss_gib"] = results[s]["rss_peak_gib"]
             if mm:
-                out[f"{s}_update_mm_fraction"] = summary[s] / mm["fp32"]
-    if mm:
-        out["matmul_fp32_gflops"] = mm["fp32"]
+                out[f"{s}_update_mm_fraction"] = summary[s] / results[s]["matmul_gflops_jax"]["fp32"]
+                out[f"{s}_matmul_fp32_gflops"] = results[s]["matmul_gflops_jax"]["fp32"]
     print("RESULT " + " ".join(f"{k}={v:.3g}" for k, v in out.items()))
 
 
