@@ -164,8 +164,9 @@ def run_ours(args) -> dict:
     rss_peak = rss_gib("VmHWM")
     # The matmul reference of this side's update: measured in this process before its set-up and after its
     # iterations, and averaged, so that each side is compared with the CPU as it was around its own run (a
-    # shared machine's throughput drifts over the minutes between the sides). The arrays fit in the freed
-    # update block, so the peak RSS is unchanged (checked against `rss_peak`).
+    # shared machine's throughput drifts over the minutes between the sides). Its arrays fit in the freed
+    # update block: `rss_peak_after_matmul_gib` beside `rss_peak_self_gib` in results.json shows the peak
+    # RSS unchanged.
     mm_after = jax_matmul_gflops()
     mm = {k: (mm_before[k] + mm_after[k]) / 2 for k in mm_before}
     return {

@@ -17,9 +17,9 @@
 All keep the paper's settings of the task config (192 episodes per batch, 4 epochs x 4 minibatches;
 TL;DR prompts padded to 512 tokens and 53 new tokens), float32 parameters and AdamW second moment (the
 first in bfloat16, `optim.mu_dtype`), bfloat16 compute, FSDP over the chips. GiB/dev is
-`python -m klq_jax.memory --config configs/scale.py:<variant>`'s per-device peak (`EXPECTED_PEAK_GIB`, checked by tests/test_memory.py; docs/scaling.md breaks it down). The
-reward model is counted as `HFRewardModel` holds it: whole, on one device of each host, in `reward.dtype`
-(bfloat16).
+`python -m klq_jax.memory --config configs/scale.py:<variant>`'s per-device peak (`EXPECTED_PEAK_GIB`,
+checked by tests/test_memory.py; docs/scaling.md breaks it down). The reward model is counted as
+`HFRewardModel` holds it: whole, on one device of each host, in `reward.dtype` (bfloat16).
 
 Pythia 2.8B at 192 episodes does not fit 16-32 GiB chips four or eight at a time (v4-8, v5e-8): sampling
 decodes the whole batch at once, and its KV cache and prefill logits for 24-48 rows per chip come on top of

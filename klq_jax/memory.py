@@ -257,8 +257,8 @@ def estimate(cfg: ModelConfig, work: Workload, mesh) -> Estimate:
              "full": a * d}[work.remat]
     b = B / (work.num_minibatches * work.num_microbatches * n)
     activations = b * T * (L * saved + (train_layer if work.remat != "none" else 0))
-    N1 = T - P  # logit positions of a rollout forward: P-1..T-2, those that predict a response token
-    logits = 2 * b * N1 * v_l * 4  # the logits, then the softmax turned into their gradient in place
+    N = T - P  # logit positions of a rollout forward: P-1..T-2, those that predict a response token
+    logits = 2 * b * N * v_l * 4  # the logits, then the softmax turned into their gradient in place
     # Gradients (+ the running sum with microbatches). `clipped_adamw` writes the moments and the parameters in
     # place as it reads them, but with the layers' backward written by autodiff (remat "none"/"dots") XLA keeps
     # one more parameter-sized buffer at the optimiser step (measured on XLA:CPU, docs/scaling.md).
@@ -277,9 +277,9 @@ def estimate(cfg: ModelConfig, work: Workload, mesh) -> Estimate:
     # log-softmax/entropy, partly fused: two copies) live after the layers are done; the peak is the larger.
     rows = B / n
     # With `tensor > 1` the log-softmax gathers the vocabulary: one copy is whole.
-    logits_fwd = rows * N1 * (v_l + (V if tp > 1 else v_l)) * 4
+    logits_fwd = rows * N * (v_l + (V if tp > 1 else v_l)) * 4
     # The gathered vocabulary matrix lives while the (local) logits are made, not while they are gathered.
-    forward = max(rows * T * full_layer + gathered_layers, logits_fwd, rows * N1 * v_l * 4 + gathered_vocab)
+    forward = max(rows * T * full_layer + gathered_layers, logits_fwd, rows * N * v_l * 4 + gathered_vocab)
     # With whole weights per device the sampler also holds a per-layer copy of the blocks' weights
     # (`CausalLM.unstack_layers`: decode steps read them in place).
     kv_cache = 2 * L * rows * T * k_l * hd * a
