@@ -22,9 +22,11 @@ The update's achieved FLOP/s counts the matmul FLOPs each side needs: per epoch 
 plus attention `12 * L * B * T^2 * d` (fwd+bwd; full T^2, as both sides compute it) plus the LM head
 `6 * d*V` per position where logits are made (TRL: all T; ours: the N that predict response tokens);
 TRL's value backbone doubles the layer terms; recomputation (remat) is not counted. The CPU's matmul
-throughput is a jitted fp32 2048^3 `jnp.dot` (best of 5) measured in each of our processes before its
-set-up and after its iterations; each side's update is compared with the mean of its own two (TRL's with
-KLQ's).
+throughput is a jitted fp32 2048^3 `jnp.dot` (best of 5), and the same product through numpy's BLAS,
+measured in each of our processes before its set-up and after its iterations; each side's update is
+compared with the mean of its own two (TRL's with KLQ's), against `jnp.dot` (`*_update_mm_fraction`) and
+against the better of the two (`*_update_best_mm_fraction`: XLA's kernel is not the CPU's fastest on
+every machine).
 
     python benchmarks/iteration.py [--new_tokens 128] [--epochs 1] [--iterations 3] [--sides klq,ppo,trl]
         [--compute_dtype bfloat16] [--trl_python /work/venv-bench/bin/python] [--policy HF_FOLDER]
@@ -132,6 +134,17 @@ def jax_matmul_gflops(n: int = 2048, repeats: int = 5) -> dict[str, float]:
             f(a, b).block_until_ready()
             best = min(best, time.perf_counter() - start)
         out[name] = 2 * n**3 / best / 1e9
+    # The same product through numpy's BLAS (OpenBLAS, all cores): XLA's own kernel is not the fastest on every
+    # CPU (on an AVX2-only EPYC it ran at 0.8-1.0x OpenBLAS's), so the update is also compared with the better.
+    import numpy as np
+
+    a = np.asarray(jax.random.normal(jax.random.key(0), (n, n), jnp.float32))
+    best = float("inf")
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - start)
+    out["fp32_numpy"] = 2 * n**3 / best / 1e9
     return out
 
 
@@ -301,6 +314,11 @@ def update_flops(dims: dict, batch: int, seq: int, epochs: int, backbones: int =
     return epochs * (backbones * layers + 6 * dims["lm_head"] * head_tokens)
 
 
+def best_matmul(mm: dict) -> float:
+    """The CPU's fp32 matmul throughput: the better of XLA's (jnp) and numpy's BLAS, measured in the same process."""
+    return max(mm["fp32"], mm.get("fp32_numpy", 0.0))
+
+
 def best(result: dict) -> dict:
     """The fastest iteration after the first (the first of ours compiles)."""
     its = result["iterations"]
@@ -417,12 +435,13 @@ def main():
                              head_positions=None if s == "trl" else args.new_tokens)
         gflops = flops / rows[s]["update"] / 1e9
         side_mm = results[s].get("matmul_gflops_jax", mm)  # ours: its own; TRL: ours (the same jnp matmul)
-        frac = f", {gflops / side_mm['fp32']:.0%} of jnp fp32 matmul ({side_mm['fp32']:.0f})" if mm else ""
+        frac = (f", {gflops / side_mm['fp32']:.0%} of jnp fp32 matmul ({side_mm['fp32']:.0f}), "
+                f"{gflops / best_matmul(side_mm):.0%} of the better of jnp and numpy" if mm else "")
         print(f"update {names[s]}: T={seq[s]}, {flops / 1e12:.2f} TFLOP, {gflops:.0f} GFLOP/s{frac}")
         summary[s] = gflops
     if mm:
         print(f"matmul 2048^3 (jnp, same run; ours: each side's own, the mean of before and after its iterations): "
-              f"fp32 {mm['fp32']:.0f} GFLOP/s, bf16 {mm['bf16']:.0f} GFLOP/s"
+              f"fp32 {mm['fp32']:.0f} GFLOP/s, bf16 {mm['bf16']:.0f} GFLOP/s; numpy fp32 {mm['fp32_numpy']:.0f} GFLOP/s"
               + (f"; torch fp32 {results['trl']['matmul_gflops_torch_fp32']:.0f} GFLOP/s" if "trl" in cols else ""))
     for s in cols:
         v = results[s]["versions"]
@@ -447,18 +466,26 @@ def main():
             out[f"{s}_rss_gib"] = results[s]["rss_peak_gib"]
             if mm:
                 out[f"{s}_update_mm_fraction"] = summary[s] / results[s]["matmul_gflops_jax"]["fp32"]
+                out[f"{s}_update_best_mm_fraction"] = summary[s] / best_matmul(results[s]["matmul_gflops_jax"])
                 out[f"{s}_matmul_fp32_gflops"] = results[s]["matmul_gflops_jax"]["fp32"]
+                out[f"{s}_numpy_matmul_fp32_gflops"] = results[s]["matmul_gflops_jax"]["fp32_numpy"]
     print("RESULT " + " ".join(f"{k}={v:.3g}" for k, v in out.items()))
 
 
 def _cpu_name() -> str:
+    """The CPU's model name and its widest vector ISA: the same model name ("AMD EPYC") covers VMs with
+    AVX-512 and VMs with AVX2 only, on which XLA's and torch's kernels, and so the ratios, differ."""
+    name, flags = "CPU", set()
     try:
         for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            if line.startswith("model name") and name == "CPU":
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
     except OSError:
-        pass
-    return "CPU"
+        return name
+    isa = next((label for flag, label in (("avx512f", "AVX-512"), ("avx2", "AVX2")) if flag in flags), None)
+    return f"{name}, {isa}" if isa else name
 
 
 if __name__ == "__main__":
