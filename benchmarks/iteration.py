@@ -118,33 +118,34 @@ def prompt_ids(args, reward_path: str) -> list[list[int]]:
 # Our side (child process).
 
 
-def jax_matmul_gflops(n: int = 2048, repeats: int = 5) -> dict[str, float]:
+def _best_seconds(fn, repeats: int) -> float:
+    """The fastest of `repeats` timed calls of `fn`, after one untimed warm-up call (compilation, page faults)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> dict[str, float]:
+    """Square `n` matmuls: jitted `jnp.dot` in fp32 and bf16 (fp32 accumulation), and numpy's BLAS in fp32."""
     import jax
     import jax.numpy as jnp
+    import numpy as np
 
+    flop = 2 * n**3
     out = {}
     for name, dtype in (("fp32", jnp.float32), ("bf16", jnp.bfloat16)):
         a = jax.random.normal(jax.random.key(0), (n, n), dtype)
         b = jax.random.normal(jax.random.key(1), (n, n), dtype)
         f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
-        f(a, b).block_until_ready()
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            f(a, b).block_until_ready()
-            best = min(best, time.perf_counter() - start)
-        out[name] = 2 * n**3 / best / 1e9
-    # The same product through numpy's BLAS (OpenBLAS, all cores): XLA's own kernel is not the fastest on every
-    # CPU (on an AVX2-only EPYC it ran at 0.8-1.0x OpenBLAS's), so the update is also compared with the better.
-    import numpy as np
-
+        out[name] = flop / _best_seconds(lambda: f(a, b).block_until_ready(), repeats) / 1e9
+    # XLA's kernel is not the CPU's fastest everywhere (on an AVX2-only EPYC it ran at 0.65-0.91x numpy's
+    # OpenBLAS in the benchmark's runs), so the update is also compared with the better of the two.
     a = np.asarray(jax.random.normal(jax.random.key(0), (n, n), jnp.float32))
-    best = float("inf")
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
-        a @ a
-        best = min(best, time.perf_counter() - start)
-    out["fp32_numpy"] = 2 * n**3 / best / 1e9
+    out["fp32_numpy"] = flop / _best_seconds(lambda: a @ a, repeats) / 1e9
     return out
 
 
@@ -157,7 +158,7 @@ def run_ours(args) -> dict:
     from klq_jax.rl import loop as rl_loop
     from klq_jax.rl.train_step import make_optimizer
 
-    mm_before = jax_matmul_gflops()
+    mm_before = matmul_gflops()
     config = make_config(args, args.side, args.reward_path)
     setup = trainer.build(config)
     # No EOS stop: an id that never occurs, so every response has exactly new_tokens tokens (as TRL's).
@@ -180,7 +181,7 @@ def run_ours(args) -> dict:
     # shared machine's throughput drifts over the minutes between the sides). Its arrays fit in the freed
     # update block: `rss_peak_after_matmul_gib` beside `rss_peak_self_gib` in results.json shows the peak
     # RSS unchanged.
-    mm_after = jax_matmul_gflops()
+    mm_after = matmul_gflops()
     mm = {k: (mm_before[k] + mm_after[k]) / 2 for k in mm_before}
     return {
         "side": f"ours-{args.side}", "iterations": iterations, "curves": curves,
@@ -440,7 +441,7 @@ def main():
         print(f"update {names[s]}: T={seq[s]}, {flops / 1e12:.2f} TFLOP, {gflops:.0f} GFLOP/s{frac}")
         summary[s] = gflops
     if mm:
-        print(f"matmul 2048^3 (jnp, same run; ours: each side's own, the mean of before and after its iterations): "
+        print(f"matmul 2048^3 (same run; ours: each side's own, the mean of before and after its iterations): "
               f"fp32 {mm['fp32']:.0f} GFLOP/s, bf16 {mm['bf16']:.0f} GFLOP/s; numpy fp32 {mm['fp32_numpy']:.0f} GFLOP/s"
               + (f"; torch fp32 {results['trl']['matmul_gflops_torch_fp32']:.0f} GFLOP/s" if "trl" in cols else ""))
     for s in cols:
