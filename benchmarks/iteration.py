@@ -395,14 +395,14 @@ def main():
             raise SystemExit(f"--sides: unknown side {side!r}; accepted: klq, ppo, trl")
         print(f"running {side} ...", file=sys.stderr, flush=True)
         results[side] = run_child(cmd, work / f"{side}.log")
-    (work / "results.json").write_text(json.dumps(results, indent=1))
+    cpu = _cpu_name()
+    (work / "results.json").write_text(json.dumps({**results, "cpu": cpu}, indent=1))
 
     dims = model_dims(policy_path)
     cols = [s for s in ("klq", "ppo", "trl") if s in results]
     names = {"klq": "ours KLQ", "ppo": "ours PPO", "trl": "TRL PPO"}
     rows = {s: best(results[s]) for s in cols}
     mm = next((results[s]["matmul_gflops_jax"] for s in ("klq", "ppo") if s in results), None)
-    cpu = _cpu_name()
     effective = make_config(args, "klq", str(reward_path))
     print(f"One iteration: {args.batch} prompts x {args.new_tokens} response tokens, {args.epochs} epoch(s), "
           f"1 minibatch; {policy_path.name} policy/reference/reward (TRL: + value model); "
@@ -473,20 +473,44 @@ def main():
     print("RESULT " + " ".join(f"{k}={v:.3g}" for k, v in out.items()))
 
 
+def _amd_zen(family: int, model: int) -> str | None:
+    """AMD's core generation from the CPUID family and model (/proc/cpuinfo's decimal values)."""
+    if family == 23:
+        return "Zen 2" if model >= 0x30 else "Zen/Zen+"
+    if family == 25:
+        return "Zen 4" if 0x10 <= model <= 0x1F or 0x60 <= model <= 0xAF else "Zen 3"
+    if family == 26:
+        return "Zen 5"
+    return None
+
+
 def _cpu_name() -> str:
-    """The CPU's model name and its widest vector ISA: the same model name ("AMD EPYC") covers VMs with
-    AVX-512 and VMs with AVX2 only, on which XLA's and torch's kernels, and so the ratios, differ."""
-    name, flags = "CPU", set()
+    """The CPU's model name, its core generation and its widest vector ISA. The same model name ("AMD EPYC")
+    covers VMs on Zen 3 (AVX2 only), Zen 4 (AVX-512 on 256-bit units) and faster AVX-512 hosts, on which XLA's
+    and torch's kernels, and so the ratios, differ."""
+    name, flags, family, model = "CPU", set(), None, None
     try:
         for line in open("/proc/cpuinfo"):
-            if line.startswith("model name") and name == "CPU":
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
+            key, _, value = line.partition(":")
+            key, value = key.strip(), value.strip()
+            if key == "model name" and name == "CPU":
+                name = value
+            elif key == "flags" and not flags:
+                flags = set(value.split())
+            elif key == "cpu family" and family is None:
+                family = int(value)
+            elif key == "model" and model is None:
+                model = int(value)
+    except (OSError, ValueError):
         return name
+    parts = [name]
+    if family is not None and model is not None:
+        zen = _amd_zen(family, model) if "AMD" in name else None
+        parts.append(f"family {family} model {model}" + (f" ({zen})" if zen else ""))
     isa = next((label for flag, label in (("avx512f", "AVX-512"), ("avx2", "AVX2")) if flag in flags), None)
-    return f"{name}, {isa}" if isa else name
+    if isa:
+        parts.append(isa)
+    return ", ".join(parts)
 
 
 if __name__ == "__main__":
