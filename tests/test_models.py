@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 from klq_jax.models.config import ModelConfigError  # noqa: E402
 from klq_jax.models.hf import CheckpointError, export_model, load_model, read_safetensors, write_safetensors  # noqa: E402
-from klq_jax.models.transformer import positions_from_mask  # noqa: E402
+from klq_jax.models.transformer import KVCache, positions_from_mask  # noqa: E402
 
 VOCAB = 97
 PAD = 0
@@ -151,6 +151,30 @@ def test_logits_from_is_the_tail_of_the_logits(tiny_checkpoint):
     middle = ours(*args, logits_from=5, logits_to=8)
     assert middle.logits_btv.shape == (3, 3, VOCAB)
     np.testing.assert_array_equal(np.asarray(middle.logits_btv), np.asarray(full.logits_btv[:, 5:8]))
+
+
+def test_decode_step_equals_full_forward(tiny_checkpoint):
+    """A cached decode step, by the layer scan (stacked weights) and by the sampler's unrolled path (per-layer
+    weights, q|k|v and gate|up fused into one matmul each), gives the full forward's logits and values."""
+    _, path, _ = tiny_checkpoint
+    ours = load_model(path, value_head=True)
+    ids, mask = _batch(padded=True)
+    tokens, mask_bt = jnp.asarray(ids.numpy()), jnp.asarray(mask.numpy().astype(bool))
+    positions = positions_from_mask(mask_bt)
+    full = ours(tokens, positions, mask_bt)
+    b, t = tokens.shape
+    kv_mask = mask_bt.at[:, -1].set(False)
+    prefill = ours(tokens[:, :-1], positions[:, :-1], kv_mask, cache=KVCache.zeros(ours.cfg, b, t), cache_pos=0)
+    step_args = (tokens[:, -1:], positions[:, -1:], mask_bt)
+    stacked = ours(*step_args, cache=prefill.cache, cache_pos=t - 1)
+    unrolled = ours(*step_args, cache=prefill.cache.unstacked(), cache_pos=t - 1, layers=ours.unstack_layers())
+    for step in (stacked, unrolled):
+        np.testing.assert_allclose(np.asarray(step.logits_btv[:, 0]), np.asarray(full.logits_btv[:, -1]),
+                                   atol=1e-5, rtol=0)
+        np.testing.assert_allclose(np.asarray(step.values_bt[:, 0]), np.asarray(full.values_bt[:, -1]),
+                                   atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(unrolled.cache.k_lbksh[-1]), np.asarray(stacked.cache.k_lbksh[-1]),
+                               atol=1e-5, rtol=0)
 
 
 def test_sharded_index_and_bf16(tmp_path):

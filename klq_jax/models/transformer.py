@@ -236,13 +236,17 @@ class Block(nnx.Module):
             return rms_norm(x, scale[...], self.cfg.norm_eps)
         return layer_norm(x, scale[...], bias[...], self.cfg.norm_eps)
 
-    def _attention(self, x_btd, rope, mask_bts, cache_kv, cache_pos):
+    def _attention(self, x_btd, rope, mask_bts, cache_kv, cache_pos, fuse_projections=False):
         cfg, dt = self.cfg, x_btd.dtype
         h, k_heads, g, hd = cfg.num_heads, cfg.num_kv_heads, cfg.num_groups, cfg.head_dim
         b, t, d = x_btd.shape
-        q = dense(x_btd, self.wq_dnh[...].astype(dt).reshape(d, h * hd)).reshape(b, t, h, hd)
-        k = dense(x_btd, self.wk_dkh[...].astype(dt).reshape(d, k_heads * hd)).reshape(b, t, k_heads, hd)
-        v = dense(x_btd, self.wv_dkh[...].astype(dt).reshape(d, k_heads * hd)).reshape(b, t, k_heads, hd)
+        wq, wk, wv = (w[...].reshape(d, -1) for w in (self.wq_dnh, self.wk_dkh, self.wv_dkh))
+        if fuse_projections:
+            qkv = dense(x_btd, jnp.concatenate([wq, wk, wv], axis=1).astype(dt))
+            q, k, v = jnp.split(qkv, [h * hd, (h + k_heads) * hd], axis=-1)
+        else:
+            q, k, v = (dense(x_btd, w.astype(dt)) for w in (wq, wk, wv))
+        q, k, v = q.reshape(b, t, h, hd), k.reshape(b, t, k_heads, hd), v.reshape(b, t, k_heads, hd)
         if self.bq_nh is not None:
             q, k, v = q + self.bq_nh[...].astype(dt), k + self.bk_kh[...].astype(dt), v + self.bv_kh[...].astype(dt)
         if rope is not None:
@@ -267,13 +271,18 @@ class Block(nnx.Module):
             out = out + self.bo_d[...].astype(dt)
         return out, cache_kv
 
-    def _mlp(self, x_btd):
+    def _mlp(self, x_btd, fuse_projections=False):
         dt = x_btd.dtype
-        up = dense(x_btd, self.w_up_df[...].astype(dt))
+        if fuse_projections and self.w_gate_df is not None:
+            gate_up = dense(x_btd, jnp.concatenate([self.w_gate_df[...], self.w_up_df[...]], axis=1).astype(dt))
+            gate, up = jnp.split(gate_up, 2, axis=-1)
+        else:
+            gate = None if self.w_gate_df is None else dense(x_btd, self.w_gate_df[...].astype(dt))
+            up = dense(x_btd, self.w_up_df[...].astype(dt))
         if self.b_up_f is not None:
             up = up + self.b_up_f[...].astype(dt)
-        if self.w_gate_df is not None:
-            hidden = jax.nn.silu(dense(x_btd, self.w_gate_df[...].astype(dt))) * up
+        if gate is not None:
+            hidden = jax.nn.silu(gate) * up
         else:
             hidden = activation(self.cfg.activation, up)
         out = dense(hidden, self.w_down_fd[...].astype(dt))
@@ -281,14 +290,17 @@ class Block(nnx.Module):
             out = out + self.b_down_d[...].astype(dt)
         return out
 
-    def __call__(self, x_btd, rope, mask_bts, cache_kv=None, cache_pos=None):
+    def __call__(self, x_btd, rope, mask_bts, cache_kv=None, cache_pos=None, fuse_projections=False):
+        """`fuse_projections`: q|k|v and gate|up as one matmul each, on weights concatenated in the program
+        (the unrolled decode path, whose per-layer weights are loop-invariant: XLA hoists the concatenation
+        out of the decode loop). Not for sharded weights, whose q and k/v shard over different head counts."""
         h = self._norm(x_btd, self.ln1_scale, self.ln1_bias)
-        attn, cache_kv = self._attention(h, rope, mask_bts, cache_kv, cache_pos)
+        attn, cache_kv = self._attention(h, rope, mask_bts, cache_kv, cache_pos, fuse_projections)
         if self.cfg.parallel_residual:
-            x_btd = x_btd + attn + self._mlp(self._norm(x_btd, self.ln2_scale, self.ln2_bias))
+            x_btd = x_btd + attn + self._mlp(self._norm(x_btd, self.ln2_scale, self.ln2_bias), fuse_projections)
         else:
             x_btd = x_btd + attn
-            x_btd = x_btd + self._mlp(self._norm(x_btd, self.ln2_scale, self.ln2_bias))
+            x_btd = x_btd + self._mlp(self._norm(x_btd, self.ln2_scale, self.ln2_bias), fuse_projections)
         return shard(x_btd, ("data", None, None)), cache_kv
 
 
@@ -419,20 +431,22 @@ class CausalLM(nnx.Module):
         if widen:
             block_state = jax.tree.map(_bf16_bits, block_state)
 
-        def run_layer(x_btd, state, rope, mask_bts, kv=None):
+        def run_layer(x_btd, state, rope, mask_bts, kv=None, fuse_projections=False):
             if widen:
                 state = jax.tree.map(_widen_bf16_bits, state)
-            return nnx.merge(graphdef, state)(x_btd, rope, mask_bts, kv, cache_pos)
+            return nnx.merge(graphdef, state)(x_btd, rope, mask_bts, kv, cache_pos, fuse_projections)
 
         def body(x_btd, layer):
             state, kv = layer
             return run_layer(x_btd, state, rope, mask_bts, kv)
 
         if layers is not None:  # unrolled: each layer's weights and cache read in place
+            # Fused projections: 3 fewer matmuls per layer. A decode step is ~400 small ops, each with a
+            # fixed cost on XLA:CPU (165-180 us on a 2-core Zen 4 VM): 77.6 -> 66.8 ms per 8-row step there.
             ks, vs = [], []
             for i, layer_state in enumerate(layers):
                 kv = None if cache is None else (cache.k_lbksh[i], cache.v_lbksh[i])
-                x, kv = body(x, (layer_state, kv))
+                x, kv = run_layer(x, layer_state, rope, mask_bts, kv, fuse_projections=True)
                 if kv is not None:
                     ks.append(kv[0])
                     vs.append(kv[1])
