@@ -317,7 +317,7 @@ def update_flops(dims: dict, batch: int, seq: int, epochs: int, backbones: int =
 
 def best_matmul(mm: dict) -> float:
     """The CPU's fp32 matmul throughput: the better of XLA's (jnp) and numpy's BLAS, measured in the same process."""
-    return max(mm["fp32"], mm.get("fp32_numpy", 0.0))
+    return max(mm["fp32"], mm["fp32_numpy"])
 
 
 def best(result: dict) -> dict:

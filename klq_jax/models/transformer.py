@@ -442,7 +442,8 @@ class CausalLM(nnx.Module):
 
         if layers is not None:  # unrolled: each layer's weights and cache read in place
             # Fused projections: 3 fewer matmuls per layer. A decode step is ~400 small ops, each with a
-            # fixed cost on XLA:CPU (165-180 us on a 2-core Zen 4 VM): 77.6 -> 66.8 ms per 8-row step there.
+            # fixed cost on XLA:CPU (165-180 us on a 2-core Zen 4 VM): 75.6 -> 66.7 ms per 8-row step there
+            # (docs/performance.md, item 23).
             ks, vs = [], []
             for i, layer_state in enumerate(layers):
                 kv = None if cache is None else (cache.k_lbksh[i], cache.v_lbksh[i])
