@@ -8,6 +8,7 @@ elementwise work. Prints a table (time, achieved FLOP/s: the FLOPs the step need
 counted) and `RESULT klq_over_ppo=<x> ...`.
 
     python benchmarks/update_cost.py [--batch 8 --length 192 --response 128 --repeats 3 --remat full]
+                                     [--matmul_dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -59,9 +60,11 @@ def main():
     parser.add_argument("--response", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--remat", default="full", help="none, dots or full (the trainer's model.remat)")
+    parser.add_argument("--matmul_dtype", default="", help="the matmuls' operand dtype (model.matmul_dtype; empty: "
+                        "float32); bfloat16 is also measured against a bf16 x bf16 -> fp32 matmul")
     args = parser.parse_args()
 
-    model = load_model(embedded_smollm2_path(), value_head=True, remat=args.remat)
+    model = load_model(embedded_smollm2_path(), value_head=True, remat=args.remat, matmul_dtype=args.matmul_dtype or None)
     graphdef, params = nnx.split(model)
 
     def apply_fn(params, tokens_bt, positions_bt, mask_bt, logits_from=0, logits_to=None):
@@ -74,13 +77,17 @@ def main():
     flops = train_flops(model.cfg, args.batch, args.length, args.response)  # logits_to = T - 1: N positions
 
     # Peak of this CPU: a large fp32 matmul, same process, same moment.
-    a = jax.random.normal(jax.random.key(1), (2048, 2048), jnp.float32)
-    matmul = jax.jit(lambda x: x @ x)
-    jax.block_until_ready(matmul(a))
-    t0 = time.perf_counter()
-    for _ in range(5):
+    def matmul_peak(dtype):
+        a = jax.random.normal(jax.random.key(1), (2048, 2048), jnp.float32).astype(dtype)
+        matmul = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32))
         jax.block_until_ready(matmul(a))
-    peak = 5 * 2 * 2048**3 / (time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for _ in range(5):
+            jax.block_until_ready(matmul(a))
+        return 5 * 2 * 2048**3 / (time.perf_counter() - t0)
+
+    peak = matmul_peak(jnp.float32)
+    peak_bf16 = matmul_peak(jnp.bfloat16) if args.matmul_dtype == "bfloat16" else None
 
     rows, seconds = [], {}
     for algo in ("ppo", "klq", "ppo", "klq"):  # interleaved, so drift in machine load hits both
@@ -99,9 +106,11 @@ def main():
             times.append(time.perf_counter() - t0)
         seconds[algo] = min(min(times), seconds.get(algo, np.inf))
 
-    print(f"SmolLM2-135M-Instruct + value head, fp32, batch {args.batch} x {args.length} tokens, "
+    print(f"SmolLM2-135M-Instruct + value head, fp32, matmuls {args.matmul_dtype or 'float32'}, batch {args.batch} x {args.length} tokens, "
           f"remat {args.remat}, CPU x{os.cpu_count()}, jax {jax.__version__}")
     print(f"CPU fp32 matmul peak (2048^3): {peak / 1e9:.1f} GFLOP/s")
+    if peak_bf16:
+        print(f"CPU bf16 x bf16 -> fp32 matmul peak (2048^3): {peak_bf16 / 1e9:.1f} GFLOP/s")
     print(f"{'update':<8}{'seconds':>10}{'GFLOP/s':>10}{'% of matmul peak':>18}")
     for algo in ("klq", "ppo"):
         achieved = flops / seconds[algo]
@@ -109,7 +118,9 @@ def main():
         print(f"{algo:<8}{seconds[algo]:>10.3f}{achieved / 1e9:>10.1f}{100 * achieved / peak:>17.1f}%")
     ratio = seconds["klq"] / seconds["ppo"]
     print(f"RESULT klq_over_ppo={ratio:.3f} klq_s={seconds['klq']:.3f} ppo_s={seconds['ppo']:.3f} "
-          f"klq_gflops={flops / seconds['klq'] / 1e9:.1f} peak_gflops={peak / 1e9:.1f}")
+          f"klq_gflops={flops / seconds['klq'] / 1e9:.1f} peak_gflops={peak / 1e9:.1f}"
+          + (f" peak_bf16_gflops={peak_bf16 / 1e9:.1f} klq_bf16_fraction={flops / seconds['klq'] / peak_bf16:.3f}"
+             if peak_bf16 else ""))
 
 
 if __name__ == "__main__":

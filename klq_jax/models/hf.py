@@ -368,9 +368,12 @@ def hf_tensors_to_params(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> di
 
 
 def load_model(name_or_path: str | os.PathLike, *, value_head: bool = False, score_head: bool = False,
-               param_dtype=jnp.float32, dtype=None, remat: str = "none", seed: int = 0) -> CausalLM:
+               param_dtype=jnp.float32, dtype=None, matmul_dtype=None, remat: str = "none",
+               seed: int = 0) -> CausalLM:
     """Loads an HF checkpoint into a CausalLM. Heads the checkpoint lacks (value head; a score head of
-    a base model) are freshly initialised; every tensor the model needs otherwise must be present."""
+    a base model) are freshly initialised; every tensor the model needs otherwise must be present.
+    Stored in `param_dtype`, computing in `dtype` (default: `param_dtype`), matmul operands in `matmul_dtype`
+    (default: `dtype`; accumulated in fp32)."""
     path = resolve_checkpoint(name_or_path)
     hf_config = read_hf_config(path)
     try:
@@ -382,7 +385,8 @@ def load_model(name_or_path: str | os.PathLike, *, value_head: bool = False, sco
         params.pop("lm_head_dv", None)  # a reward model needs no LM head
     abstract = nnx.eval_shape(lambda: CausalLM(
         cfg, lm_head=not score_head, value_head=value_head, score_head=score_head,
-        score_bias="score_b" in params, param_dtype=param_dtype, dtype=dtype or param_dtype, remat=remat,
+        score_bias="score_b" in params, param_dtype=param_dtype, dtype=dtype or param_dtype,
+        matmul_dtype=matmul_dtype, remat=remat,
         rngs=nnx.Rngs(seed)))
     flat = _flat_state(abstract)
     unused = set(params) - set(flat)

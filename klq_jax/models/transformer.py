@@ -116,55 +116,76 @@ def activation(name: str, x):
     return jax.nn.silu(x)
 
 
-@jax.custom_vjp
-def dense(x_bti: jax.Array, w_io: jax.Array) -> jax.Array:
-    """`x @ w` over the last axis of `x`, with the weight gradient computed as `x^T dy`.
+def _accumulate_dtype(matmul_dtype):
+    """Matmuls accumulate and return at least float32 (bf16 operands: fp32 accumulation and result)."""
+    return jnp.promote_types(matmul_dtype, jnp.float32)
+
+
+def matmul(a, b, subscripts: str, matmul_dtype=None, out_dtype=None):
+    """`einsum(subscripts, a, b)` on operands rounded to `matmul_dtype` (default: `a`'s dtype), accumulated in
+    at least fp32 and returned in `out_dtype` (default: `a`'s dtype).
+
+    XLA:CPU runs a bf16 x bf16 dot with an fp32 result at ~2x the fp32 matmul on CPUs with AVX-512 BF16 (258-313
+    against 100-157 GFLOP/s for the update's shapes on a 2-core Zen 4 VM), but one with a bf16 result at fp32
+    speed or slower (92-145): the result type, not the operands, picks the kernel.
+    """
+    mdt = matmul_dtype or a.dtype
+    out = jnp.einsum(subscripts, a.astype(mdt), b.astype(mdt), preferred_element_type=_accumulate_dtype(mdt))
+    return out.astype(out_dtype or a.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def dense(x_bti: jax.Array, w_io: jax.Array, matmul_dtype=None) -> jax.Array:
+    """`x @ w` over the last axis of `x`, with the weight gradient computed as `x^T dy`; operands rounded to
+    `matmul_dtype` (None: `x`'s dtype), accumulated in fp32 at least, the result in `x`'s dtype.
 
     Autodiff's transpose of the matmul computes `dw^T = dy^T x` and transposes it back, which makes XLA:CPU
     transpose the [tokens, out] cotangent (fused with the activation's backward for the MLP) at every layer;
     writing the backward out keeps both cotangents in their natural layout (SmolLM2 update on 2 CPU
     cores, 8 x 176 tokens: -0.45 s of 4.6 s). Same values as autodiff.
     """
-    return x_bti @ w_io
+    return matmul(x_bti, w_io, "...i,io->...o", matmul_dtype)
 
 
-def _dense_fwd(x_bti, w_io):
-    return x_bti @ w_io, (x_bti, w_io)
+def _dense_fwd(x_bti, w_io, matmul_dtype):
+    return dense(x_bti, w_io, matmul_dtype), (x_bti, w_io)
 
 
-def _dense_bwd(residuals, dy_bto):
+def _dense_bwd(matmul_dtype, residuals, dy_bto):
     x_bti, w_io = residuals
-    dx_bti = jnp.einsum("...o,io->...i", dy_bto, w_io)
-    dw_io = jnp.einsum("ni,no->io", x_bti.reshape(-1, x_bti.shape[-1]), dy_bto.reshape(-1, dy_bto.shape[-1]))
-    return dx_bti, dw_io.astype(w_io.dtype)
+    dx_bti = matmul(dy_bto, w_io, "...o,io->...i", matmul_dtype, out_dtype=x_bti.dtype)
+    dw_io = matmul(x_bti.reshape(-1, x_bti.shape[-1]), dy_bto.reshape(-1, dy_bto.shape[-1]), "ni,no->io",
+                   matmul_dtype, out_dtype=w_io.dtype)
+    return dx_bti, dw_io
 
 
 dense.defvjp(_dense_fwd, _dense_bwd)
 
 
-@jax.custom_vjp
-def tied_head(h_btd: jax.Array, embed_vd: jax.Array) -> jax.Array:
-    """Float32 logits `h @ embed^T` of a tied LM head, with the backward written out.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def tied_head(h_btd: jax.Array, embed_vd: jax.Array, matmul_dtype=None) -> jax.Array:
+    """Float32 logits `h @ embed^T` of a tied LM head (operands in `matmul_dtype`, None: `h`'s dtype), with the
+    backward written out.
 
     Autodiff transposes the [tokens, V] logits cotangent (the largest tensor of an update) to form the
     embedding gradient, and keeps it alive until then; here `d embed = (h^T dlogits)^T` transposes only the
     [d, V] product. Same values as autodiff.
     """
-    return jnp.einsum("btd,dv->btv", h_btd, embed_vd.T, preferred_element_type=jnp.float32)
+    return matmul(h_btd, embed_vd.T, "btd,dv->btv", matmul_dtype, out_dtype=jnp.float32)
 
 
-def _tied_head_fwd(h_btd, embed_vd):
-    return tied_head(h_btd, embed_vd), (h_btd, embed_vd)
+def _tied_head_fwd(h_btd, embed_vd, matmul_dtype):
+    return tied_head(h_btd, embed_vd, matmul_dtype), (h_btd, embed_vd)
 
 
-def _tied_head_bwd(residuals, dlogits_btv):
+def _tied_head_bwd(matmul_dtype, residuals, dlogits_btv):
     h_btd, embed_vd = residuals
-    dlogits = dlogits_btv.astype(h_btd.dtype)
-    dh_btd = jnp.einsum("btv,vd->btd", dlogits, embed_vd, preferred_element_type=jnp.float32)
+    mdt = matmul_dtype or h_btd.dtype
+    dlogits = dlogits_btv.astype(mdt)
+    dh_btd = matmul(dlogits, embed_vd, "btv,vd->btd", mdt, out_dtype=h_btd.dtype)
     h_nd = h_btd.reshape(-1, h_btd.shape[-1])
-    dembed_dv = jnp.einsum("nd,nv->dv", h_nd, dlogits.reshape(-1, dlogits.shape[-1]),
-                           preferred_element_type=jnp.float32)
-    return dh_btd.astype(h_btd.dtype), dembed_dv.T.astype(embed_vd.dtype)
+    dembed_dv = matmul(h_nd, dlogits.reshape(-1, dlogits.shape[-1]), "nd,nv->dv", mdt, out_dtype=jnp.float32)
+    return dh_btd, dembed_dv.T.astype(embed_vd.dtype)
 
 
 tied_head.defvjp(_tied_head_fwd, _tied_head_bwd)
@@ -236,16 +257,16 @@ class Block(nnx.Module):
             return rms_norm(x, scale[...], self.cfg.norm_eps)
         return layer_norm(x, scale[...], bias[...], self.cfg.norm_eps)
 
-    def _attention(self, x_btd, rope, mask_bts, cache_kv, cache_pos, fuse_projections=False):
+    def _attention(self, x_btd, rope, mask_bts, cache_kv, cache_pos, fuse_projections=False, matmul_dtype=None):
         cfg, dt = self.cfg, x_btd.dtype
         h, k_heads, g, hd = cfg.num_heads, cfg.num_kv_heads, cfg.num_groups, cfg.head_dim
         b, t, d = x_btd.shape
         wq, wk, wv = (w[...].reshape(d, -1) for w in (self.wq_dnh, self.wk_dkh, self.wv_dkh))
         if fuse_projections:
-            qkv = dense(x_btd, jnp.concatenate([wq, wk, wv], axis=1).astype(dt))
+            qkv = dense(x_btd, jnp.concatenate([wq, wk, wv], axis=1).astype(dt), matmul_dtype)
             q, k, v = jnp.split(qkv, [h * hd, (h + k_heads) * hd], axis=-1)
         else:
-            q, k, v = (dense(x_btd, w.astype(dt)) for w in (wq, wk, wv))
+            q, k, v = (dense(x_btd, w.astype(dt), matmul_dtype) for w in (wq, wk, wv))
         q, k, v = q.reshape(b, t, h, hd), k.reshape(b, t, k_heads, hd), v.reshape(b, t, k_heads, hd)
         if self.bq_nh is not None:
             q, k, v = q + self.bq_nh[...].astype(dt), k + self.bk_kh[...].astype(dt), v + self.bv_kh[...].astype(dt)
@@ -266,41 +287,45 @@ class Block(nnx.Module):
         out_bkgth = jnp.einsum("bkgts,bksh->bkgth", probs, v_bksh.astype(dt))
         out_btf = out_bkgth.transpose(0, 3, 1, 2, 4).reshape(b, t, h * hd)
         # The output projection as one [H*hd, D] matrix (a free reshape of [H, hd, D]).
-        out = dense(out_btf, self.wo_nhd[...].astype(dt).reshape(h * hd, d))
+        out = dense(out_btf, self.wo_nhd[...].astype(dt).reshape(h * hd, d), matmul_dtype)
         if self.bo_d is not None:
             out = out + self.bo_d[...].astype(dt)
         return out, cache_kv
 
-    def _mlp(self, x_btd, fuse_projections=False):
+    def _mlp(self, x_btd, fuse_projections=False, matmul_dtype=None):
         dt = x_btd.dtype
         if fuse_projections and self.w_gate_df is not None:
-            gate_up = dense(x_btd, jnp.concatenate([self.w_gate_df[...], self.w_up_df[...]], axis=1).astype(dt))
+            gate_up = dense(x_btd, jnp.concatenate([self.w_gate_df[...], self.w_up_df[...]], axis=1).astype(dt),
+                            matmul_dtype)
             gate, up = jnp.split(gate_up, 2, axis=-1)
         else:
-            gate = None if self.w_gate_df is None else dense(x_btd, self.w_gate_df[...].astype(dt))
-            up = dense(x_btd, self.w_up_df[...].astype(dt))
+            gate = None if self.w_gate_df is None else dense(x_btd, self.w_gate_df[...].astype(dt), matmul_dtype)
+            up = dense(x_btd, self.w_up_df[...].astype(dt), matmul_dtype)
         if self.b_up_f is not None:
             up = up + self.b_up_f[...].astype(dt)
         if gate is not None:
             hidden = jax.nn.silu(gate) * up
         else:
             hidden = activation(self.cfg.activation, up)
-        out = dense(hidden, self.w_down_fd[...].astype(dt))
+        out = dense(hidden, self.w_down_fd[...].astype(dt), matmul_dtype)
         if self.b_down_d is not None:
             out = out + self.b_down_d[...].astype(dt)
         return out
 
-    def __call__(self, x_btd, rope, mask_bts, cache_kv=None, cache_pos=None, fuse_projections=False):
+    def __call__(self, x_btd, rope, mask_bts, cache_kv=None, cache_pos=None, fuse_projections=False,
+                 matmul_dtype=None):
         """`fuse_projections`: q|k|v and gate|up as one matmul each, on weights concatenated in the program
         (the unrolled decode path, whose per-layer weights are loop-invariant: XLA hoists the concatenation
         out of the decode loop). Not for sharded weights, whose q and k/v shard over different head counts."""
         h = self._norm(x_btd, self.ln1_scale, self.ln1_bias)
-        attn, cache_kv = self._attention(h, rope, mask_bts, cache_kv, cache_pos, fuse_projections)
+        attn, cache_kv = self._attention(h, rope, mask_bts, cache_kv, cache_pos, fuse_projections, matmul_dtype)
         if self.cfg.parallel_residual:
-            x_btd = x_btd + attn + self._mlp(self._norm(x_btd, self.ln2_scale, self.ln2_bias), fuse_projections)
+            x_btd = x_btd + attn + self._mlp(self._norm(x_btd, self.ln2_scale, self.ln2_bias), fuse_projections,
+                                         matmul_dtype)
         else:
             x_btd = x_btd + attn
-            x_btd = x_btd + self._mlp(self._norm(x_btd, self.ln2_scale, self.ln2_bias), fuse_projections)
+            x_btd = x_btd + self._mlp(self._norm(x_btd, self.ln2_scale, self.ln2_bias), fuse_projections,
+                                         matmul_dtype)
         return shard(x_btd, ("data", None, None)), cache_kv
 
 
@@ -361,11 +386,14 @@ class CausalLM(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, lm_head: bool = True, value_head: bool = False,
                  score_head: bool = False, score_bias: bool = False, param_dtype=jnp.float32,
-                 dtype=jnp.float32, remat: str = "none", rngs: nnx.Rngs):
+                 dtype=jnp.float32, matmul_dtype=None, remat: str = "none", rngs: nnx.Rngs):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat={remat!r}; accepted: {sorted(REMAT_POLICIES)}")
         d, p = cfg.hidden_size, param_dtype
         self.cfg, self.dtype, self.remat = cfg, dtype, remat
+        # The operands of the layers' and the LM head's matmuls (None: `dtype`); they accumulate in fp32 and
+        # return `dtype`. bfloat16 with fp32 activations is what JAX's default precision does on TPU.
+        self.matmul_dtype = None if matmul_dtype is None else jnp.dtype(matmul_dtype)
         self.embed_vd = _param(rngs, (cfg.vocab_size, d), d, p, std=0.02)
         self.pos_embed_pd = _param(rngs, (cfg.max_position_embeddings, d), d, p, std=0.01) \
             if cfg.family == "gpt2" else None
@@ -434,7 +462,8 @@ class CausalLM(nnx.Module):
         def run_layer(x_btd, state, rope, mask_bts, kv=None, fuse_projections=False):
             if widen:
                 state = jax.tree.map(_widen_bf16_bits, state)
-            return nnx.merge(graphdef, state)(x_btd, rope, mask_bts, kv, cache_pos, fuse_projections)
+            return nnx.merge(graphdef, state)(x_btd, rope, mask_bts, kv, cache_pos, fuse_projections,
+                                              self.matmul_dtype)
 
         def body(x_btd, layer):
             state, kv = layer
@@ -473,10 +502,10 @@ class CausalLM(nnx.Module):
         if self.has_lm_head and return_logits:
             h_head = h[:, logits_from:logits_to]
             if self.lm_head_dv is None:
-                logits = tied_head(h_head, self.embed_vd[...].astype(dt))
+                logits = tied_head(h_head, self.embed_vd[...].astype(dt), self.matmul_dtype)
             else:
-                logits = jnp.einsum("btd,dv->btv", h_head, self.lm_head_dv[...].astype(dt),
-                                    preferred_element_type=jnp.float32)
+                logits = matmul(h_head, self.lm_head_dv[...].astype(dt), "btd,dv->btv", self.matmul_dtype,
+                                out_dtype=jnp.float32)
         values = None
         if self.value_w_d is not None:
             values = h.astype(jnp.float32) @ self.value_w_d[...] + self.value_b[...]
