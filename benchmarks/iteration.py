@@ -29,7 +29,7 @@ against the better of the two (`*_update_best_mm_fraction`: XLA's kernel is not 
 every machine).
 
     python benchmarks/iteration.py [--new_tokens 128] [--epochs 1] [--iterations 3] [--sides klq,ppo,trl]
-        [--compute_dtype bfloat16] [--trl_python /work/venv-bench/bin/python] [--policy HF_FOLDER]
+        [--compute_dtype bfloat16] [--matmul_dtype bfloat16] [--trl_python /work/venv-bench/bin/python] [--policy HF_FOLDER]
 
 Prints a table and a last line `RESULT speedup_vs_trl=... rss_ratio=... ...` (speedup: TRL's iteration
 time over ours, KLQ; rss_ratio: our peak RSS over TRL's, KLQ).
@@ -92,6 +92,7 @@ def make_config(args, algo: str, reward_path: str):
     c.reward.chat = True
     c.model.param_dtype = args.param_dtype
     c.model.compute_dtype = args.compute_dtype
+    c.model.matmul_dtype = args.matmul_dtype
     c.model.reference_dtype = args.ref_dtype or c.model.reference_dtype
     c.reward.dtype = args.reward_dtype or c.reward.dtype
     c.model.remat = args.remat
@@ -337,6 +338,9 @@ def main():
                         help="our prompt padding multiple (16: the 39-48-token prompts pad to 48, TRL's length)")
     parser.add_argument("--param_dtype", default="float32")
     parser.add_argument("--compute_dtype", default="float32")
+    parser.add_argument("--matmul_dtype", default="", help="config model.matmul_dtype: the operands of the matmuls "
+                        "of our policy, reference and reward model (empty: compute_dtype); with bfloat16 the update is "
+                        "compared with the bf16 x bf16 -> fp32 matmul")
     parser.add_argument("--ref_dtype", default="", help="the frozen reference's storage dtype "
                         "(config model.reference_dtype; default: the config's)")
     parser.add_argument("--reward_dtype", default="", help="the reward model's storage dtype (config reward.dtype; "
@@ -380,6 +384,7 @@ def main():
               "--iterations", str(args.iterations)]
     ours_flags = common + ["--batch", str(args.batch), "--prompt_bucket", str(args.prompt_bucket),
                            "--param_dtype", args.param_dtype, "--compute_dtype", args.compute_dtype,
+                           "--matmul_dtype", args.matmul_dtype,
                            "--ref_dtype", args.ref_dtype, "--reward_dtype", args.reward_dtype,
                            "--remat", args.remat, "--reward_path", str(reward_path), "--policy", args.policy]
     ours_flags += ["--policy_forward"] if args.policy_forward else []
@@ -406,7 +411,8 @@ def main():
     effective = make_config(args, "klq", str(reward_path))
     print(f"One iteration: {args.batch} prompts x {args.new_tokens} response tokens, {args.epochs} epoch(s), "
           f"1 minibatch; {policy_path.name} policy/reference/reward (TRL: + value model); "
-          f"params {args.param_dtype}, compute {args.compute_dtype}, reference {effective.model.reference_dtype}, "
+          f"params {args.param_dtype}, compute {args.compute_dtype}, matmuls {args.matmul_dtype or args.compute_dtype}, "
+          f"reference {effective.model.reference_dtype}, "
           f"reward {effective.reward.dtype}; {cpu}, {os.cpu_count()} cores")
     header = f"{'phase (s)':<22}" + "".join(f"{names[s]:>12}" for s in cols)
     if "trl" in cols:
@@ -438,6 +444,8 @@ def main():
         side_mm = results[s].get("matmul_gflops_jax", mm)  # ours: its own; TRL: ours (the same jnp matmul)
         frac = (f", {gflops / side_mm['fp32']:.0%} of jnp fp32 matmul ({side_mm['fp32']:.0f}), "
                 f"{gflops / best_matmul(side_mm):.0%} of the better of jnp and numpy" if mm else "")
+        if mm and s != "trl" and args.matmul_dtype == "bfloat16":
+            frac += f"; {gflops / side_mm['bf16']:.0%} of jnp's bf16 x bf16 -> fp32 matmul ({side_mm['bf16']:.0f})"
         print(f"update {names[s]}: T={seq[s]}, {flops / 1e12:.2f} TFLOP, {gflops:.0f} GFLOP/s{frac}")
         summary[s] = gflops
     if mm:
@@ -470,6 +478,9 @@ def main():
                 out[f"{s}_update_best_mm_fraction"] = summary[s] / best_matmul(results[s]["matmul_gflops_jax"])
                 out[f"{s}_matmul_fp32_gflops"] = results[s]["matmul_gflops_jax"]["fp32"]
                 out[f"{s}_numpy_matmul_fp32_gflops"] = results[s]["matmul_gflops_jax"]["fp32_numpy"]
+                if args.matmul_dtype == "bfloat16":  # the update's matmuls are bf16 x bf16 -> fp32: that is its peak
+                    out[f"{s}_update_bf16_mm_fraction"] = summary[s] / results[s]["matmul_gflops_jax"]["bf16"]
+                    out[f"{s}_matmul_bf16_gflops"] = results[s]["matmul_gflops_jax"]["bf16"]
     print("RESULT " + " ".join(f"{k}={v:.3g}" for k, v in out.items()))
 
 

@@ -33,13 +33,13 @@ class HFRewardModel(Reward):
     name = "hf-reward-model"
 
     def __init__(self, path: str, *, chat: bool | None = None, max_length: int = 1024, batch_size: int = 16,
-                 param_dtype=jnp.float32, dtype=None, mesh=None):
+                 param_dtype=jnp.float32, dtype=None, matmul_dtype=None, mesh=None):
         from klq_jax.tokenizer import load_tokenizer
 
         folder = resolve_checkpoint(path)
-        # Stored in `param_dtype`, computing in `dtype` (default: the same); bf16 storage with fp32 compute widens
-        # one layer at a time (klq_jax/models/transformer.py).
-        model = load_model(folder, score_head=True, param_dtype=param_dtype, dtype=dtype)
+        # Stored in `param_dtype`, computing in `dtype` (default: the same), matmul operands in `matmul_dtype`
+        # (default: `dtype`); bf16 storage with fp32 compute widens one layer at a time (models/transformer.py).
+        model = load_model(folder, score_head=True, param_dtype=param_dtype, dtype=dtype, matmul_dtype=matmul_dtype)
         self.cfg = model.cfg
         self.graphdef, self.state = nnx.split(model)  # the state alone holds the weights (no second copy)
         if mesh is not None:  # weights split over this host's devices by the parameter rules (FSDP/tensor)

@@ -69,6 +69,12 @@ def _dtype(name: str, key: str):
     return DTYPES[name]
 
 
+def _matmul_dtype(config):
+    """`model.matmul_dtype`: the operands of the models' matmuls (accumulated in fp32); empty: the compute dtype."""
+    name = config.model.matmul_dtype
+    return _dtype(name, "model.matmul_dtype") if name else None
+
+
 def encode_prompts(examples: list[PromptExample], tokenizer, config) -> list[Prompt]:
     """Chat template (when the tokenizer has one and the config asks for it) or plain text; prompts
     longer than `data.max_prompt_tokens` are an error, or dropped with `data.drop_long_prompts`."""
@@ -115,7 +121,8 @@ def build_reward(config) -> Reward:
         return HFRewardModel(config.reward.path, chat=config.reward.chat,
                              batch_size=max(config.batch_size // jax.process_count(), 1),
                              param_dtype=_dtype(storage, "reward.dtype"),
-                             dtype=_dtype(config.model.compute_dtype, "model.compute_dtype"), mesh=mesh)
+                             dtype=_dtype(config.model.compute_dtype, "model.compute_dtype"),
+                             matmul_dtype=_matmul_dtype(config), mesh=mesh)
     raise ConfigError(f"reward.kind={kind!r}; accepted: 'similarity', 'hf', 'callable'")
 
 
@@ -144,13 +151,16 @@ def build(config) -> Setup:
     param_dtype = _dtype(config.model.param_dtype, "model.param_dtype")
     compute_dtype = _dtype(config.model.compute_dtype, "model.compute_dtype")
     policy_path = resolve_model_path(config.model.policy)
+    # `model.matmul_dtype` applies to the policy, the reference and an HF reward model alike: the KL's two
+    # log-probabilities are then computed the same way (equal while the policy equals the reference).
+    matmul_dtype = _matmul_dtype(config)
     policy = load_model(policy_path, value_head=True, param_dtype=param_dtype, dtype=compute_dtype,
-                        remat=config.model.remat, seed=config.seed)
+                        matmul_dtype=matmul_dtype, remat=config.model.remat, seed=config.seed)
     ref_path = resolve_model_path(config.model.reference) if config.model.reference else policy_path
     # The frozen reference is stored in `model.reference_dtype` (bf16 halves it; it still computes in
     # `compute_dtype`): no optimizer state, so nothing needs its fp32 copy.
     ref_dtype = _dtype(config.model.reference_dtype, "model.reference_dtype")
-    reference = load_model(ref_path, param_dtype=ref_dtype, dtype=compute_dtype)
+    reference = load_model(ref_path, param_dtype=ref_dtype, dtype=compute_dtype, matmul_dtype=matmul_dtype)
     if reference.cfg.vocab_size != policy.cfg.vocab_size:
         raise CheckpointError(f"reference vocabulary {reference.cfg.vocab_size} differs from the policy's "
                               f"{policy.cfg.vocab_size}; accepted: a reference with the policy's tokenizer")

@@ -289,6 +289,61 @@ def test_written_out_backward_equals_autodiff(name):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["dense", "tied_head"])
+def test_bf16_matmuls_round_the_operands_and_accumulate_in_fp32(name):
+    """With `matmul_dtype=bfloat16`, `dense` and `tied_head` compute the float64 products of the bf16-rounded
+    operands (x, w forward; the rounded cotangent and operand backward) to fp32 accuracy: bf16 products are exact
+    in fp32, so only the fp32 accumulation rounds."""
+    from klq_jax.models import transformer
+
+    rng = np.random.default_rng(0)
+    ours = functools.partial(getattr(transformer, name), matmul_dtype=jnp.bfloat16)
+    x = jnp.asarray(rng.normal(size=(2, 5, 64)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(64, 48) if name == "dense" else (40, 64)), jnp.float32)
+
+    def r(a):  # bf16-rounded, as float64
+        return np.asarray(jnp.asarray(a).astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+
+    w_io = r(w) if name == "dense" else r(w).T  # the head's weight is [V, d]
+    y = ours(x, w)
+    assert y.dtype == jnp.float32
+    np.testing.assert_allclose(y, r(x) @ w_io, rtol=1e-5, atol=1e-5)
+    assert np.abs(np.asarray(y) - np.asarray(x, np.float64) @ np.asarray(w if name == "dense" else w.T)).max() > 1e-3
+    g = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+    dx, dw = jax.grad(lambda x, w: jnp.sum(g * ours(x, w)), argnums=(0, 1))(x, w)
+    np.testing.assert_allclose(dx, r(g) @ w_io.T, rtol=1e-5, atol=1e-5)
+    dw_io = r(x).reshape(-1, 64).T @ r(g).reshape(-1, y.shape[-1])
+    np.testing.assert_allclose(dw, dw_io if name == "dense" else dw_io.T, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_matmul_model(tiny_checkpoint):
+    """`matmul_dtype=bfloat16`: the layers' and the head's dots take bf16 operands and return fp32 (the fast
+    kind on CPUs with AVX-512 BF16), forward and backward; the logits stay within bf16's rounding of fp32's."""
+    _, path, _ = tiny_checkpoint
+    fp32 = load_model(path, value_head=True)
+    bf16 = load_model(path, value_head=True, matmul_dtype=jnp.bfloat16, remat="full")
+    ids, mask = _batch()
+    tokens, mask_bt = jnp.asarray(ids.numpy()), jnp.asarray(mask.numpy().astype(bool))
+    positions = positions_from_mask(mask_bt)
+    want = fp32(tokens, positions, mask_bt).logits_btv
+    got = bf16(tokens, positions, mask_bt).logits_btv
+    err = np.abs(np.asarray(got - want))[mask.numpy().astype(bool)]
+    scale = np.abs(np.asarray(want)).max()
+    assert 1e-6 * scale < err.max() < 3e-2 * scale, (err.max(), scale)
+    graphdef, params = nnx.split(bf16)
+
+    def loss(params):
+        out = nnx.merge(graphdef, params)(tokens, positions, mask_bt)
+        return jnp.sum(jnp.where(mask_bt[..., None], out.logits_btv, 0.0) ** 2) + jnp.sum(out.values_bt)
+
+    text = jax.jit(jax.grad(loss)).lower(params).as_text()
+    dots = [line for line in text.splitlines() if "stablehlo.dot_general" in line]
+    bf16_dots = [d for d in dots if d.split("->")[-1].strip().endswith("xf32>") and d.count("xbf16>") == 2]
+    assert not [d for d in dots if d.split("->")[-1].strip().endswith("xbf16>")]  # no bf16 result: the slow kind
+    # Forward, recomputation and backward of the 7 projections, and the head's forward and 2 backward dots.
+    assert len(bf16_dots) >= 3 * 7 + 3, "\n".join(dots)
+
+
 def test_bf16_stored_layers_are_widened_one_at_a_time(tiny_checkpoint):
     """A bf16-stored model computing in fp32 (a frozen reference) gives exactly the fp32 forward of the
     bf16-rounded weights, and its compiled forward holds no fp32 copy of the stacked layers."""

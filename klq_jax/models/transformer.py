@@ -134,24 +134,25 @@ def matmul(a, b, subscripts: str, matmul_dtype=None, out_dtype=None):
     return out.astype(out_dtype or a.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def dense(x_bti: jax.Array, w_io: jax.Array, matmul_dtype=None) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def dense(x_bti: jax.Array, w_io: jax.Array, matmul_dtype=None, out_dtype=None) -> jax.Array:
     """`x @ w` over the last axis of `x`, with the weight gradient computed as `x^T dy`; operands rounded to
-    `matmul_dtype` (None: `x`'s dtype), accumulated in fp32 at least, the result in `x`'s dtype.
+    `matmul_dtype` (None: `x`'s dtype), accumulated in fp32 at least, the result in `out_dtype` (None: `x`'s).
+    The backward rounds the cotangent to `matmul_dtype` too: autodiff's transpose of a bf16 dot would return bf16.
 
     Autodiff's transpose of the matmul computes `dw^T = dy^T x` and transposes it back, which makes XLA:CPU
     transpose the [tokens, out] cotangent (fused with the activation's backward for the MLP) at every layer;
     writing the backward out keeps both cotangents in their natural layout (SmolLM2 update on 2 CPU
     cores, 8 x 176 tokens: -0.45 s of 4.6 s). Same values as autodiff.
     """
-    return matmul(x_bti, w_io, "...i,io->...o", matmul_dtype)
+    return matmul(x_bti, w_io, "...i,io->...o", matmul_dtype, out_dtype)
 
 
-def _dense_fwd(x_bti, w_io, matmul_dtype):
-    return dense(x_bti, w_io, matmul_dtype), (x_bti, w_io)
+def _dense_fwd(x_bti, w_io, matmul_dtype, out_dtype):
+    return dense(x_bti, w_io, matmul_dtype, out_dtype), (x_bti, w_io)
 
 
-def _dense_bwd(matmul_dtype, residuals, dy_bto):
+def _dense_bwd(matmul_dtype, out_dtype, residuals, dy_bto):
     x_bti, w_io = residuals
     dx_bti = matmul(dy_bto, w_io, "...o,io->...i", matmul_dtype, out_dtype=x_bti.dtype)
     dw_io = matmul(x_bti.reshape(-1, x_bti.shape[-1]), dy_bto.reshape(-1, dy_bto.shape[-1]), "ni,no->io",
@@ -504,8 +505,7 @@ class CausalLM(nnx.Module):
             if self.lm_head_dv is None:
                 logits = tied_head(h_head, self.embed_vd[...].astype(dt), self.matmul_dtype)
             else:
-                logits = matmul(h_head, self.lm_head_dv[...].astype(dt), "btd,dv->btv", self.matmul_dtype,
-                                out_dtype=jnp.float32)
+                logits = dense(h_head, self.lm_head_dv[...].astype(dt), self.matmul_dtype, jnp.float32)
         values = None
         if self.value_w_d is not None:
             values = h.astype(jnp.float32) @ self.value_w_d[...] + self.value_b[...]
