@@ -1,13 +1,15 @@
-"""The AdamW first moment in bfloat16 against float32: the same KLQ updates, side by side.
+"""bfloat16 against float32 in the update, the same KLQ updates side by side: the AdamW first moment
+(`--compare mu_dtype`, the default) or the matmul operands (`--compare matmul_dtype`, model.matmul_dtype).
 
 SmolLM2-135M-Instruct with its value head, set up as the trainer does (remat full, `optim` defaults but
-`mu_dtype`). Each run starts from the same weights and takes `--steps` updates, step `i` on the same
+`mu_dtype`, the model's `matmul_dtype`). Each run starts from the same weights and takes `--steps` updates, step `i` on the same
 random rollout batch (`update_cost.make_batch`, key `i`) in both runs. Prints the per-step loss,
 approx. KL and gradient norm of both, how far the bf16 run's parameters end from the fp32 run's relative
 to how far the fp32 run moved them, the optimiser state of each, and
 `RESULT param_deviation=<rel> loss_max_rel_diff=<x> ...`.
 
     python benchmarks/optimizer_precision.py [--steps 8 --batch 8 --length 176 --response 128]
+                                             [--compare matmul_dtype]
 """
 
 from __future__ import annotations
@@ -54,21 +56,28 @@ def main():
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=176)
     parser.add_argument("--response", type=int, default=128)
+    parser.add_argument("--compare", default="mu_dtype", choices=("mu_dtype", "matmul_dtype"))
     args = parser.parse_args()
 
     model = load_model(embedded_smollm2_path(), value_head=True, remat="full")
     graphdef, params = nnx.split(model)
+    graphdef16 = nnx.graphdef(load_model(embedded_smollm2_path(), value_head=True, remat="full",
+                                         matmul_dtype=jnp.bfloat16))
     cfg = model.cfg
     params0 = jax.tree.map(np.asarray, params)
     del model, params
     algo = default_algo_config()
     algo.algo = "klq"
 
-    results = {mu: run(graphdef, cfg, params0, algo, mu, args) for mu in ("float32", "bfloat16")}
+    if args.compare == "mu_dtype":
+        results = {mu: run(graphdef, cfg, params0, algo, mu, args) for mu in ("float32", "bfloat16")}
+    else:  # both with the fp32 first moment
+        results = {"float32": run(graphdef, cfg, params0, algo, "float32", args),
+                   "bfloat16": run(graphdef16, cfg, params0, algo, "float32", args)}
     (m32, p32, gib32), (m16, p16, gib16) = results["float32"], results["bfloat16"]
 
     print(f"KLQ updates of SmolLM2-135M, {args.batch} x {args.length} tokens ({args.response} response), "
-          "same batches in both runs")
+          f"same batches in both runs; bf16 against fp32: {args.compare}")
     print(f"{'step':>4}" + "".join(f"{k + ' fp32':>16}{k + ' bf16':>16}" for k in KEYS))
     for i, (a, b) in enumerate(zip(m32, m16)):
         print(f"{i:>4}" + "".join(f"{a[k]:>16.6f}{b[k]:>16.6f}" for k in KEYS))
