@@ -343,13 +343,10 @@ class Block(nnx.Module):
         out of the decode loop). Not for sharded weights, whose q and k/v shard over different head counts."""
         h = self._norm(x_btd, self.ln1_scale, self.ln1_bias)
         attn, cache_kv = self._attention(h, rope, mask_bts, cache_kv, cache_pos, fuse_projections, matmul_dtype)
-        if self.cfg.parallel_residual:
-            x_btd = x_btd + attn + self._mlp(self._norm(x_btd, self.ln2_scale, self.ln2_bias), fuse_projections,
-                                         matmul_dtype)
-        else:
+        if not self.cfg.parallel_residual:
             x_btd = x_btd + attn
-            x_btd = x_btd + self._mlp(self._norm(x_btd, self.ln2_scale, self.ln2_bias), fuse_projections,
-                                         matmul_dtype)
+        mlp = self._mlp(self._norm(x_btd, self.ln2_scale, self.ln2_bias), fuse_projections, matmul_dtype)
+        x_btd = x_btd + attn + mlp if self.cfg.parallel_residual else x_btd + mlp
         return shard(x_btd, ("data", None, None)), cache_kv
 
 
