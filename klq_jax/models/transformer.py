@@ -143,7 +143,7 @@ def dense(x_bti: jax.Array, w_io: jax.Array, matmul_dtype=None, out_dtype=None) 
     Autodiff's transpose of the matmul computes `dw^T = dy^T x` and transposes it back, which makes XLA:CPU
     transpose the [tokens, out] cotangent (fused with the activation's backward for the MLP) at every layer;
     writing the backward out keeps both cotangents in their natural layout (SmolLM2 update on 2 CPU
-    cores, 8 x 176 tokens: -0.45 s of 4.6 s). Same values as autodiff.
+    cores, 8 x 176 tokens: -0.45 s of 4.6 s). In fp32, the same values as autodiff.
     """
     return matmul(x_bti, w_io, "...i,io->...o", matmul_dtype, out_dtype)
 
@@ -165,12 +165,16 @@ def _row_major_transpose(x_ni: jax.Array) -> jax.Array:
     return jax.lax.optimization_barrier(x_ni.T.reshape(-1)).reshape(i, n)
 
 
-def _weight_gradient(x_ni, dy_no, matmul_dtype, out_dtype):
-    """`x^T dy` ([i, o]): the weight gradient of `x @ w`, both operands rounded to `matmul_dtype`."""
+def _weight_gradient(x_ni, dy_no, matmul_dtype, out_dtype, transposed: bool = False):
+    """`x^T dy` ([i, o]; `[o, i]` when `transposed`): the weight gradient of `x @ w`, operands in `matmul_dtype`."""
     mdt = jnp.dtype(matmul_dtype or x_ni.dtype)
-    if mdt.itemsize == 2:  # bf16/fp16 operands: `x^T` written out, so that the dot runs on YNNPACK's kernels
-        return matmul(_row_major_transpose(x_ni.astype(mdt)), dy_no, "in,no->io", mdt, out_dtype)
-    return matmul(x_ni, dy_no, "ni,no->io", mdt, out_dtype)
+    if mdt.itemsize != 2:
+        dw_io = matmul(x_ni, dy_no, "ni,no->io", mdt, out_dtype)
+        return dw_io.T if transposed else dw_io
+    # bf16/fp16 operands: `x^T` written out, so that the dot runs on YNNPACK's kernels; and the result's transpose
+    # kept out of the dot, which XLA would otherwise fold into it as a dot that YNNPACK refuses too.
+    dw_io = matmul(_row_major_transpose(x_ni.astype(mdt)), dy_no, "in,no->io", mdt, out_dtype)
+    return jax.lax.optimization_barrier(dw_io).T if transposed else dw_io
 
 
 def _dense_bwd(matmul_dtype, out_dtype, residuals, dy_bto):
@@ -206,10 +210,8 @@ def _tied_head_bwd(matmul_dtype, residuals, dlogits_btv):
     dlogits = dlogits_btv.astype(mdt)
     dh_btd = matmul(dlogits, embed_vd, "btv,vd->btd", mdt, out_dtype=h_btd.dtype)
     h_nd = h_btd.reshape(-1, h_btd.shape[-1])
-    dembed_dv = _weight_gradient(h_nd, dlogits.reshape(-1, dlogits.shape[-1]), mdt, jnp.float32)
-    if jnp.dtype(mdt).itemsize == 2:  # XLA would fold the transpose below into the dot, which YNNPACK then refuses
-        dembed_dv = jax.lax.optimization_barrier(dembed_dv)
-    return dh_btd, dembed_dv.T.astype(embed_vd.dtype)
+    dembed_vd = _weight_gradient(h_nd, dlogits.reshape(-1, dlogits.shape[-1]), mdt, jnp.float32, transposed=True)
+    return dh_btd, dembed_vd.astype(embed_vd.dtype)
 
 
 tied_head.defvjp(_tied_head_fwd, _tied_head_bwd)
