@@ -95,6 +95,7 @@ def make_config(args, algo: str, reward_path: str):
     c.model.matmul_dtype = args.matmul_dtype
     c.model.reference_dtype = args.ref_dtype or c.model.reference_dtype
     c.reward.dtype = args.reward_dtype or c.reward.dtype
+    c.reward.matmul_dtype = c.reward.matmul_dtype if args.reward_matmul_dtype is None else args.reward_matmul_dtype
     c.model.remat = args.remat
     c.sampling.policy_stats = not args.policy_forward
     return c
@@ -234,11 +235,13 @@ def check_dtypes(args) -> None:
 
     apply_fn, ref_apply_fn, sample_fn, _ = trainer.make_fns(setup, sharding.make_mesh(config.mesh))
     forward = rl_loop.make_policy_forward(apply_fn, 1.0)
-    rewards = {dt: HFRewardModel(args.reward_path, chat=True, batch_size=args.batch, param_dtype=trainer.DTYPES[dt],
-                                 dtype=jnp.float32)
-               for dt in ("float32", "bfloat16")}
+    # fp32; bf16 storage computing in fp32; bf16 storage with bf16 matmul operands (fp32 accumulation).
+    rewards = {name: HFRewardModel(args.reward_path, chat=True, batch_size=args.batch, param_dtype=trainer.DTYPES[dt],
+                                   dtype=jnp.float32, matmul_dtype=mm)
+               for name, dt, mm in (("float32", "float32", None), ("bfloat16", "bfloat16", None),
+                                    ("bfloat16_mm", "bfloat16", jnp.bfloat16))}
     ref16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), setup.ref_params)
-    kl_d, r_d, r_ref, r16 = [], [], [], []
+    kl_d, r_d, r_ref, r16, rmm_d, r16mm = [], [], [], [], [], []
     for i in range(args.check_batches):
         batch = sample_fn(setup.params, setup.train_prompts[:args.batch], jax.random.key(100 + i))
         logp = forward(setup.params, batch)[0]
@@ -257,14 +260,20 @@ def check_dtypes(args) -> None:
         r_d.append(np.abs(scores["bfloat16"] - scores["float32"]))
         r_ref.append(scores["float32"])
         r16.append(scores["bfloat16"])
-    kl_d, r_d, r_ref, r16 = map(np.concatenate, (kl_d, r_d, r_ref, r16))
+        rmm_d.append(np.abs(scores["bfloat16_mm"] - scores["float32"]))
+        r16mm.append(scores["bfloat16_mm"])
+    kl_d, r_d, r_ref, r16, rmm_d, r16mm = map(np.concatenate, (kl_d, r_d, r_ref, r16, rmm_d, r16mm))
     print(f"bf16 reference: |KL_seq(bf16 ref) - KL_seq(fp32 ref)| mean {kl_d.mean():.4f}, max {kl_d.max():.4f} nats "
           f"over {len(kl_d)} sequences of {args.new_tokens} tokens")
     print(f"bf16 reward model: |r(bf16) - r(fp32)| mean {r_d.mean():.4f}, max {r_d.max():.4f}; fp32 rewards: "
           f"std {r_ref.std():.4f}, range {r_ref.min():.3f}..{r_ref.max():.3f}; rank correlation "
           f"bf16 vs fp32 {_spearman(r_ref, r16):.3f}")
+    print(f"bf16 reward model with bf16 matmuls (reward.matmul_dtype): |r - r(fp32)| mean {rmm_d.mean():.4f}, max "
+          f"{rmm_d.max():.4f}; rank correlation vs fp32 {_spearman(r_ref, r16mm):.3f}")
     print(f"RESULT kl_seq_abs_err={kl_d.mean():.4g} reward_abs_err={r_d.mean():.4g} "
-          f"reward_err_over_std={r_d.mean() / max(r_ref.std(), 1e-9):.4g}")
+          f"reward_err_over_std={r_d.mean() / max(r_ref.std(), 1e-9):.4g} "
+          f"reward_bf16_mm_abs_err={rmm_d.mean():.4g} "
+          f"reward_bf16_mm_err_over_std={rmm_d.mean() / max(r_ref.std(), 1e-9):.4g}")
 
 
 def _spearman(a, b) -> float:
@@ -345,6 +354,8 @@ def main():
                         "(config model.reference_dtype; default: the config's)")
     parser.add_argument("--reward_dtype", default="", help="the reward model's storage dtype (config reward.dtype; "
                         "default: the config's)")
+    parser.add_argument("--reward_matmul_dtype", default=None, help="the reward model's matmul operands (config "
+                        "reward.matmul_dtype; '' follows --matmul_dtype; default: the config's)")
     parser.add_argument("--remat", default="full", help="config model.remat: none, full, dots")
     parser.add_argument("--policy_forward", action="store_true", help="recompute old logprobs/values in a policy "
                         "forward instead of taking them from the sampler (config sampling.policy_stats=False)")
@@ -386,6 +397,7 @@ def main():
                            "--param_dtype", args.param_dtype, "--compute_dtype", args.compute_dtype,
                            "--matmul_dtype", args.matmul_dtype,
                            "--ref_dtype", args.ref_dtype, "--reward_dtype", args.reward_dtype,
+                           *(["--reward_matmul_dtype", args.reward_matmul_dtype] if args.reward_matmul_dtype is not None else []),
                            "--remat", args.remat, "--reward_path", str(reward_path), "--policy", args.policy]
     ours_flags += ["--policy_forward"] if args.policy_forward else []
     results = {}
@@ -413,7 +425,8 @@ def main():
           f"1 minibatch; {policy_path.name} policy/reference/reward (TRL: + value model); "
           f"params {args.param_dtype}, compute {args.compute_dtype}, matmuls {args.matmul_dtype or args.compute_dtype}, "
           f"reference {effective.model.reference_dtype}, "
-          f"reward {effective.reward.dtype}; {cpu}, {os.cpu_count()} cores")
+          f"reward {effective.reward.dtype} (matmuls "
+          f"{effective.reward.matmul_dtype or args.matmul_dtype or args.compute_dtype}); {cpu}, {os.cpu_count()} cores")
     header = f"{'phase (s)':<22}" + "".join(f"{names[s]:>12}" for s in cols)
     if "trl" in cols:
         header += "".join(f"{'TRL/' + names[s].split()[1]:>11}" for s in cols if s != "trl")

@@ -75,6 +75,12 @@ def _matmul_dtype(config):
     return _dtype(name, "model.matmul_dtype") if name else None
 
 
+def _reward_matmul_dtype(config):
+    """`reward.matmul_dtype`: the HF reward model's matmul operands; empty: `model.matmul_dtype`'s choice."""
+    name = config.reward.matmul_dtype
+    return _dtype(name, "reward.matmul_dtype") if name else _matmul_dtype(config)
+
+
 def encode_prompts(examples: list[PromptExample], tokenizer, config) -> list[Prompt]:
     """Chat template (when the tokenizer has one and the config asks for it) or plain text; prompts
     longer than `data.max_prompt_tokens` are an error, or dropped with `data.drop_long_prompts`."""
@@ -116,13 +122,15 @@ def build_reward(config) -> Reward:
         mesh = sharding.local_mesh() if jax.local_device_count() > 1 else None
         # One call scores this process's rows of the batch (the model's default pads every call to 16 rows).
         # `reward.dtype`: its storage (default: the compute dtype); it computes in `model.compute_dtype`, so a bf16
-        # scorer next to an fp32 policy holds half the memory and rounds only its weights.
+        # scorer next to an fp32 policy holds half the memory and rounds only its weights. `reward.matmul_dtype`
+        # (bf16 by default): its weights are bf16 already, so bf16 operands round only the activations, and its
+        # dots run at XLA:CPU's bf16 -> fp32 speed (about 2x fp32 with AVX-512 BF16).
         storage = config.reward.dtype or config.model.compute_dtype
         return HFRewardModel(config.reward.path, chat=config.reward.chat,
                              batch_size=max(config.batch_size // jax.process_count(), 1),
                              param_dtype=_dtype(storage, "reward.dtype"),
                              dtype=_dtype(config.model.compute_dtype, "model.compute_dtype"),
-                             matmul_dtype=_matmul_dtype(config), mesh=mesh)
+                             matmul_dtype=_reward_matmul_dtype(config), mesh=mesh)
     raise ConfigError(f"reward.kind={kind!r}; accepted: 'similarity', 'hf', 'callable'")
 
 

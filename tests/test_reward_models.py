@@ -58,17 +58,26 @@ def test_tokenizer_larger_than_model_is_rejected(reward_model_folder, tmp_path):
         HFRewardModel(str(small))
 
 
-@pytest.mark.parametrize("spec", ["dialogue.py:", "dialogue.py:hh", "dialogue.py:tiny", "summarisation.py:",
-                                  "summarisation.py:tldr", "summarisation.py:tiny"])
-def test_config_variants_build(spec):
+def _config_module(name: str):
     import importlib.util
     from pathlib import Path
 
-    name, variant = spec.split(":")
     path = Path(__file__).resolve().parents[1] / "configs" / name
     module_spec = importlib.util.spec_from_file_location(name[:-3], path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
+    return module
+
+
+def _dialogue_config():
+    return _config_module("dialogue.py").get_config("")
+
+
+@pytest.mark.parametrize("spec", ["dialogue.py:", "dialogue.py:hh", "dialogue.py:tiny", "summarisation.py:",
+                                  "summarisation.py:tldr", "summarisation.py:tiny"])
+def test_config_variants_build(spec):
+    name, variant = spec.split(":")
+    module = _config_module(name)
     config = module.get_config(variant)
     assert config.algo in ("klq", "ppo") and config.num_iterations > 0
     if variant in ("hh", "tldr"):
@@ -104,3 +113,38 @@ def test_sharded_reward_model_matches_single_device(reward_model_folder):
     result = subprocess.run([sys.executable, "-c", code, str(reward_model_folder)], env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0 and "sharded reward model ok" in result.stdout, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("setting, model_setting, expected", [("bfloat16", "", "bfloat16"), ("", "", None),
+                                                              ("", "bfloat16", "bfloat16"),
+                                                              ("float32", "bfloat16", "float32")])
+def test_reward_matmul_dtype_from_config(reward_model_folder, setting, model_setting, expected):
+    """`reward.matmul_dtype` reaches the HF reward model (empty: `model.matmul_dtype`'s choice); with bf16 weights
+    (the default storage), bf16 operands round only the activations: scores move, by bf16's rounding."""
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from klq_jax import trainer
+
+    config = _dialogue_config()
+    config.reward.kind, config.reward.path = "hf", str(reward_model_folder)
+    config.reward.matmul_dtype, config.model.matmul_dtype = setting, model_setting
+    rm = trainer.build_reward(config)
+    got = nnx.merge(rm.graphdef, rm.state).matmul_dtype
+    assert (got is None and expected is None) or jnp.dtype(got) == jnp.dtype(expected)
+    if setting == "bfloat16":
+        fp32_operands = HFRewardModel(str(reward_model_folder), batch_size=config.batch_size,
+                                      param_dtype=jnp.bfloat16, dtype=jnp.float32)
+        scores, reference = np.asarray(rm(PROMPTS, RESPONSES)), np.asarray(fp32_operands(PROMPTS, RESPONSES))
+        assert not np.array_equal(scores, reference)
+        np.testing.assert_allclose(scores, reference, atol=2.0**-8 * np.abs(reference).max())  # one bf16 ulp
+
+
+def test_bad_reward_matmul_dtype(reward_model_folder):
+    from klq_jax import trainer
+
+    config = _dialogue_config()
+    config.reward.kind, config.reward.path, config.reward.matmul_dtype = "hf", str(reward_model_folder), "float16"
+    with pytest.raises(trainer.ConfigError, match="reward.matmul_dtype='float16'; accepted"):
+        trainer.build_reward(config)
