@@ -425,8 +425,7 @@ def main():
           f"1 minibatch; {policy_path.name} policy/reference/reward (TRL: + value model); "
           f"params {args.param_dtype}, compute {args.compute_dtype}, matmuls {args.matmul_dtype or args.compute_dtype}, "
           f"reference {effective.model.reference_dtype}, "
-          f"reward {effective.reward.dtype} (matmuls "
-          f"{effective.reward.matmul_dtype or args.matmul_dtype or args.compute_dtype}); {cpu}, {os.cpu_count()} cores")
+          f"reward {effective.reward.dtype} (matmuls {_reward_matmuls(effective)}); {cpu}, {os.cpu_count()} cores")
     header = f"{'phase (s)':<22}" + "".join(f"{names[s]:>12}" for s in cols)
     if "trl" in cols:
         header += "".join(f"{'TRL/' + names[s].split()[1]:>11}" for s in cols if s != "trl")
@@ -495,6 +494,17 @@ def main():
                     out[f"{s}_update_bf16_mm_fraction"] = summary[s] / results[s]["matmul_gflops_jax"]["bf16"]
                     out[f"{s}_matmul_bf16_gflops"] = results[s]["matmul_gflops_jax"]["bf16"]
     print("RESULT " + " ".join(f"{k}={v:.3g}" for k, v in out.items()))
+
+
+def _reward_matmuls(config) -> str:
+    """The reward model's matmul operand dtype the config resolves to on this machine ("auto" included)."""
+    import jax.numpy as jnp
+
+    from klq_jax import trainer
+
+    dtype = trainer._reward_matmul_dtype(config)
+    name = jnp.dtype(dtype).name if dtype is not None else config.model.compute_dtype
+    return f"{name}, from 'auto'" if config.reward.matmul_dtype == "auto" else name
 
 
 def _amd_zen(family: int, model: int) -> str | None:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from klq_jax import sharding
+from klq_jax import hardware, sharding
 from klq_jax.allocator import release_freed_memory
 from klq_jax.data.datasets import DataError, PromptExample, PromptStream, load_prompts, to_messages, to_text
 from klq_jax.models.hf import CheckpointError, export_model, load_model, resolve_checkpoint
@@ -76,8 +76,14 @@ def _matmul_dtype(config):
 
 
 def _reward_matmul_dtype(config):
-    """`reward.matmul_dtype`: the HF reward model's matmul operands; empty: `model.matmul_dtype`'s choice."""
+    """`reward.matmul_dtype`: the HF reward model's matmul operands; empty: `model.matmul_dtype`'s choice;
+    "auto": bf16 where bf16 matmuls are the faster kind (`hardware.bf16_matmul_is_fast`), else as empty."""
     name = config.reward.matmul_dtype
+    if name == "auto":
+        return jnp.bfloat16 if hardware.this_bf16_matmul_is_fast() else _matmul_dtype(config)
+    if name and name not in DTYPES:
+        raise ConfigError(f"reward.matmul_dtype={name!r}; accepted: 'auto', '' (model.matmul_dtype), "
+                          f"{', '.join(repr(d) for d in sorted(DTYPES))}")
     return _dtype(name, "reward.matmul_dtype") if name else _matmul_dtype(config)
 
 
@@ -123,8 +129,9 @@ def build_reward(config) -> Reward:
         # One call scores this process's rows of the batch (the model's default pads every call to 16 rows).
         # `reward.dtype`: its storage (default: the compute dtype); it computes in `model.compute_dtype`, so a bf16
         # scorer next to an fp32 policy holds half the memory and rounds only its weights. `reward.matmul_dtype`
-        # (bf16 by default): its weights are bf16 already, so bf16 operands round only the activations, and its
-        # dots run at XLA:CPU's bf16 -> fp32 speed (about 2x fp32 with AVX-512 BF16).
+        # ("auto": bf16 where bf16 dots are the fast kind): its weights are bf16 already, so bf16 operands round
+        # only the activations, and its dots run at XLA:CPU's bf16 -> fp32 speed (about 2x fp32 with AVX-512
+        # BF16; 0.7x on AVX2 alone, hence fp32 there).
         storage = config.reward.dtype or config.model.compute_dtype
         return HFRewardModel(config.reward.path, chat=config.reward.chat,
                              batch_size=max(config.batch_size // jax.process_count(), 1),
