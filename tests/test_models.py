@@ -155,7 +155,8 @@ def test_logits_from_is_the_tail_of_the_logits(tiny_checkpoint):
 
 def test_decode_step_equals_full_forward(tiny_checkpoint):
     """A cached decode step, by the layer scan (stacked weights) and by the sampler's unrolled path (per-layer
-    weights, q|k|v and gate|up fused into one matmul each), gives the full forward's logits and values."""
+    weights, q|k|v and gate|up fused into one matmul each; as stored, or as [out, in] copies), gives the full
+    forward's logits and values."""
     _, path, _ = tiny_checkpoint
     ours = load_model(path, value_head=True)
     ids, mask = _batch(padded=True)
@@ -168,7 +169,12 @@ def test_decode_step_equals_full_forward(tiny_checkpoint):
     step_args = (tokens[:, -1:], positions[:, -1:], mask_bt)
     stacked = ours(*step_args, cache=prefill.cache, cache_pos=t - 1)
     unrolled = ours(*step_args, cache=prefill.cache.unstacked(), cache_pos=t - 1, layers=ours.unstack_layers())
-    for step in (stacked, unrolled):
+    layers_oi = ours.unstack_layers(weights_oi=True)
+    layer = nnx.state(ours.blocks)
+    np.testing.assert_array_equal(layers_oi[1]["w_up_df"][...], layer["w_up_df"][...][1].T)
+    np.testing.assert_array_equal(layers_oi[1]["wo_nhd"][...], layer["wo_nhd"][...][1].reshape(-1, ours.cfg.hidden_size).T)
+    unrolled_oi = ours(*step_args, cache=prefill.cache.unstacked(), cache_pos=t - 1, layers=layers_oi, layers_oi=True)
+    for step in (stacked, unrolled, unrolled_oi):
         np.testing.assert_allclose(np.asarray(step.logits_btv[:, 0]), np.asarray(full.logits_btv[:, -1]),
                                    atol=1e-5, rtol=0)
         np.testing.assert_allclose(np.asarray(step.values_bt[:, 0]), np.asarray(full.values_bt[:, -1]),

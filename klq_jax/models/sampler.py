@@ -82,10 +82,10 @@ def bucket_length(n: int, multiple: int = 32) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "top_k", "eos_ids", "pad_id",
-                                             "cache_dtype", "unstack_layers"))
+                                             "cache_dtype", "unstack_layers", "weights_oi"))
 def _generate(graphdef, state, prompt_bp, prompt_mask_bp, rng, temperature, top_p, *, max_new_tokens: int,
               top_k: int, eos_ids: tuple[int, ...], pad_id: int, cache_dtype,
-              unstack_layers: bool = True) -> SampleOutput:
+              unstack_layers: bool = True, weights_oi: bool = True) -> SampleOutput:
     model: CausalLM = nnx.merge(graphdef, state)
     b, p = prompt_bp.shape
     n = max_new_tokens
@@ -102,7 +102,10 @@ def _generate(graphdef, state, prompt_bp, prompt_mask_bp, rng, temperature, top_
     # of the stacked arrays at every step): 4.9 -> 4.4 s for 8 x 128 tokens of SmolLM2-135M on 2 CPU cores,
     # for one more copy of the blocks' weights while sampling. Off for FSDP/tensor-sharded weights, where
     # the layer scan gathers one layer at a time.
-    layers = model.unstack_layers() if unstack_layers else None
+    # With `weights_oi` those copies are [out, in] matrices, which XLA:CPU's 8-row dots stream faster
+    # (docs/performance.md, item 28); same memory.
+    weights_oi = weights_oi and unstack_layers
+    layers = model.unstack_layers(weights_oi) if unstack_layers else None
     decode_cache = out.cache.unstacked() if unstack_layers else out.cache
 
     def cond(carry):
@@ -124,7 +127,7 @@ def _generate(graphdef, state, prompt_bp, prompt_mask_bp, rng, temperature, top_
         kv_mask_bs = kv_mask_bs.at[:, p + i].set(active_b)
         done_b = done_b | jnp.isin(token_b, eos_v)
         out = model(token_b[:, None], (prompt_len_b + i)[:, None], kv_mask_bs, cache=cache, cache_pos=p + i,
-                    layers=layers)
+                    layers=layers, layers_oi=weights_oi)
         next_value_b = out.values_bt[:, 0] if has_values else value_b
         return i + 1, tokens_bn, stats_3bn, done_b, out.cache, kv_mask_bs, out.logits_btv[:, 0], next_value_b, rng
 
@@ -155,6 +158,7 @@ class Sampler:
     bucket: int = 32
     cache_dtype: jnp.dtype = jnp.float32
     unstack_layers: bool = True  # decode steps read per-layer weight copies (faster; more memory)
+    weights_oi: bool = True  # those copies as [out, in] matrices (faster 8-row dots on XLA:CPU; same memory)
 
     @classmethod
     def for_model(cls, model: CausalLM, **kwargs) -> "Sampler":
@@ -180,7 +184,8 @@ class Sampler:
                          jnp.float32(self.temperature if temperature is None else temperature),
                          jnp.float32(self.top_p), max_new_tokens=max_new_tokens or self.max_new_tokens,
                          top_k=self.top_k, eos_ids=tuple(self.eos_ids), pad_id=self.pad_id,
-                         cache_dtype=self.cache_dtype, unstack_layers=self.unstack_layers)
+                         cache_dtype=self.cache_dtype, unstack_layers=self.unstack_layers,
+                         weights_oi=self.weights_oi)
 
 
 def greedy(sampler: Sampler, state, prompts, max_new_tokens: int | None = None) -> SampleOutput:

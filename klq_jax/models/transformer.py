@@ -283,16 +283,22 @@ class Block(nnx.Module):
             return rms_norm(x, scale[...], self.cfg.norm_eps)
         return layer_norm(x, scale[...], bias[...], self.cfg.norm_eps)
 
-    def _attention(self, x_btd, rope, mask_bts, cache_kv, cache_pos, fuse_projections=False, matmul_dtype=None):
+    def _attention(self, x_btd, rope, mask_bts, cache_kv, cache_pos, fuse_projections=False, matmul_dtype=None,
+                   weights_oi=False):
         cfg, dt = self.cfg, x_btd.dtype
         h, k_heads, g, hd = cfg.num_heads, cfg.num_kv_heads, cfg.num_groups, cfg.head_dim
         b, t, d = x_btd.shape
-        wq, wk, wv = (w[...].reshape(d, -1) for w in (self.wq_dnh, self.wk_dkh, self.wv_dkh))
-        if fuse_projections:
+        if weights_oi:  # [out, in] copies (`CausalLM.unstack_layers(weights_oi=True)`), fused along `out`
+            w_qkv_oi = jnp.concatenate([self.wq_dnh[...], self.wk_dkh[...], self.wv_dkh[...]], axis=0)
+            qkv = matmul(x_btd, w_qkv_oi.astype(dt), "...i,oi->...o", matmul_dtype, dt)
+            q, k, v = jnp.split(qkv, [h * hd, (h + k_heads) * hd], axis=-1)
+        elif fuse_projections:
+            wq, wk, wv = (w[...].reshape(d, -1) for w in (self.wq_dnh, self.wk_dkh, self.wv_dkh))
             qkv = dense(x_btd, jnp.concatenate([wq, wk, wv], axis=1).astype(dt), matmul_dtype)
             q, k, v = jnp.split(qkv, [h * hd, (h + k_heads) * hd], axis=-1)
         else:
-            q, k, v = (dense(x_btd, w.astype(dt), matmul_dtype) for w in (wq, wk, wv))
+            q, k, v = (dense(x_btd, w[...].reshape(d, -1).astype(dt), matmul_dtype)
+                       for w in (self.wq_dnh, self.wk_dkh, self.wv_dkh))
         q, k, v = q.reshape(b, t, h, hd), k.reshape(b, t, k_heads, hd), v.reshape(b, t, k_heads, hd)
         if self.bq_nh is not None:
             q, k, v = q + self.bq_nh[...].astype(dt), k + self.bk_kh[...].astype(dt), v + self.bv_kh[...].astype(dt)
@@ -312,15 +318,24 @@ class Block(nnx.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         out_bkgth = jnp.einsum("bkgts,bksh->bkgth", probs, v_bksh.astype(dt))
         out_btf = out_bkgth.transpose(0, 3, 1, 2, 4).reshape(b, t, h * hd)
-        # The output projection as one [H*hd, D] matrix (a free reshape of [H, hd, D]).
-        out = dense(out_btf, self.wo_nhd[...].astype(dt).reshape(h * hd, d), matmul_dtype)
+        if weights_oi:
+            out = matmul(out_btf, self.wo_nhd[...].astype(dt), "...i,oi->...o", matmul_dtype, dt)
+        else:  # the output projection as one [H*hd, D] matrix (a free reshape of [H, hd, D])
+            out = dense(out_btf, self.wo_nhd[...].astype(dt).reshape(h * hd, d), matmul_dtype)
         if self.bo_d is not None:
             out = out + self.bo_d[...].astype(dt)
         return out, cache_kv
 
-    def _mlp(self, x_btd, fuse_projections=False, matmul_dtype=None):
+    def _mlp(self, x_btd, fuse_projections=False, matmul_dtype=None, weights_oi=False):
         dt = x_btd.dtype
-        if fuse_projections and self.w_gate_df is not None:
+        if weights_oi:  # [out, in] copies, gate|up fused along `out`
+            if self.w_gate_df is not None:
+                w_gate_up_oi = jnp.concatenate([self.w_gate_df[...], self.w_up_df[...]], axis=0)
+                gate, up = jnp.split(matmul(x_btd, w_gate_up_oi.astype(dt), "...i,oi->...o", matmul_dtype, dt), 2,
+                                     axis=-1)
+            else:
+                gate, up = None, matmul(x_btd, self.w_up_df[...].astype(dt), "...i,oi->...o", matmul_dtype, dt)
+        elif fuse_projections and self.w_gate_df is not None:
             gate_up = dense(x_btd, jnp.concatenate([self.w_gate_df[...], self.w_up_df[...]], axis=1).astype(dt),
                             matmul_dtype)
             gate, up = jnp.split(gate_up, 2, axis=-1)
@@ -333,21 +348,27 @@ class Block(nnx.Module):
             hidden = jax.nn.silu(gate) * up
         else:
             hidden = activation(self.cfg.activation, up)
-        out = dense(hidden, self.w_down_fd[...].astype(dt), matmul_dtype)
+        if weights_oi:
+            out = matmul(hidden, self.w_down_fd[...].astype(dt), "...i,oi->...o", matmul_dtype, dt)
+        else:
+            out = dense(hidden, self.w_down_fd[...].astype(dt), matmul_dtype)
         if self.b_down_d is not None:
             out = out + self.b_down_d[...].astype(dt)
         return out
 
     def __call__(self, x_btd, rope, mask_bts, cache_kv=None, cache_pos=None, fuse_projections=False,
-                 matmul_dtype=None):
+                 matmul_dtype=None, weights_oi=False):
         """`fuse_projections`: q|k|v and gate|up as one matmul each, on weights concatenated in the program
         (the unrolled decode path, whose per-layer weights are loop-invariant: XLA hoists the concatenation
-        out of the decode loop). Not for sharded weights, whose q and k/v shard over different head counts."""
+        out of the decode loop). Not for sharded weights, whose q and k/v shard over different head counts.
+        `weights_oi`: this layer's state holds the matmul weights as 2-D [out, in] copies (`CausalLM.unstack_layers
+        (weights_oi=True)`, for decoding); the projections are fused as with `fuse_projections`. Forward only."""
         h = self._norm(x_btd, self.ln1_scale, self.ln1_bias)
-        attn, cache_kv = self._attention(h, rope, mask_bts, cache_kv, cache_pos, fuse_projections, matmul_dtype)
+        attn, cache_kv = self._attention(h, rope, mask_bts, cache_kv, cache_pos, fuse_projections, matmul_dtype,
+                                         weights_oi)
         if not self.cfg.parallel_residual:
             x_btd = x_btd + attn
-        mlp = self._mlp(self._norm(x_btd, self.ln2_scale, self.ln2_bias), fuse_projections, matmul_dtype)
+        mlp = self._mlp(self._norm(x_btd, self.ln2_scale, self.ln2_bias), fuse_projections, matmul_dtype, weights_oi)
         x_btd = x_btd + attn + mlp if self.cfg.parallel_residual else x_btd + mlp
         return shard(x_btd, ("data", None, None)), cache_kv
 
@@ -437,26 +458,46 @@ class CausalLM(nnx.Module):
         self.score_w_d = _param(rngs, (d,), d, jnp.float32) if score_head else None
         self.score_b = _zeros((), jnp.float32) if score_head and score_bias else None
 
-    def unstack_layers(self) -> tuple[nnx.State, ...]:
+    def unstack_layers(self, weights_oi: bool = False) -> tuple[nnx.State, ...]:
         """The blocks' parameters as one state per layer, for `__call__(..., layers=...)`.
 
         Decoding one token is memory-bound: with the layer scan, every step dynamic-slices each layer's
         weights out of the stacked [L, ...] arrays, a copy of all weights per token. Unstacked once before
         the decode loop, each layer's weights are read in place.
+
+        `weights_oi`: the matmul weights are stored as 2-D [out, in] copies instead (`wq_dnh` holds [H*hd, D],
+        `w_up_df` [F, D], ...; for `__call__(..., layers_oi=True)`). An 8-row decode matmul streams its weights;
+        XLA:CPU's dot reads an [out, in] matrix (each output a contiguous row) faster than an [in, out] one
+        (column strips, one cache line per row): 1.1-1.7x by shape on a Zen 3 VM (docs/performance.md, item 28).
         """
         block_state = nnx.state(self.blocks)
-        return tuple(jax.tree.map(lambda x, i=i: x[i], block_state) for i in range(self.cfg.num_layers))
+        oi_names = ("wq_dnh", "wk_dkh", "wv_dkh", "w_gate_df", "w_up_df", "w_down_fd")
+
+        def layer(path, x, i):
+            name = next(k.key for k in path if isinstance(k, jax.tree_util.DictKey))  # the Block's attribute
+            x = x[i]
+            if not weights_oi:
+                return x
+            if name in oi_names:  # [in, ...] -> [out, in]
+                return x.reshape(x.shape[0], -1).T
+            if name == "wo_nhd":  # [H, hd, D] -> [D, H*hd]
+                return x.reshape(-1, x.shape[-1]).T
+            return x
+
+        return tuple(jax.tree_util.tree_map_with_path(lambda p, x, i=i: layer(p, x, i), block_state)
+                     for i in range(self.cfg.num_layers))
 
     def __call__(self, tokens_bt: jax.Array, positions_bt: jax.Array, kv_mask_bs: jax.Array,
                  cache: KVCache | None = None, cache_pos: jax.Array | int | None = None,
                  return_logits: bool = True, layers: tuple[nnx.State, ...] | None = None,
-                 logits_from: int = 0, logits_to: int | None = None) -> ModelOutput:
+                 logits_from: int = 0, logits_to: int | None = None, layers_oi: bool = False) -> ModelOutput:
         """Forward over `tokens_bt` at `positions_bt`.
 
         Without a cache, `kv_mask_bs` is the attention mask of `tokens_bt` (S == T). With a cache of S
         slots, the tokens are written at slots `cache_pos..cache_pos+T` and `kv_mask_bs` marks which
         slots hold real tokens (after this write). With `layers` (from `unstack_layers`) the layers run
-        as an unrolled Python loop on those states, and the cache is the unstacked kind (`KVCache.unstacked`).
+        as an unrolled Python loop on those states, and the cache is the unstacked kind (`KVCache.unstacked`);
+        `layers_oi`: they are `unstack_layers(weights_oi=True)`'s.
         With `logits_from = s` and `logits_to = e` (static; default 0 and T) the logits are computed for
         positions `s..e-1` only (`logits_btv` is [B, e-s, V]): RL needs them only where they predict a
         response token, and the float32 logits are the largest activation of a forward.
@@ -482,11 +523,11 @@ class CausalLM(nnx.Module):
         if widen:
             block_state = jax.tree.map(_bf16_bits, block_state)
 
-        def run_layer(x_btd, state, rope, mask_bts, kv=None, fuse_projections=False):
+        def run_layer(x_btd, state, rope, mask_bts, kv=None, fuse_projections=False, weights_oi=False):
             if widen:
                 state = jax.tree.map(_widen_bf16_bits, state)
             return nnx.merge(graphdef, state)(x_btd, rope, mask_bts, kv, cache_pos, fuse_projections,
-                                              self.matmul_dtype)
+                                              self.matmul_dtype, weights_oi)
 
         def body(x_btd, layer):
             state, kv = layer
@@ -499,7 +540,7 @@ class CausalLM(nnx.Module):
             ks, vs = [], []
             for i, layer_state in enumerate(layers):
                 kv = None if cache is None else (cache.k_lbksh[i], cache.v_lbksh[i])
-                x, kv = run_layer(x, layer_state, rope, mask_bts, kv, fuse_projections=True)
+                x, kv = run_layer(x, layer_state, rope, mask_bts, kv, fuse_projections=True, weights_oi=layers_oi)
                 if kv is not None:
                     ks.append(kv[0])
                     vs.append(kv[1])
