@@ -19,10 +19,11 @@ def cpu_flags(cpuinfo: str) -> set[str]:
 def bf16_matmul_is_fast(backend: str, flags: set[str]) -> bool:
     """Whether bf16 x bf16 -> fp32 matmuls beat fp32 ones on this backend.
 
-    GPUs and TPUs: yes (their matrix units take bf16). XLA:CPU: only with AVX-512 BF16 (`avx512_bf16`). The
-    bf16 reward model scored in 0.53x the time with bf16 operands on a Zen 5 VM (AVX-512 BF16), in 1.35x on a
-    Zen 3 VM (AVX2 only, where XLA's bf16 2048^3 matmul ran at 0.69x its fp32 GFLOP/s); docs/performance.md,
-    items 26 and 27. Other CPUs (Arm's bf16 extension included) are not measured: fp32.
+    GPUs and TPUs: yes (their matrix units take bf16). XLA:CPU: only with AVX-512 BF16 (`avx512_bf16`). With
+    bf16 operands the bf16-stored reward model scored in 0.53x the time on a Zen 5 VM (AVX-512 BF16); on a Zen 3
+    VM (AVX2 only, XLA's bf16 2048^3 matmul at 0.69-0.73x its fp32 GFLOP/s) the reward phase took 1.56x TRL's
+    with them, 1.01x with fp32 ones (`benchmarks/iteration.py`; docs/performance.md, items 26 and 27). Other
+    CPUs (Arm's bf16 extension included) are not measured: fp32.
     """
     if backend != "cpu":
         return True

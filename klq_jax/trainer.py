@@ -131,7 +131,7 @@ def build_reward(config) -> Reward:
         # scorer next to an fp32 policy holds half the memory and rounds only its weights. `reward.matmul_dtype`
         # ("auto": bf16 where bf16 dots are the fast kind): its weights are bf16 already, so bf16 operands round
         # only the activations, and its dots run at XLA:CPU's bf16 -> fp32 speed (about 2x fp32 with AVX-512
-        # BF16; 0.7x on AVX2 alone, hence fp32 there).
+        # BF16; ~0.7x on AVX2 alone, hence fp32 there).
         storage = config.reward.dtype or config.model.compute_dtype
         return HFRewardModel(config.reward.path, chat=config.reward.chat,
                              batch_size=max(config.batch_size // jax.process_count(), 1),
