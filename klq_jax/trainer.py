@@ -63,9 +63,12 @@ def load_tokenizer(path: Path, vocab_size: int):
     return tokenizer
 
 
-def _dtype(name: str, key: str):
+def _dtype(name: str, key: str, also: tuple[str, ...] = ()):
+    """`DTYPES[name]`; else a ConfigError naming `key`, the value and what is accepted (`also`: the key's other
+    accepted values, listed first)."""
     if name not in DTYPES:
-        raise ConfigError(f"{key}={name!r}; accepted: {sorted(DTYPES)}")
+        accepted = ", ".join([*also, *map(repr, sorted(DTYPES))]) if also else sorted(DTYPES)
+        raise ConfigError(f"{key}={name!r}; accepted: {accepted}")
     return DTYPES[name]
 
 
@@ -81,10 +84,9 @@ def _reward_matmul_dtype(config):
     name = config.reward.matmul_dtype
     if name == "auto":
         return jnp.bfloat16 if hardware.this_bf16_matmul_is_fast() else _matmul_dtype(config)
-    if name and name not in DTYPES:
-        raise ConfigError(f"reward.matmul_dtype={name!r}; accepted: 'auto', '' (model.matmul_dtype), "
-                          f"{', '.join(repr(d) for d in sorted(DTYPES))}")
-    return _dtype(name, "reward.matmul_dtype") if name else _matmul_dtype(config)
+    if not name:
+        return _matmul_dtype(config)
+    return _dtype(name, "reward.matmul_dtype", also=("'auto'", "'' (model.matmul_dtype)"))
 
 
 def encode_prompts(examples: list[PromptExample], tokenizer, config) -> list[Prompt]:
