@@ -51,7 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.reward.matmul_dtype = "auto"  # hf: its matmul operands, accumulated in fp32 (empty: model.matmul_dtype;
                                    # "auto": bfloat16 on GPU/TPU and CPUs with AVX-512 BF16, else as empty): with
                                    # bf16 storage, bf16 operands move rewards by 2.5% of their std instead of 2%;
-                                   # scoring takes 0.53x the time with AVX-512 BF16, ~1.5x on AVX2 alone
+                                   # scoring takes 0.53x the time with AVX-512 BF16, 1.35-1.55x on AVX2 alone
     c.reward.chat = True           # hf: format (prompt, response) as a chat when the RM tokenizer has a template
 
     c.rl = default_algo_config()   # KLQ/PPO hyper-parameters (c.rl.algo is set from c.algo)
