@@ -151,6 +151,18 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> dict[str, float]:
     return out
 
 
+def stream_gbs(mib: int = 256, repeats: int = 5) -> float:
+    """What a jitted `jnp.sum` reads per second from a buffer 8x this CPU's L3 or more: the bandwidth a
+    memory-bound decode step (it streams every weight once) could reach at best."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((mib * 2**20 // 4,), jnp.float32)
+    f = jax.jit(jnp.sum)
+    seconds = _best_seconds(lambda: f(x).block_until_ready(), repeats)
+    return x.nbytes / seconds / 1e9
+
+
 def run_ours(args) -> dict:
     import jax
     import numpy as np
@@ -185,9 +197,11 @@ def run_ours(args) -> dict:
     # RSS unchanged.
     mm_after = matmul_gflops()
     mm = {k: (mm_before[k] + mm_after[k]) / 2 for k in mm_before}
+    stream = stream_gbs()  # after the peak was read: its buffer fits in the freed update block
     return {
         "side": f"ours-{args.side}", "iterations": iterations, "curves": curves,
         "matmul_gflops_jax": mm, "matmul_gflops_jax_before": mm_before, "matmul_gflops_jax_after": mm_after,
+        "stream_gbs": stream,
         "rss_setup_gib": rss_setup, "rss_peak_self_gib": rss_peak, "rss_peak_after_matmul_gib": rss_gib("VmHWM"),
         "batch": args.batch, "prompt_len": setup.prompt_length, "response_len": args.new_tokens,
         "versions": {"jax": jax.__version__, "numpy": np.__version__, "python": sys.version.split()[0]},
@@ -311,7 +325,8 @@ def model_dims(policy_path: Path) -> dict:
                      c["num_key_value_heads"])
     hd = c.get("head_dim") or d // h
     per_layer = d * h * hd + 2 * d * k * hd + h * hd * d + 3 * d * f
-    return {"layers": L, "d": d, "layer_params": L * per_layer, "lm_head": d * c["vocab_size"], "attn_dim": h * hd}
+    return {"layers": L, "d": d, "layer_params": L * per_layer, "lm_head": d * c["vocab_size"], "attn_dim": h * hd,
+            "kv_dim": k * hd}
 
 
 def update_flops(dims: dict, batch: int, seq: int, epochs: int, backbones: int = 1,
@@ -323,6 +338,35 @@ def update_flops(dims: dict, batch: int, seq: int, epochs: int, backbones: int =
     layers = 6 * dims["layer_params"] * tokens + 12 * dims["layers"] * batch * seq * seq * dims["attn_dim"]
     head_tokens = batch * (seq if head_positions is None else head_positions)
     return epochs * (backbones * layers + 6 * dims["lm_head"] * head_tokens)
+
+
+def phase_floors(dims: dict, batch: int, prompt_len: int, new_tokens: int, epochs: int, matmul_gflops: float,
+                 stream_gbs: float, weight_bytes: int = 4, reward_gflops: float | None = None) -> dict[str, float]:
+    """The least time each of our phases could take on this CPU: its matmul FLOPs at `matmul_gflops`, and for
+    the decode, per step the larger of its FLOPs and its reads (every weight once, and the KV cache so far)
+    at `stream_gbs`. Work any implementation must do, nothing that ours adds (padding, recomputation):
+    prefill over the prompts with logits at the last position; the reward and reference forwards over
+    prompt + response (the reference's LM head at the response's positions, the reward's score head free);
+    the update as `update_flops`. The sum is the fastest iteration this machine allows our design.
+    `reward_gflops`: the reward model's matmul throughput where it differs (bf16 operands)."""
+    seq = prompt_len + new_tokens
+    forward = 2 * dims["layer_params"]  # FLOPs per token through the layers
+    attention = 4 * dims["layers"] * dims["attn_dim"]  # per token per attended position (QK^T and PV)
+    peak = matmul_gflops * 1e9
+    prefill = batch * (forward * prompt_len + attention * prompt_len**2 + 2 * dims["lm_head"]) / peak
+    step_bytes = weight_bytes * (dims["layer_params"] + dims["lm_head"])
+    kv_bytes_per_pos = 2 * dims["layers"] * dims["kv_dim"] * batch * weight_bytes
+    decode = 0.0
+    for t in range(1, new_tokens):  # the first response token comes from the prefill's logits
+        step_flops = batch * (forward + 2 * dims["lm_head"] + attention * (prompt_len + t))
+        decode += max(step_flops / peak, (step_bytes + kv_bytes_per_pos * (prompt_len + t)) / (stream_gbs * 1e9))
+    attend = attention * batch * seq**2  # full T^2, as `update_flops` counts it (both sides compute it)
+    return {
+        "sample": prefill + decode,
+        "reward": (forward * batch * seq + attend) / (reward_gflops * 1e9 if reward_gflops else peak),
+        "reference": (forward * batch * seq + attend + 2 * dims["lm_head"] * batch * new_tokens) / peak,
+        "update": update_flops(dims, batch, seq, epochs, head_positions=new_tokens) / peak,
+    }
 
 
 def best_matmul(mm: dict) -> float:
@@ -464,6 +508,26 @@ def main():
         print(f"matmul 2048^3 (same run; ours: each side's own, the mean of before and after its iterations): "
               f"fp32 {mm['fp32']:.0f} GFLOP/s, bf16 {mm['bf16']:.0f} GFLOP/s; numpy fp32 {mm['fp32_numpy']:.0f} GFLOP/s"
               + (f"; torch fp32 {results['trl']['matmul_gflops_torch_fp32']:.0f} GFLOP/s" if "trl" in cols else ""))
+    floors = {}
+    for s in cols:
+        if s == "trl" or "stream_gbs" not in results[s]:
+            continue
+        side_mm = results[s]["matmul_gflops_jax"]
+        peak = max(best_matmul(side_mm), side_mm["bf16"] if args.matmul_dtype == "bfloat16" else 0)
+        reward_peak = max(peak, side_mm["bf16"] if _reward_matmuls(effective).startswith("bfloat16") else 0)
+        floors[s] = phase_floors(dims, args.batch, results[s]["prompt_len"], args.new_tokens, args.epochs, peak,
+                                 results[s]["stream_gbs"], weight_bytes=4 if args.param_dtype == "float32" else 2,
+                                 reward_gflops=reward_peak)
+        floors[s]["iteration"] = sum(floors[s].values())
+        print(f"floors {names[s]} (the least time each phase's work takes here: matmuls at {peak:.0f} GFLOP/s, the "
+              f"better of jnp and numpy; decode reads at {results[s]['stream_gbs']:.1f} GB/s, a jitted jnp.sum):")
+        print(f"{'  phase':<22}{'time (s)':>10}{'floor (s)':>11}{'floor/time':>12}")
+        for phase in ("sample", "reward", "reference", "update", "iteration"):
+            print(f"{'  ' + phase:<22}{rows[s][phase]:>10.2f}{floors[s][phase]:>11.2f}"
+                  f"{floors[s][phase] / rows[s][phase]:>12.0%}")
+        if "trl" in cols:
+            print(f"  at its floor, {names[s]} would be {rows['trl']['iteration'] / floors[s]['iteration']:.2f}x "
+                  f"TRL's {rows['trl']['iteration']:.1f} s on this machine")
     for s in cols:
         v = results[s]["versions"]
         print(f"{names[s]}: " + ", ".join(f"{k} {x}" for k, x in v.items()))
@@ -490,6 +554,12 @@ def main():
                 out[f"{s}_update_best_mm_fraction"] = summary[s] / best_matmul(results[s]["matmul_gflops_jax"])
                 out[f"{s}_matmul_fp32_gflops"] = results[s]["matmul_gflops_jax"]["fp32"]
                 out[f"{s}_numpy_matmul_fp32_gflops"] = results[s]["matmul_gflops_jax"]["fp32_numpy"]
+            if s in floors:
+                out[f"{s}_floor_s"] = floors[s]["iteration"]
+                out[f"{s}_floor_over_iteration"] = floors[s]["iteration"] / rows[s]["iteration"]
+                if "trl" in cols:
+                    out[f"{s}_max_speedup_vs_trl"] = rows["trl"]["iteration"] / floors[s]["iteration"]
+            if mm:
                 if args.matmul_dtype == "bfloat16":  # the update's matmuls are bf16 x bf16 -> fp32: that is its peak
                     out[f"{s}_update_bf16_mm_fraction"] = summary[s] / results[s]["matmul_gflops_jax"]["bf16"]
                     out[f"{s}_matmul_bf16_gflops"] = results[s]["matmul_gflops_jax"]["bf16"]
