@@ -1,5 +1,7 @@
 """BERT encoder parity with transformers' PyTorch BertModel, and the sentence-transformers recipe."""
 import json
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -150,11 +152,38 @@ def test_embedded_path_extracts_once_and_refreshes(tmp_path, monkeypatch):
     mtime = (path / "model.safetensors").stat().st_mtime_ns
     assert bert.embedded_minilm_path() == path
     assert (path / "model.safetensors").stat().st_mtime_ns == mtime  # not extracted again
-    assert [p.name for p in tmp_path.iterdir()] == ["all-minilm-l6-v2"]  # no temp folders left
+    assert _listing(tmp_path) == ["all-minilm-l6-v2"]  # no temp folders left
     (tmp_path / "all-minilm-l6-v2" / ".klq_jax_extracted").write_text("stale")
     assert bert.embedded_minilm_path() == path
     assert (tmp_path / "all-minilm-l6-v2" / ".klq_jax_extracted").read_text() != "stale"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["all-minilm-l6-v2"]
+    assert _listing(tmp_path) == ["all-minilm-l6-v2"]
+
+
+def _listing(cache):
+    """The cache folder's entries, without the (empty) lock file that `cache_lock.filling` leaves."""
+    return sorted(p.name for p in cache.iterdir() if p.name != ".all-minilm-l6-v2.lock")
+
+
+def test_concurrent_fills_extract_once(tmp_path, monkeypatch):
+    """Two processes filling an empty cache at once (two test workers, two hosts on a shared home): one
+    extracts; the other waits for it and keeps its folder instead of swapping a second copy in under it."""
+    monkeypatch.setenv("KLQ_JAX_CACHE", str(tmp_path))
+    real, calls = bert._extract_minilm, []
+
+    def slow_extract(*args):
+        calls.append(args)
+        time.sleep(0.5)  # the other caller is past its first check before the folder exists
+        return real(*args)
+
+    monkeypatch.setattr(bert, "_extract_minilm", slow_extract)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            paths = list(pool.map(lambda _: bert.embedded_minilm_path(), range(2)))
+    except ModuleNotFoundError as e:
+        pytest.skip(str(e))
+    assert paths[0] == paths[1] and (paths[0] / "model.safetensors").is_file()
+    assert len(calls) == 1
+    assert _listing(tmp_path) == ["all-minilm-l6-v2"]
 
 
 def test_missing_package_is_one_clear_line(monkeypatch):

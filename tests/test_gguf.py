@@ -9,6 +9,8 @@ import importlib.util
 import json
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -128,7 +130,7 @@ def test_folder_files_and_config(converted):
     assert "lm_head.weight" not in tensors and len(tensors) == 2 + 9 * 30
     assert all(t.dtype == np.float32 for t in tensors.values())
     # Nothing half-built left beside the folder.
-    assert [p.name for p in converted.parent.iterdir()] == [converted.name]
+    assert [p.name for p in converted.parent.iterdir() if p.name != f".{converted.name}.lock"] == [converted.name]
 
 
 def test_cache_is_reused(converted):
@@ -138,6 +140,26 @@ def test_cache_is_reused(converted):
         mp.setattr(kgguf, "gguf_to_hf_folder", lambda *a: pytest.fail("reconverted a current cache"))
         assert kgguf.embedded_smollm2_path() == converted
     assert (converted / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_concurrent_fills_convert_once(tmp_path, monkeypatch):
+    """Two processes filling an empty cache at once (two test workers, two hosts on a shared home): one
+    converts; the other waits for it and keeps its folder instead of swapping a second copy in under it."""
+    calls = []
+
+    def slow_convert(gguf_path, out_dir):  # stands in for the 10-30 s conversion: a current, stamped folder
+        calls.append(out_dir)
+        time.sleep(0.5)  # the other caller is past its first check before the folder exists
+        out_dir.mkdir(parents=True)
+        (out_dir / kgguf.SOURCE_STAMP).write_text(json.dumps(kgguf._source_stamp(gguf_path)))
+        return out_dir
+
+    monkeypatch.setenv(kgguf.CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(kgguf, "gguf_to_hf_folder", slow_convert)
+    with ThreadPoolExecutor(2) as pool:
+        folders = list(pool.map(lambda _: kgguf.embedded_smollm2_path(), range(2)))
+    assert folders == [tmp_path / kgguf.EMBEDDED_CACHE_NAME] * 2
+    assert len(calls) == 1
 
 
 def test_no_torch_or_transformers_import(converted):

