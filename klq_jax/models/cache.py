@@ -1,4 +1,5 @@
-"""One process at a time fills a cache folder (the converted GGUF, the unzipped MiniLM).
+"""The cache of embedded models (the converted GGUF, the unzipped MiniLM): where it is, and one process at a
+time filling a folder of it.
 
 Each fill builds its folder aside and renames it into place, so no reader ever sees half a folder. Without a
 lock, two processes that both find the folder missing (two test workers, two hosts of a run on a shared home)
@@ -13,10 +14,20 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+CACHE_ENV = "KLQ_JAX_CACHE"
+
 try:
     import fcntl
 except ImportError:  # not POSIX: no advisory locks; the rename still keeps each folder whole
     fcntl = None
+
+
+def cache_root() -> Path:
+    """`$KLQ_JAX_CACHE`, else `$XDG_CACHE_HOME/klq_jax`, else `~/.cache/klq_jax`."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "klq_jax"
 
 
 @contextlib.contextmanager
