@@ -5,7 +5,7 @@ SmolLM2-135M-Instruct (the embedded model), 8 prompts of 41-48 tokens, `--new_to
 `--repeats` times each, so that a noisy machine slows both alike; the ratio is the median of the per-pair
 ratios. Prints a table and a last line `RESULT ...`.
 
-    python benchmarks/decode_layout.py [--new_tokens 128] [--repeats 5]
+    python benchmarks/decode_layout.py [--new_tokens 128] [--repeats 5] [--matmul_dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import argparse
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -28,9 +29,12 @@ def main():
     parser.add_argument("--new_tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--matmul_dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="config model.matmul_dtype: bfloat16 decodes from bf16 copies of the weights")
     args = parser.parse_args()
     keep_freed_memory()  # as the trainer does: freed blocks reused, not returned to the OS and faulted back in
-    model = load_model(embedded_smollm2_path())
+    model = load_model(embedded_smollm2_path(),
+                       matmul_dtype=jnp.bfloat16 if args.matmul_dtype == "bfloat16" else None)
     state = nnx.state(model)
     prompts = [[1] + list(range(100, 140 + i)) for i in range(args.batch)]
     samplers = {layout: Sampler.for_model(model, eos_ids=(), pad_id=0, max_new_tokens=args.new_tokens,
@@ -49,7 +53,7 @@ def main():
         for layout, sampler in samplers.items():
             times[layout].append(run(sampler))
     steps = args.new_tokens
-    print(f"SmolLM2-135M-Instruct, fp32, {args.batch} rows x {steps} tokens, CPU x{jax.local_device_count()} "
+    print(f"SmolLM2-135M-Instruct, fp32 weights, {args.matmul_dtype} matmuls, {args.batch} rows x {steps} tokens, CPU x{jax.local_device_count()} "
           f"(jax {jax.__version__}), {args.repeats} alternating runs each")
     print(f"{'decode weights':<16}{'median s':>10}{'ms/step':>10}  runs (s)")
     for layout, ts in times.items():

@@ -409,6 +409,9 @@ def main():
     parser.add_argument("--trl_python", default=DEFAULT_TRL_PYTHON)
     parser.add_argument("--trl_gradient_checkpointing", action="store_true",
                         help="TRL's default (off here: it also disables TRL's KV cache in generation)")
+    parser.add_argument("--trl_bf16", action="store_true",
+                        help="TRL in torch's bf16 mixed precision (autocast around every forward, fp32 weights): "
+                             "the peer of --matmul_dtype bfloat16")
     parser.add_argument("--check_dtypes", action="store_true",
                         help="instead of timing: what a bf16 reference / reward model changes (KL, rewards)")
     parser.add_argument("--check_batches", type=int, default=2)
@@ -452,6 +455,7 @@ def main():
             cmd = [args.trl_python, str(ROOT / "benchmarks" / "trl_ppo_iteration.py"), "--model", str(policy_path),
                    "--reward_model", str(reward_path), "--prompts", str(work / "prompts.json")] + common
             cmd += ["--gradient_checkpointing"] if args.trl_gradient_checkpointing else []
+            cmd += ["--bf16"] if args.trl_bf16 else []
         else:
             raise SystemExit(f"--sides: unknown side {side!r}; accepted: klq, ppo, trl")
         print(f"running {side} ...", file=sys.stderr, flush=True)
@@ -469,7 +473,9 @@ def main():
           f"1 minibatch; {policy_path.name} policy/reference/reward (TRL: + value model); "
           f"params {args.param_dtype}, compute {args.compute_dtype}, matmuls {args.matmul_dtype or args.compute_dtype}, "
           f"reference {effective.model.reference_dtype}, "
-          f"reward {effective.reward.dtype} (matmuls {_reward_matmuls(effective)}); {cpu}, {os.cpu_count()} cores")
+          f"reward {effective.reward.dtype} (matmuls {_reward_matmuls(effective)}); "
+          + (f"TRL {'bf16 autocast matmuls, fp32 weights' if args.trl_bf16 else 'fp32'}; " if "trl" in results else "")
+          + f"{cpu}, {os.cpu_count()} cores")
     header = f"{'phase (s)':<22}" + "".join(f"{names[s]:>12}" for s in cols)
     if "trl" in cols:
         header += "".join(f"{'TRL/' + names[s].split()[1]:>11}" for s in cols if s != "trl")
@@ -507,7 +513,9 @@ def main():
     if mm:
         print(f"matmul 2048^3 (same run; ours: each side's own, the mean of before and after its iterations): "
               f"fp32 {mm['fp32']:.0f} GFLOP/s, bf16 {mm['bf16']:.0f} GFLOP/s; numpy fp32 {mm['fp32_numpy']:.0f} GFLOP/s"
-              + (f"; torch fp32 {results['trl']['matmul_gflops_torch_fp32']:.0f} GFLOP/s" if "trl" in cols else ""))
+              + (f"; torch fp32 {results['trl']['matmul_gflops_torch_fp32']:.0f} GFLOP/s" if "trl" in cols else "")
+              + (f", bf16 {results['trl']['matmul_gflops_torch_bf16']:.0f} GFLOP/s"
+                 if "matmul_gflops_torch_bf16" in results.get("trl", {}) else ""))
     floors = {}
     for s in cols:
         if s == "trl" or "stream_gbs" not in results[s]:
@@ -545,6 +553,7 @@ def main():
                 out[f"rss_ratio{key}"] = results[s]["rss_peak_gib"] / results["trl"]["rss_peak_gib"]
         out["trl_iteration_s"] = rows["trl"]["iteration"]
         out["trl_rss_gib"] = results["trl"]["rss_peak_gib"]
+        out["trl_bf16"] = float(args.trl_bf16)
     for s in ("klq", "ppo"):
         if s in cols:
             out[f"{s}_iteration_s"] = rows[s]["iteration"]
@@ -613,6 +622,9 @@ def _cpu_name() -> str:
         parts.append(f"family {family} model {model}" + (f" ({zen})" if zen else ""))
     isa = next((label for flag, label in (("avx512f", "AVX-512"), ("avx2", "AVX2")) if flag in flags), None)
     if isa:
+        # what bf16 dots run on: AVX-512 BF16 (~2x XLA's fp32 matmul on Zen 4 and 5), AMX (3.4-4.8x on stop 18's Xeon)
+        isa += "".join(f" + {label}" for flag, label in (("avx512_bf16", "BF16"), ("amx_bf16", "AMX-BF16"))
+                       if flag in flags)
         parts.append(isa)
     return ", ".join(parts)
 

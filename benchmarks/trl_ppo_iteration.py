@@ -10,6 +10,12 @@ response (no stop token), temperature 1, one minibatch of the whole batch, `--ep
 gradient checkpointing off (PPOConfig's default is on, which also turns off the KV cache in TRL's
 generation: measured 322 s instead of ~10 s for the rollout; `--gradient_checkpointing` restores it).
 
+Weights, gradients and AdamW are fp32. With `--bf16` the matmuls run on bf16 operands, torch's mixed
+precision, the peer of our `model.matmul_dtype=bfloat16`: PPOConfig's `bf16=True` (accelerate's autocast
+around the trained policy-and-value forward, the backward outside it) and `torch.autocast("cpu", bfloat16)`
+around the rollout's generation, reference, value and reward forwards, which `bf16=True` alone leaves in
+fp32 (TRL calls them on the unwrapped models).
+
 Phases are timed by wrapping the functions the trainer calls (module globals of `ppo_trainer`):
 
     sample     `batch_generation` (generate with the per-step logits kept: TRL's old logprobs)
@@ -22,7 +28,7 @@ Phases are timed by wrapping the functions the trainer calls (module globals of 
 Prints one line `SIDE_JSON {...}` with per-iteration phase times and the process's peak RSS.
 
     /work/venv-bench/bin/python benchmarks/trl_ppo_iteration.py --model DIR --reward_model DIR \
-        --prompts prompts.json [--new_tokens 128] [--epochs 1] [--iterations 3]
+        --prompts prompts.json [--new_tokens 128] [--epochs 1] [--iterations 3] [--bf16]
 """
 
 from __future__ import annotations
@@ -38,8 +44,8 @@ import time
 from procstat import rss_gib  # this folder is the script's: sys.path[0]
 
 
-def matmul_gflops(torch, n: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_gflops(torch, n: int = 2048, repeats: int = 5, dtype=None) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     best = float("inf")
     for _ in range(repeats):
@@ -64,6 +70,8 @@ def main():
                         help="TRL's PPOConfig default; it also turns the KV cache off in generation (every "
                              "step recomputes the whole sequence: ~25x slower sampling), so the benchmark "
                              "runs TRL without it unless asked")
+    parser.add_argument("--bf16", action="store_true",
+                        help="torch mixed precision: every matmul on bf16 operands (autocast), fp32 weights")
     args = parser.parse_args()
 
     import torch
@@ -102,7 +110,7 @@ def main():
         local_rollout_forward_batch_size=batch, num_ppo_epochs=args.epochs,
         total_episodes=batch * args.iterations, response_length=args.new_tokens, temperature=1.0,
         stop_token=None, missing_eos_penalty=None, num_sample_generations=0, kl_coef=args.kl_coef,
-        learning_rate=args.learning_rate, seed=args.seed, use_cpu=True, bf16=False,
+        learning_rate=args.learning_rate, seed=args.seed, use_cpu=True, bf16=args.bf16,
         dataloader_num_workers=0, gradient_checkpointing=args.gradient_checkpointing)
 
     events: list[tuple[str, float, float]] = []
@@ -113,7 +121,9 @@ def main():
     def timed(name_fn, fn):
         def wrapper(*a, **k):
             start = time.perf_counter()
-            out = fn(*a, **k)
+            # Nested inside accelerate's own autocast in the update: the same dtype, no change there.
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+                out = fn(*a, **k)
             events.append((name_fn(*a, **k), start, time.perf_counter()))
             return out
         return wrapper
@@ -169,8 +179,9 @@ def main():
     assert all(n == args.new_tokens for n in lengths), lengths
     result = {
         "side": "trl-ppo", "iterations": iterations, "matmul_gflops_torch_fp32": mm,
+        **({"matmul_gflops_torch_bf16": matmul_gflops(torch, dtype=torch.bfloat16)} if args.bf16 else {}),
         "rss_setup_gib": rss_setup, "rss_peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-        "gradient_checkpointing": args.gradient_checkpointing, "batch": batch,
+        "gradient_checkpointing": args.gradient_checkpointing, "bf16": args.bf16, "batch": batch,
         "prompt_len": max(map(len, prompts)), "response_len": lengths[0],
         "versions": {"trl": trl.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
                      "python": sys.version.split()[0]},
