@@ -232,9 +232,16 @@ def checks() -> dict:
                 specs = {shd.path_str(k): str(v.sharding.spec) for k, v in
                          jax.tree_util.tree_flatten_with_path(state)[0]}
                 mu_spec = [v for k, v in specs.items() if k.endswith("mu.blocks.wq_dnh")]
+            # Clip fractions count tokens past a clip boundary: a token at the boundary flips under another
+            # summation order (one of 96 did on an Intel VM), at no cost to the loss, which is continuous there.
+            # They are compared in tokens; every other metric within the tolerance.
+            clipped = [k for k in metrics[0] if k.endswith("clip_frac")]
             out[f"step/{family}/{algo_name}/{shape}"] = {
                 "param_err": max_err(state.params, ref_state.params),
-                "metric_err": max_err(metrics, ref_metrics),
+                "metric_err": max_err([{k: v for k, v in m.items() if k not in clipped} for m in metrics],
+                                      [{k: v for k, v in m.items() if k not in clipped} for m in ref_metrics]),
+                "clip_flips": max([round(abs(float(m[k]) - float(r[k])) * float(r["tokens"]))
+                                   for m, r in zip(metrics, ref_metrics) for k in clipped], default=0),
                 "loss": float(metrics[-1]["loss"]),
                 "wq_spec": specs["params.blocks.wq_dnh"], "embed_spec": specs["params.embed_vd"],
                 "mu_spec": mu_spec[0]}
@@ -280,7 +287,7 @@ def fake_devices():
 @pytest.mark.parametrize("shape", MESHES)
 def test_sharded_train_step_equals_single_device(fake_devices, shape):
     r = fake_devices[f"step/llama/klq/{shape}"]
-    assert r["param_err"] < TOL["rtol"] and r["metric_err"] < TOL["rtol"], r
+    assert r["param_err"] < TOL["rtol"] and r["metric_err"] < TOL["rtol"] and r["clip_flips"] <= 1, r
     if shape == (2, 2, 2):
         assert r["wq_spec"] == "P(None, 'fsdp', 'tensor')" and r["embed_spec"] == "P('tensor', 'fsdp')", r
         assert r["mu_spec"] == r["wq_spec"], r  # AdamW moments created already sharded like their parameter
@@ -288,7 +295,7 @@ def test_sharded_train_step_equals_single_device(fake_devices, shape):
 
 def test_sharded_ppo_step_on_gpt_neox(fake_devices):
     r = fake_devices["step/gpt_neox/ppo/(2, 2, 2)"]
-    assert r["param_err"] < TOL["rtol"] and r["metric_err"] < TOL["rtol"], r
+    assert r["param_err"] < TOL["rtol"] and r["metric_err"] < TOL["rtol"] and r["clip_flips"] <= 1, r
 
 
 @pytest.mark.parametrize("shape", MESHES)
