@@ -155,8 +155,9 @@ def test_logits_from_is_the_tail_of_the_logits(tiny_checkpoint):
 
 def test_decode_step_equals_full_forward(tiny_checkpoint):
     """A cached decode step, by the layer scan (stacked weights) and by the sampler's unrolled path (per-layer
-    weights, q|k|v and gate|up fused into one matmul each; as stored, or as [out, in] copies), gives the full
-    forward's logits and values."""
+    weights, q|k|v and gate|up fused into one matmul each; as stored, or as [out, in] copies, which run
+    feature-major with fp32 matmuls and row-major with bf16 ones), gives the full forward's logits, values and
+    cache."""
     _, path, _ = tiny_checkpoint
     ours = load_model(path, value_head=True)
     ids, mask = _batch(padded=True)
@@ -179,8 +180,17 @@ def test_decode_step_equals_full_forward(tiny_checkpoint):
                                    atol=1e-5, rtol=0)
         np.testing.assert_allclose(np.asarray(step.values_bt[:, 0]), np.asarray(full.values_bt[:, -1]),
                                    atol=1e-5, rtol=0)
-    np.testing.assert_allclose(np.asarray(unrolled.cache.k_lbksh[-1]), np.asarray(stacked.cache.k_lbksh[-1]),
-                               atol=1e-5, rtol=0)
+    for step in (unrolled, unrolled_oi):
+        for got, want in ((step.cache.k_lbksh, stacked.cache.k_lbksh), (step.cache.v_lbksh, stacked.cache.v_lbksh)):
+            np.testing.assert_allclose(np.asarray(got[-1]), np.asarray(want[-1]), atol=1e-5, rtol=0)
+    # bf16 matmuls: the [out, in] copies stay row-major; the same bf16-rounded products as the as-stored path
+    bf16 = load_model(path, value_head=True, matmul_dtype=jnp.bfloat16)
+    cache = bf16(tokens[:, :-1], positions[:, :-1], kv_mask, cache=KVCache.zeros(bf16.cfg, b, t),
+                 cache_pos=0).cache.unstacked()
+    want = bf16(*step_args, cache=cache, cache_pos=t - 1, layers=bf16.unstack_layers()).logits_btv
+    got = bf16(*step_args, cache=cache, cache_pos=t - 1, layers=bf16.unstack_layers(weights_oi=True),
+               layers_oi=True).logits_btv
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4 * float(np.abs(want).max()), rtol=0)
 
 
 def test_sharded_index_and_bf16(tmp_path):

@@ -103,7 +103,8 @@ def _generate(graphdef, state, prompt_bp, prompt_mask_bp, rng, temperature, top_
     # for one more copy of the blocks' weights while sampling. Off for FSDP/tensor-sharded weights, where
     # the layer scan gathers one layer at a time.
     # With `weights_oi` those copies are [out, in] matrices, which XLA:CPU's 8-row dots stream faster
-    # (docs/performance.md, item 28); same memory.
+    # (docs/performance.md, item 28); same memory. With fp32 matmuls the step then runs feature-major, each
+    # weight the left operand of its dot (`Block.decode_feature_major`, item 29).
     weights_oi = weights_oi and unstack_layers
     layers = model.unstack_layers(weights_oi) if unstack_layers else None
     decode_cache = out.cache.unstacked() if unstack_layers else out.cache
@@ -158,7 +159,8 @@ class Sampler:
     bucket: int = 32
     cache_dtype: jnp.dtype = jnp.float32
     unstack_layers: bool = True  # decode steps read per-layer weight copies (faster; more memory)
-    weights_oi: bool = True  # those copies as [out, in] matrices (faster 8-row dots on XLA:CPU; same memory)
+    weights_oi: bool = True  # those copies as [out, in] matrices (faster 8-row dots on XLA:CPU; same memory;
+                             # fp32 matmuls: the feature-major decode step)
 
     @classmethod
     def for_model(cls, model: CausalLM, **kwargs) -> "Sampler":

@@ -87,24 +87,42 @@ def apply_rope(x_btnh: jax.Array, cos_btr: jax.Array, sin_btr: jax.Array) -> jax
     return jnp.concatenate([out.astype(x_btnh.dtype), x_pass], axis=-1)
 
 
+def apply_rope_feature_major(x_hdn: jax.Array, cos_rn: jax.Array, sin_rn: jax.Array) -> jax.Array:
+    """`apply_rope` on [heads, hd, N] activations with [rotary_dim, N] tables (the feature-major decode)."""
+    rot = cos_rn.shape[0]
+    x_rot, x_pass = x_hdn[:, :rot].astype(_at_least_f32(x_hdn.dtype)), x_hdn[:, rot:]
+    x1, x2 = jnp.split(x_rot, 2, axis=1)
+    rotated = jnp.concatenate([-x2, x1], axis=1)
+    out = x_rot * cos_rn[None] + rotated * sin_rn[None]
+    return jnp.concatenate([out.astype(x_hdn.dtype), x_pass], axis=1)
+
+
 def _at_least_f32(dtype):
     """Normalisation and RoPE run in float32 for bf16/fp16 activations (and in float64 for float64)."""
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def rms_norm(x, scale, eps):
-    ct = _at_least_f32(x.dtype)
-    x32 = x.astype(ct)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return (x32 * scale.astype(ct)).astype(x.dtype)
+def _along(v_f: jax.Array, axis: int, ndim: int) -> jax.Array:
+    """A per-feature vector shaped to broadcast along `axis` of an `ndim`-D array (features last: as is)."""
+    axis = axis % ndim
+    return v_f.reshape(v_f.shape + (1,) * (ndim - 1 - axis))
 
 
-def layer_norm(x, scale, bias, eps):
+def rms_norm(x, scale, eps, axis: int = -1):
+    """RMSNorm over `axis`, the features (the last, or the first in the feature-major decode)."""
     ct = _at_least_f32(x.dtype)
     x32 = x.astype(ct)
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + eps) * scale.astype(ct) + bias.astype(ct)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=axis, keepdims=True) + eps)
+    return (x32 * _along(scale, axis, x.ndim).astype(ct)).astype(x.dtype)
+
+
+def layer_norm(x, scale, bias, eps, axis: int = -1):
+    ct = _at_least_f32(x.dtype)
+    x32 = x.astype(ct)
+    mean = jnp.mean(x32, axis=axis, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=axis, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps) * _along(scale, axis, x.ndim).astype(ct) \
+        + _along(bias, axis, x.ndim).astype(ct)
     return y.astype(x.dtype)
 
 
@@ -132,6 +150,18 @@ def matmul(a, b, subscripts: str, matmul_dtype=None, out_dtype=None):
     mdt = matmul_dtype or a.dtype
     out = jnp.einsum(subscripts, a.astype(mdt), b.astype(mdt), preferred_element_type=_accumulate_dtype(mdt))
     return out.astype(out_dtype or a.dtype)
+
+
+def weight_left_matmul(w_oi: jax.Array, x_in: jax.Array, matmul_dtype=None) -> jax.Array:
+    """`w @ x` for an [out, in] weight and [in, N] activations, the weight as the dot's left operand, operands
+    rounded to `matmul_dtype` (None: `x`'s dtype), accumulated in at least fp32, returned in `x`'s dtype.
+
+    For the feature-major decode: XLA:CPU's YNNPACK packs a dot's right operand at every call (with the 8-row
+    decode's weights on the right, a copy of every weight per step) but reads the left one in place."""
+    mdt = matmul_dtype or x_in.dtype
+    out = jax.lax.dot_general(w_oi.astype(mdt), x_in.astype(mdt), (((1,), (0,)), ((), ())),
+                              preferred_element_type=_accumulate_dtype(mdt))
+    return out.astype(x_in.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -283,6 +313,23 @@ class Block(nnx.Module):
             return rms_norm(x, scale[...], self.cfg.norm_eps)
         return layer_norm(x, scale[...], bias[...], self.cfg.norm_eps)
 
+    def _attend(self, q_bkgth, k_bksh, v_bksh, mask_bts, cache_kv, cache_pos):
+        """Softmax attention of heads-major queries [B, K, G, T, hd] over keys and values [B, K, T, hd], first
+        written into `cache_kv` at `cache_pos` when there is one; returns [B, T, H*hd] and the cache."""
+        b, k_heads, g, t, hd = q_bkgth.shape
+        dt = q_bkgth.dtype
+        if cache_kv is not None:  # write this chunk's keys/values at `cache_pos`, attend over all slots
+            k_cache, v_cache = cache_kv
+            k_bksh = jax.lax.dynamic_update_slice_in_dim(k_cache, k_bksh.astype(k_cache.dtype), cache_pos, axis=2)
+            v_bksh = jax.lax.dynamic_update_slice_in_dim(v_cache, v_bksh.astype(v_cache.dtype), cache_pos, axis=2)
+            cache_kv = (k_bksh, v_bksh)
+        scores = jnp.einsum("bkgth,bksh->bkgts", q_bkgth, k_bksh.astype(dt), preferred_element_type=jnp.float32)
+        scores = scores / math.sqrt(hd)
+        scores = jnp.where(mask_bts[:, None, None], scores, _NEG_INF)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        out_bkgth = jnp.einsum("bkgts,bksh->bkgth", probs, v_bksh.astype(dt))
+        return out_bkgth.transpose(0, 3, 1, 2, 4).reshape(b, t, k_heads * g * hd), cache_kv
+
     def _attention(self, x_btd, rope, mask_bts, cache_kv, cache_pos, fuse_projections=False, matmul_dtype=None,
                    weights_oi=False):
         cfg, dt = self.cfg, x_btd.dtype
@@ -304,20 +351,10 @@ class Block(nnx.Module):
             q, k, v = q + self.bq_nh[...].astype(dt), k + self.bk_kh[...].astype(dt), v + self.bv_kh[...].astype(dt)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        # Heads-major layouts [B, K, ., hd]: the (B, K)-batched dots below then read q, k, v and the cache in place.
+        # Heads-major layouts [B, K, ., hd]: the (B, K)-batched dots then read q, k, v and the cache in place.
         q_bkgth = q.reshape(b, t, k_heads, g, hd).transpose(0, 2, 3, 1, 4)
         k_bksh, v_bksh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-        if cache_kv is not None:  # write this chunk's keys/values at `cache_pos`, attend over all slots
-            k_cache, v_cache = cache_kv
-            k_bksh = jax.lax.dynamic_update_slice_in_dim(k_cache, k_bksh.astype(k_cache.dtype), cache_pos, axis=2)
-            v_bksh = jax.lax.dynamic_update_slice_in_dim(v_cache, v_bksh.astype(v_cache.dtype), cache_pos, axis=2)
-            cache_kv = (k_bksh, v_bksh)
-        scores = jnp.einsum("bkgth,bksh->bkgts", q_bkgth, k_bksh.astype(dt), preferred_element_type=jnp.float32)
-        scores = scores / math.sqrt(hd)
-        scores = jnp.where(mask_bts[:, None, None], scores, _NEG_INF)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out_bkgth = jnp.einsum("bkgts,bksh->bkgth", probs, v_bksh.astype(dt))
-        out_btf = out_bkgth.transpose(0, 3, 1, 2, 4).reshape(b, t, h * hd)
+        out_btf, cache_kv = self._attend(q_bkgth, k_bksh, v_bksh, mask_bts, cache_kv, cache_pos)
         if weights_oi:
             out = matmul(out_btf, self.wo_nhd[...].astype(dt), "...i,oi->...o", matmul_dtype, dt)
         else:  # the output projection as one [H*hd, D] matrix (a free reshape of [H, hd, D])
@@ -371,6 +408,53 @@ class Block(nnx.Module):
         mlp = self._mlp(self._norm(x_btd, self.ln2_scale, self.ln2_bias), fuse_projections, matmul_dtype, weights_oi)
         x_btd = x_btd + attn + mlp if self.cfg.parallel_residual else x_btd + mlp
         return shard(x_btd, ("data", None, None)), cache_kv
+
+    def decode_feature_major(self, x_dn, rope_rn, mask_bts, cache_kv, cache_pos, matmul_dtype=None):
+        """`__call__` on feature-major activations [D, N] (N = B*T rows, batch-major) with a layer state of
+        `[out, in]` weight copies (`CausalLM.unstack_layers(weights_oi=True)`); `rope_rn` the [rotary_dim, N]
+        tables. Every projection is `weight_left_matmul`, so XLA:CPU reads the weights in place instead of
+        packing them at every decode step. Forward only; the same values as `__call__`."""
+        cfg, dt = self.cfg, x_dn.dtype
+        h, k_heads, g, hd = cfg.num_heads, cfg.num_kv_heads, cfg.num_groups, cfg.head_dim
+        b, t = mask_bts.shape[:2]
+
+        def norm(x, scale, bias):
+            if bias is None:
+                return rms_norm(x, scale[...], cfg.norm_eps, axis=0)
+            return layer_norm(x, scale[...], bias[...], cfg.norm_eps, axis=0)
+
+        def proj(w, x, bias=None):
+            y = weight_left_matmul(w.astype(dt), x, matmul_dtype)
+            return y if bias is None else y + bias.reshape(-1, 1).astype(dt)
+
+        # attention: q|k|v in one dot, then this step's rows to the cache's heads-major layout (small copies)
+        w_qkv_oi = jnp.concatenate([self.wq_dnh[...], self.wk_dkh[...], self.wv_dkh[...]], axis=0)
+        b_qkv = None if self.bq_nh is None else jnp.concatenate(
+            [self.bq_nh[...].reshape(-1), self.bk_kh[...].reshape(-1), self.bv_kh[...].reshape(-1)])
+        qkv_on = proj(w_qkv_oi, norm(x_dn, self.ln1_scale, self.ln1_bias), b_qkv)
+        q, k, v = jnp.split(qkv_on, [h * hd, (h + k_heads) * hd], axis=0)
+        q, k, v = q.reshape(h, hd, -1), k.reshape(k_heads, hd, -1), v.reshape(k_heads, hd, -1)
+        if rope_rn is not None:
+            q, k = apply_rope_feature_major(q, *rope_rn), apply_rope_feature_major(k, *rope_rn)
+        q_bkgth = q.reshape(k_heads, g, hd, b, t).transpose(3, 0, 1, 4, 2)
+        k_bksh, v_bksh = (a.reshape(k_heads, hd, b, t).transpose(2, 0, 3, 1) for a in (k, v))
+        out_btf, cache_kv = self._attend(q_bkgth, k_bksh, v_bksh, mask_bts, cache_kv, cache_pos)
+        attn = proj(self.wo_nhd[...], out_btf.reshape(b * t, h * hd).T, self.bo_d)
+        if not cfg.parallel_residual:
+            x_dn = x_dn + attn
+        # MLP: gate|up in one dot
+        h_dn = norm(x_dn, self.ln2_scale, self.ln2_bias)
+        b_up = None if self.b_up_f is None else self.b_up_f[...]
+        if self.w_gate_df is not None:
+            gate, up = jnp.split(proj(jnp.concatenate([self.w_gate_df[...], self.w_up_df[...]], axis=0), h_dn), 2,
+                                 axis=0)
+            up = up if b_up is None else up + b_up.reshape(-1, 1).astype(dt)
+            hidden = jax.nn.silu(gate) * up
+        else:
+            hidden = activation(cfg.activation, proj(self.w_up_df[...], h_dn, b_up))
+        mlp = proj(self.w_down_fd[...], hidden, self.b_down_d)
+        x_dn = x_dn + attn + mlp if cfg.parallel_residual else x_dn + mlp
+        return x_dn, cache_kv
 
 
 REMAT_POLICIES = {
@@ -537,13 +621,28 @@ class CausalLM(nnx.Module):
             # Fused projections: 3 fewer matmuls per layer. A decode step is ~400 small ops, each with a
             # fixed cost on XLA:CPU (165-180 us on a 2-core Zen 4 VM): 75.6 -> 66.7 ms per 8-row step there
             # (docs/performance.md, item 23).
+            # `[out, in]` copies with fp32 matmuls run feature-major (`Block.decode_feature_major`): each weight
+            # is read in place, not packed per step. bf16 ones stay row-major: XLA:CPU widens that bf16 dot form
+            # to an fp32 one (docs/performance.md, item 29).
+            feature_major = layers_oi and jnp.dtype(self.matmul_dtype or dt) == jnp.float32
+            if feature_major:
+                n = tokens_bt.shape[0] * t
+                x_dn = x.reshape(n, -1).T
+                rope_rn = None if rope is None else tuple(c.reshape(n, -1).T for c in rope)
             ks, vs = [], []
             for i, layer_state in enumerate(layers):
                 kv = None if cache is None else (cache.k_lbksh[i], cache.v_lbksh[i])
-                x, kv = run_layer(x, layer_state, rope, mask_bts, kv, fuse_projections=True, weights_oi=layers_oi)
+                if feature_major:
+                    block = nnx.merge(graphdef, jax.tree.map(_widen_bf16_bits, layer_state) if widen else layer_state)
+                    x_dn, kv = block.decode_feature_major(x_dn, rope_rn, mask_bts, kv, cache_pos, self.matmul_dtype)
+                else:
+                    x, kv = run_layer(x, layer_state, rope, mask_bts, kv, fuse_projections=True,
+                                      weights_oi=layers_oi)
                 if kv is not None:
                     ks.append(kv[0])
                     vs.append(kv[1])
+            if feature_major:
+                x = x_dn.T.reshape(x.shape)
             new_cache = None if cache is None else KVCache(tuple(ks), tuple(vs))
         elif cache is None and self.remat == "full":
             # rope and the mask go in as `aux`, not closed over: a custom_vjp's function must not close over
