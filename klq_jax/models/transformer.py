@@ -77,24 +77,25 @@ def rope_cos_sin(cfg: ModelConfig, positions_bt: jax.Array) -> tuple[jax.Array, 
     return jnp.cos(emb_btr), jnp.sin(emb_btr)
 
 
+def _rotate_half(x: jax.Array, cos: jax.Array, sin: jax.Array, axis: int) -> jax.Array:
+    """Rotates the first `cos.shape[axis]` entries of `axis` (HF's rotate-half layout; the rest pass through);
+    `cos`/`sin` broadcast against that slice of `x`."""
+    rot = cos.shape[axis]
+    x_rot = jax.lax.slice_in_dim(x, 0, rot, axis=axis).astype(_at_least_f32(x.dtype))
+    x_pass = jax.lax.slice_in_dim(x, rot, x.shape[axis], axis=axis)
+    x1, x2 = jnp.split(x_rot, 2, axis=axis)
+    out = x_rot * cos + jnp.concatenate([-x2, x1], axis=axis) * sin
+    return jnp.concatenate([out.astype(x.dtype), x_pass], axis=axis)
+
+
 def apply_rope(x_btnh: jax.Array, cos_btr: jax.Array, sin_btr: jax.Array) -> jax.Array:
     """Rotates the first `rotary_dim` dims of each head (HF's rotate-half layout); the rest pass through."""
-    rot = cos_btr.shape[-1]
-    x_rot, x_pass = x_btnh[..., :rot].astype(_at_least_f32(x_btnh.dtype)), x_btnh[..., rot:]
-    x1, x2 = jnp.split(x_rot, 2, axis=-1)
-    rotated = jnp.concatenate([-x2, x1], axis=-1)
-    out = x_rot * cos_btr[:, :, None, :] + rotated * sin_btr[:, :, None, :]
-    return jnp.concatenate([out.astype(x_btnh.dtype), x_pass], axis=-1)
+    return _rotate_half(x_btnh, cos_btr[:, :, None, :], sin_btr[:, :, None, :], axis=3)
 
 
 def apply_rope_feature_major(x_hdn: jax.Array, cos_rn: jax.Array, sin_rn: jax.Array) -> jax.Array:
     """`apply_rope` on [heads, hd, N] activations with [rotary_dim, N] tables (the feature-major decode)."""
-    rot = cos_rn.shape[0]
-    x_rot, x_pass = x_hdn[:, :rot].astype(_at_least_f32(x_hdn.dtype)), x_hdn[:, rot:]
-    x1, x2 = jnp.split(x_rot, 2, axis=1)
-    rotated = jnp.concatenate([-x2, x1], axis=1)
-    out = x_rot * cos_rn[None] + rotated * sin_rn[None]
-    return jnp.concatenate([out.astype(x_hdn.dtype), x_pass], axis=1)
+    return _rotate_half(x_hdn, cos_rn[None], sin_rn[None], axis=1)
 
 
 def _at_least_f32(dtype):
@@ -607,11 +608,12 @@ class CausalLM(nnx.Module):
         if widen:
             block_state = jax.tree.map(_bf16_bits, block_state)
 
+        def layer_module(state) -> Block:
+            return nnx.merge(graphdef, jax.tree.map(_widen_bf16_bits, state) if widen else state)
+
         def run_layer(x_btd, state, rope, mask_bts, kv=None, fuse_projections=False, weights_oi=False):
-            if widen:
-                state = jax.tree.map(_widen_bf16_bits, state)
-            return nnx.merge(graphdef, state)(x_btd, rope, mask_bts, kv, cache_pos, fuse_projections,
-                                              self.matmul_dtype, weights_oi)
+            return layer_module(state)(x_btd, rope, mask_bts, kv, cache_pos, fuse_projections, self.matmul_dtype,
+                                       weights_oi)
 
         def body(x_btd, layer):
             state, kv = layer
@@ -633,8 +635,8 @@ class CausalLM(nnx.Module):
             for i, layer_state in enumerate(layers):
                 kv = None if cache is None else (cache.k_lbksh[i], cache.v_lbksh[i])
                 if feature_major:
-                    block = nnx.merge(graphdef, jax.tree.map(_widen_bf16_bits, layer_state) if widen else layer_state)
-                    x_dn, kv = block.decode_feature_major(x_dn, rope_rn, mask_bts, kv, cache_pos, self.matmul_dtype)
+                    x_dn, kv = layer_module(layer_state).decode_feature_major(x_dn, rope_rn, mask_bts, kv, cache_pos,
+                                                                             self.matmul_dtype)
                 else:
                     x, kv = run_layer(x, layer_state, rope, mask_bts, kv, fuse_projections=True,
                                       weights_oi=layers_oi)
