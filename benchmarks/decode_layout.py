@@ -1,7 +1,7 @@
 """The sampler's decode weights as stored ([in, out]) against [out, in] copies (`Sampler.weights_oi`), paired.
-With fp32 matmuls (the default) the [out, in] side is the feature-major decode step (`Block.decode_feature_major`:
-activations [features, rows], each weight the left operand of its dot); with `--matmul_dtype bfloat16` both
-sides are row-major.
+The [out, in] side is the feature-major decode step (`Block.decode_feature_major`: activations [features, rows],
+each weight the left operand of its dot), the [in, out] side the row-major one, with fp32 matmuls (the default)
+or `--matmul_dtype bfloat16`.
 
 SmolLM2-135M-Instruct (the embedded model), 8 prompts of 41-48 tokens, `--new_tokens` sampled tokens per row
 (EOS ignored: the same work on both sides). Both programs are compiled in one process and run alternately,

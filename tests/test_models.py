@@ -3,6 +3,7 @@ trips, and the one-line errors for bad checkpoints."""
 
 import functools
 import json
+import re
 
 import jax
 from flax import nnx
@@ -156,8 +157,8 @@ def test_logits_from_is_the_tail_of_the_logits(tiny_checkpoint):
 def test_decode_step_equals_full_forward(tiny_checkpoint):
     """A cached decode step, by the layer scan (stacked weights) and by the sampler's unrolled path (per-layer
     weights, q|k|v and gate|up fused into one matmul each; as stored, or as [out, in] copies, which run
-    feature-major with fp32 matmuls and row-major with bf16 ones), gives the full forward's logits, values and
-    cache."""
+    feature-major), gives the full forward's logits, values and cache. With bf16 matmuls, the feature-major
+    step gives the row-major one's logits, and XLA runs its weight dots on bf16 operands."""
     _, path, _ = tiny_checkpoint
     ours = load_model(path, value_head=True)
     ids, mask = _batch(padded=True)
@@ -183,14 +184,42 @@ def test_decode_step_equals_full_forward(tiny_checkpoint):
     for step in (unrolled, unrolled_oi):
         for got, want in ((step.cache.k_lbksh, stacked.cache.k_lbksh), (step.cache.v_lbksh, stacked.cache.v_lbksh)):
             np.testing.assert_allclose(np.asarray(got[-1]), np.asarray(want[-1]), atol=1e-5, rtol=0)
-    # bf16 matmuls: the [out, in] copies stay row-major; the same bf16-rounded products as the as-stored path
+    # bf16 matmuls: the same bf16-rounded products as the as-stored (row-major) path
     bf16 = load_model(path, value_head=True, matmul_dtype=jnp.bfloat16)
     cache = bf16(tokens[:, :-1], positions[:, :-1], kv_mask, cache=KVCache.zeros(bf16.cfg, b, t),
                  cache_pos=0).cache.unstacked()
     want = bf16(*step_args, cache=cache, cache_pos=t - 1, layers=bf16.unstack_layers()).logits_btv
-    got = bf16(*step_args, cache=cache, cache_pos=t - 1, layers=bf16.unstack_layers(weights_oi=True),
-               layers_oi=True).logits_btv
+    graphdef, state = nnx.split(bf16)
+
+    @jax.jit
+    def step_oi(state, layers, cache):
+        return nnx.merge(graphdef, state)(*step_args, cache=cache, cache_pos=t - 1, layers=layers,
+                                          layers_oi=True).logits_btv
+
+    layers_oi = bf16.unstack_layers(weights_oi=True)
+    got = step_oi(state, layers_oi, cache)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4 * float(np.abs(want).max()), rtol=0)
+    # A dot of an [out, in] weight with the step's b rows: bf16 operands. After a layout-only transpose of the
+    # activations, XLA:CPU had widened all but one of them to fp32 dots on fp32 copies of the weights.
+    weight_dots = _dots_on(step_oi.lower(state, layers_oi, cache).compile().as_text(), rows=b)
+    assert len(weight_dots) >= 4 * bf16.cfg.num_layers and all(types == {"bf16"} for types in weight_dots), weight_dots
+
+
+def _dots_on(hlo: str, rows: int) -> list[set]:
+    """The operand dtypes of each dot of two 2-D operands in compiled HLO text, one of them with `rows` rows or
+    columns: a decode step's weight (and LM head) dots."""
+    shapes, dots = {}, []
+    for line in hlo.splitlines():
+        m = re.match(r"\s*(?:ROOT )?(%[\w.-]+) = (\w+)\[([\d,]*)\]", line)
+        if not m:
+            continue
+        shapes[m.group(1)] = (m.group(2), tuple(int(d) for d in m.group(3).split(",") if d))
+        operands = re.search(r" dot\((%[\w.-]+), (%[\w.-]+)\)", line)
+        if operands:
+            (type_a, dims_a), (type_b, dims_b) = shapes[operands.group(1)], shapes[operands.group(2)]
+            if len(dims_a) == len(dims_b) == 2 and rows in dims_a + dims_b:
+                dots.append({type_a, type_b})
+    return dots
 
 
 def test_sharded_index_and_bf16(tmp_path):

@@ -102,9 +102,9 @@ def _generate(graphdef, state, prompt_bp, prompt_mask_bp, rng, temperature, top_
     # of the stacked arrays at every step): 4.9 -> 4.4 s for 8 x 128 tokens of SmolLM2-135M on 2 CPU cores,
     # for one more copy of the blocks' weights while sampling. Off for FSDP/tensor-sharded weights, where
     # the layer scan gathers one layer at a time.
-    # With `weights_oi` those copies are [out, in] matrices, which XLA:CPU's 8-row dots stream faster
-    # (docs/performance.md, item 28); same memory. With fp32 matmuls the step then runs feature-major, each
-    # weight the left operand of its dot (`Block.decode_feature_major`, item 29).
+    # With `weights_oi` those copies are [out, in] matrices (same memory) and the step runs feature-major, each
+    # weight the left operand of its dot, which XLA:CPU reads in place instead of packing it at every step
+    # (`Block.decode_feature_major`; docs/performance.md, items 28-30).
     weights_oi = weights_oi and unstack_layers
     layers = model.unstack_layers(weights_oi) if unstack_layers else None
     decode_cache = out.cache.unstacked() if unstack_layers else out.cache
@@ -159,8 +159,8 @@ class Sampler:
     bucket: int = 32
     cache_dtype: jnp.dtype = jnp.float32
     unstack_layers: bool = True  # decode steps read per-layer weight copies (faster; more memory)
-    weights_oi: bool = True  # those copies as [out, in] matrices (faster 8-row dots on XLA:CPU; same memory;
-                             # fp32 matmuls: the feature-major decode step)
+    weights_oi: bool = True  # those copies as [out, in] matrices, for the feature-major decode step (faster
+                             # 8-row dots on XLA:CPU; same memory)
 
     @classmethod
     def for_model(cls, model: CausalLM, **kwargs) -> "Sampler":

@@ -190,7 +190,8 @@ def _row_major_transpose(x_ni: jax.Array) -> jax.Array:
     and its YNNPACK kernels take no such bf16 dot: it then runs on XLA's own dot, on fp32 copies of the operands
     (the update's [576, 1408] x [1408, 1536] weight gradient: 143 GFLOP/s, against 332 with `x^T` written out,
     on a Zen 4 VM). A transpose alone is turned into a layout change; through a flat array behind an
-    optimisation barrier it is a copy (0.7 ms here).
+    optimisation barrier it is a copy (0.7 ms here). The feature-major decode's activations go through it too:
+    after a plain `.T` XLA ran every bf16 decode dot but one on fp32 copies of its weights.
     """
     n, i = x_ni.shape
     return jax.lax.optimization_barrier(x_ni.T.reshape(-1)).reshape(i, n)
@@ -331,16 +332,11 @@ class Block(nnx.Module):
         out_bkgth = jnp.einsum("bkgts,bksh->bkgth", probs, v_bksh.astype(dt))
         return out_bkgth.transpose(0, 3, 1, 2, 4).reshape(b, t, k_heads * g * hd), cache_kv
 
-    def _attention(self, x_btd, rope, mask_bts, cache_kv, cache_pos, fuse_projections=False, matmul_dtype=None,
-                   weights_oi=False):
+    def _attention(self, x_btd, rope, mask_bts, cache_kv, cache_pos, fuse_projections=False, matmul_dtype=None):
         cfg, dt = self.cfg, x_btd.dtype
         h, k_heads, g, hd = cfg.num_heads, cfg.num_kv_heads, cfg.num_groups, cfg.head_dim
         b, t, d = x_btd.shape
-        if weights_oi:  # [out, in] copies (`CausalLM.unstack_layers(weights_oi=True)`), fused along `out`
-            w_qkv_oi = jnp.concatenate([self.wq_dnh[...], self.wk_dkh[...], self.wv_dkh[...]], axis=0)
-            qkv = matmul(x_btd, w_qkv_oi.astype(dt), "...i,oi->...o", matmul_dtype, dt)
-            q, k, v = jnp.split(qkv, [h * hd, (h + k_heads) * hd], axis=-1)
-        elif fuse_projections:
+        if fuse_projections:
             wq, wk, wv = (w[...].reshape(d, -1) for w in (self.wq_dnh, self.wk_dkh, self.wv_dkh))
             qkv = dense(x_btd, jnp.concatenate([wq, wk, wv], axis=1).astype(dt), matmul_dtype)
             q, k, v = jnp.split(qkv, [h * hd, (h + k_heads) * hd], axis=-1)
@@ -356,24 +352,15 @@ class Block(nnx.Module):
         q_bkgth = q.reshape(b, t, k_heads, g, hd).transpose(0, 2, 3, 1, 4)
         k_bksh, v_bksh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         out_btf, cache_kv = self._attend(q_bkgth, k_bksh, v_bksh, mask_bts, cache_kv, cache_pos)
-        if weights_oi:
-            out = matmul(out_btf, self.wo_nhd[...].astype(dt), "...i,oi->...o", matmul_dtype, dt)
-        else:  # the output projection as one [H*hd, D] matrix (a free reshape of [H, hd, D])
-            out = dense(out_btf, self.wo_nhd[...].astype(dt).reshape(h * hd, d), matmul_dtype)
+        # the output projection as one [H*hd, D] matrix (a free reshape of [H, hd, D])
+        out = dense(out_btf, self.wo_nhd[...].astype(dt).reshape(h * hd, d), matmul_dtype)
         if self.bo_d is not None:
             out = out + self.bo_d[...].astype(dt)
         return out, cache_kv
 
-    def _mlp(self, x_btd, fuse_projections=False, matmul_dtype=None, weights_oi=False):
+    def _mlp(self, x_btd, fuse_projections=False, matmul_dtype=None):
         dt = x_btd.dtype
-        if weights_oi:  # [out, in] copies, gate|up fused along `out`
-            if self.w_gate_df is not None:
-                w_gate_up_oi = jnp.concatenate([self.w_gate_df[...], self.w_up_df[...]], axis=0)
-                gate, up = jnp.split(matmul(x_btd, w_gate_up_oi.astype(dt), "...i,oi->...o", matmul_dtype, dt), 2,
-                                     axis=-1)
-            else:
-                gate, up = None, matmul(x_btd, self.w_up_df[...].astype(dt), "...i,oi->...o", matmul_dtype, dt)
-        elif fuse_projections and self.w_gate_df is not None:
+        if fuse_projections and self.w_gate_df is not None:
             gate_up = dense(x_btd, jnp.concatenate([self.w_gate_df[...], self.w_up_df[...]], axis=1).astype(dt),
                             matmul_dtype)
             gate, up = jnp.split(gate_up, 2, axis=-1)
@@ -386,27 +373,23 @@ class Block(nnx.Module):
             hidden = jax.nn.silu(gate) * up
         else:
             hidden = activation(self.cfg.activation, up)
-        if weights_oi:
-            out = matmul(hidden, self.w_down_fd[...].astype(dt), "...i,oi->...o", matmul_dtype, dt)
-        else:
-            out = dense(hidden, self.w_down_fd[...].astype(dt), matmul_dtype)
+        out = dense(hidden, self.w_down_fd[...].astype(dt), matmul_dtype)
         if self.b_down_d is not None:
             out = out + self.b_down_d[...].astype(dt)
         return out
 
     def __call__(self, x_btd, rope, mask_bts, cache_kv=None, cache_pos=None, fuse_projections=False,
-                 matmul_dtype=None, weights_oi=False):
+                 matmul_dtype=None):
         """`fuse_projections`: q|k|v and gate|up as one matmul each, on weights concatenated in the program
         (the unrolled decode path, whose per-layer weights are loop-invariant: XLA hoists the concatenation
         out of the decode loop). Not for sharded weights, whose q and k/v shard over different head counts.
-        `weights_oi`: this layer's state holds the matmul weights as 2-D [out, in] copies (`CausalLM.unstack_layers
-        (weights_oi=True)`, for decoding); the projections are fused as with `fuse_projections`. Forward only."""
+        A layer state of [out, in] copies (`CausalLM.unstack_layers(weights_oi=True)`) runs through
+        `decode_feature_major` instead."""
         h = self._norm(x_btd, self.ln1_scale, self.ln1_bias)
-        attn, cache_kv = self._attention(h, rope, mask_bts, cache_kv, cache_pos, fuse_projections, matmul_dtype,
-                                         weights_oi)
+        attn, cache_kv = self._attention(h, rope, mask_bts, cache_kv, cache_pos, fuse_projections, matmul_dtype)
         if not self.cfg.parallel_residual:
             x_btd = x_btd + attn
-        mlp = self._mlp(self._norm(x_btd, self.ln2_scale, self.ln2_bias), fuse_projections, matmul_dtype, weights_oi)
+        mlp = self._mlp(self._norm(x_btd, self.ln2_scale, self.ln2_bias), fuse_projections, matmul_dtype)
         x_btd = x_btd + attn + mlp if self.cfg.parallel_residual else x_btd + mlp
         return shard(x_btd, ("data", None, None)), cache_kv
 
@@ -440,7 +423,7 @@ class Block(nnx.Module):
         q_bkgth = q.reshape(k_heads, g, hd, b, t).transpose(3, 0, 1, 4, 2)
         k_bksh, v_bksh = (a.reshape(k_heads, hd, b, t).transpose(2, 0, 3, 1) for a in (k, v))
         out_btf, cache_kv = self._attend(q_bkgth, k_bksh, v_bksh, mask_bts, cache_kv, cache_pos)
-        attn = proj(self.wo_nhd[...], out_btf.reshape(b * t, h * hd).T, self.bo_d)
+        attn = proj(self.wo_nhd[...], _row_major_transpose(out_btf.reshape(b * t, h * hd)), self.bo_d)
         if not cfg.parallel_residual:
             x_dn = x_dn + attn
         # MLP: gate|up in one dot
@@ -551,9 +534,9 @@ class CausalLM(nnx.Module):
         the decode loop, each layer's weights are read in place.
 
         `weights_oi`: the matmul weights are stored as 2-D [out, in] copies instead (`wq_dnh` holds [H*hd, D],
-        `w_up_df` [F, D], ...; for `__call__(..., layers_oi=True)`). An 8-row decode matmul streams its weights;
-        XLA:CPU's dot reads an [out, in] matrix (each output a contiguous row) faster than an [in, out] one
-        (column strips, one cache line per row): 1.1-1.7x by shape on a Zen 3 VM (docs/performance.md, item 28).
+        `w_up_df` [F, D], ...; for `__call__(..., layers_oi=True)`, which then runs `Block.decode_feature_major`:
+        each weight the left operand of its dot, read in place by XLA:CPU's YNNPACK instead of packed at every
+        step (docs/performance.md, items 28-30).
         """
         block_state = nnx.state(self.blocks)
         oi_names = ("wq_dnh", "wk_dkh", "wv_dkh", "w_gate_df", "w_up_df", "w_down_fd")
@@ -611,9 +594,8 @@ class CausalLM(nnx.Module):
         def layer_module(state) -> Block:
             return nnx.merge(graphdef, jax.tree.map(_widen_bf16_bits, state) if widen else state)
 
-        def run_layer(x_btd, state, rope, mask_bts, kv=None, fuse_projections=False, weights_oi=False):
-            return layer_module(state)(x_btd, rope, mask_bts, kv, cache_pos, fuse_projections, self.matmul_dtype,
-                                       weights_oi)
+        def run_layer(x_btd, state, rope, mask_bts, kv=None, fuse_projections=False):
+            return layer_module(state)(x_btd, rope, mask_bts, kv, cache_pos, fuse_projections, self.matmul_dtype)
 
         def body(x_btd, layer):
             state, kv = layer
@@ -623,13 +605,14 @@ class CausalLM(nnx.Module):
             # Fused projections: 3 fewer matmuls per layer. A decode step is ~400 small ops, each with a
             # fixed cost on XLA:CPU (165-180 us on a 2-core Zen 4 VM): 75.6 -> 66.7 ms per 8-row step there
             # (docs/performance.md, item 23).
-            # `[out, in]` copies with fp32 matmuls run feature-major (`Block.decode_feature_major`): each weight
-            # is read in place, not packed per step. bf16 ones stay row-major: XLA:CPU widens that bf16 dot form
-            # to an fp32 one (docs/performance.md, item 29).
-            feature_major = layers_oi and jnp.dtype(self.matmul_dtype or dt) == jnp.float32
+            # `[out, in]` copies run feature-major (`Block.decode_feature_major`): each weight is read in place,
+            # not packed per step (docs/performance.md, items 29 and 30). The activations are transposed into
+            # row-major [D, N] arrays: a plain `.T` is a layout change, which XLA:CPU's YNNPACK dots refuse as a
+            # right operand, and it then runs bf16 dots on fp32 copies of their weights.
+            feature_major = layers_oi
             if feature_major:
                 n = tokens_bt.shape[0] * t
-                x_dn = x.reshape(n, -1).T
+                x_dn = _row_major_transpose(x.reshape(n, -1))
                 rope_rn = None if rope is None else tuple(c.reshape(n, -1).T for c in rope)
             ks, vs = [], []
             for i, layer_state in enumerate(layers):
@@ -638,8 +621,7 @@ class CausalLM(nnx.Module):
                     x_dn, kv = layer_module(layer_state).decode_feature_major(x_dn, rope_rn, mask_bts, kv, cache_pos,
                                                                              self.matmul_dtype)
                 else:
-                    x, kv = run_layer(x, layer_state, rope, mask_bts, kv, fuse_projections=True,
-                                      weights_oi=layers_oi)
+                    x, kv = run_layer(x, layer_state, rope, mask_bts, kv, fuse_projections=True)
                 if kv is not None:
                     ks.append(kv[0])
                     vs.append(kv[1])
