@@ -181,6 +181,12 @@ def test_decode_step_equals_full_forward(tiny_checkpoint):
                                    atol=1e-5, rtol=0)
         np.testing.assert_allclose(np.asarray(step.values_bt[:, 0]), np.asarray(full.values_bt[:, -1]),
                                    atol=1e-5, rtol=0)
+    # a 3-token chunk through the feature-major path, logits of its middle token only
+    prefill3 = ours(tokens[:, :-3], positions[:, :-3], mask_bt.at[:, -3:].set(False), cache=KVCache.zeros(ours.cfg, b, t),
+                    cache_pos=0)
+    chunk_oi = ours(tokens[:, -3:], positions[:, -3:], mask_bt, cache=prefill3.cache.unstacked(), cache_pos=t - 3,
+                    layers=layers_oi, layers_oi=True, logits_from=1, logits_to=2)
+    np.testing.assert_allclose(np.asarray(chunk_oi.logits_btv), np.asarray(full.logits_btv[:, -2:-1]), atol=1e-5, rtol=0)
     for step in (unrolled, unrolled_oi):
         for got, want in ((step.cache.k_lbksh, stacked.cache.k_lbksh), (step.cache.v_lbksh, stacked.cache.v_lbksh)):
             np.testing.assert_allclose(np.asarray(got[-1]), np.asarray(want[-1]), atol=1e-5, rtol=0)
@@ -202,12 +208,15 @@ def test_decode_step_equals_full_forward(tiny_checkpoint):
     # A dot of an [out, in] weight with the step's b rows: bf16 operands. After a layout-only transpose of the
     # activations, XLA:CPU had widened all but one of them to fp32 dots on fp32 copies of the weights.
     weight_dots = _dots_on(step_oi.lower(state, layers_oi, cache).compile().as_text(), rows=b)
-    assert len(weight_dots) >= 4 * bf16.cfg.num_layers and all(types == {"bf16"} for types in weight_dots), weight_dots
+    assert len(weight_dots) >= 4 * bf16.cfg.num_layers, weight_dots
+    assert all(types == {"bf16"} for types, _ in weight_dots), weight_dots
+    if bf16.lm_head_dv is None:  # a tied head: the embedding is the left operand of its dot (read in place)
+        assert (bf16.cfg.vocab_size, bf16.cfg.hidden_size) in [lhs for _, lhs in weight_dots], weight_dots
 
 
 def _dots_on(hlo: str, rows: int) -> list[set]:
-    """The operand dtypes of each dot of two 2-D operands in compiled HLO text, one of them with `rows` rows or
-    columns: a decode step's weight (and LM head) dots."""
+    """The operand dtypes and the left operand's shape of each dot of two 2-D operands in compiled HLO text, one
+    of them with `rows` rows or columns: a decode step's weight (and LM head) dots."""
     shapes, dots = {}, []
     for line in hlo.splitlines():
         m = re.match(r"\s*(?:ROOT )?(%[\w.-]+) = (\w+)\[([\d,]*)\]", line)
@@ -218,7 +227,7 @@ def _dots_on(hlo: str, rows: int) -> list[set]:
         if operands:
             (type_a, dims_a), (type_b, dims_b) = shapes[operands.group(1)], shapes[operands.group(2)]
             if len(dims_a) == len(dims_b) == 2 and rows in dims_a + dims_b:
-                dots.append({type_a, type_b})
+                dots.append(({type_a, type_b}, dims_a))
     return dots
 
 

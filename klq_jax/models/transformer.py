@@ -153,16 +153,17 @@ def matmul(a, b, subscripts: str, matmul_dtype=None, out_dtype=None):
     return out.astype(out_dtype or a.dtype)
 
 
-def weight_left_matmul(w_oi: jax.Array, x_in: jax.Array, matmul_dtype=None) -> jax.Array:
+def weight_left_matmul(w_oi: jax.Array, x_in: jax.Array, matmul_dtype=None, out_dtype=None) -> jax.Array:
     """`w @ x` for an [out, in] weight and [in, N] activations, the weight as the dot's left operand, operands
-    rounded to `matmul_dtype` (None: `x`'s dtype), accumulated in at least fp32, returned in `x`'s dtype.
+    rounded to `matmul_dtype` (None: `x`'s dtype), accumulated in at least fp32, returned in `out_dtype` (None:
+    `x`'s dtype).
 
     For the feature-major decode: XLA:CPU's YNNPACK packs a dot's right operand at every call (with the 8-row
     decode's weights on the right, a copy of every weight per step) but reads the left one in place."""
     mdt = matmul_dtype or x_in.dtype
     out = jax.lax.dot_general(w_oi.astype(mdt), x_in.astype(mdt), (((1,), (0,)), ((), ())),
                               preferred_element_type=_accumulate_dtype(mdt))
-    return out.astype(x_in.dtype)
+    return out.astype(out_dtype or x_in.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -582,6 +583,7 @@ class CausalLM(nnx.Module):
         rope = rope_cos_sin(cfg, positions_bt) if cfg.rotary_dim else None
 
         graphdef = nnx.graphdef(self.blocks)
+        logits = None
 
         # bf16-stored layers computing in fp32 (a frozen reference or reward model) enter the scan as their raw
         # 16 bits and are widened one layer at a time in the body: XLA:CPU widens bf16 loop state to fp32
@@ -627,6 +629,8 @@ class CausalLM(nnx.Module):
                     vs.append(kv[1])
             if feature_major:
                 x = x_dn.T.reshape(x.shape)
+                if self.has_lm_head and return_logits and self.lm_head_dv is None:
+                    logits = self._tied_logits_feature_major(x_dn, tokens_bt.shape[0], logits_from, logits_to)
             new_cache = None if cache is None else KVCache(tuple(ks), tuple(vs))
         elif cache is None and self.remat == "full":
             # rope and the mask go in as `aux`, not closed over: a custom_vjp's function must not close over
@@ -645,8 +649,7 @@ class CausalLM(nnx.Module):
             h = rms_norm(x, self.final_scale[...], cfg.norm_eps)
         else:
             h = layer_norm(x, self.final_scale[...], self.final_bias[...], cfg.norm_eps)
-        logits = None
-        if self.has_lm_head and return_logits:
+        if self.has_lm_head and return_logits and logits is None:
             h_head = h[:, logits_from:logits_to]
             if self.lm_head_dv is None:
                 logits = tied_head(h_head, self.embed_vd[...].astype(dt), self.matmul_dtype)
@@ -661,6 +664,24 @@ class CausalLM(nnx.Module):
             h_last = jnp.take_along_axis(h, last_b[:, None, None], axis=1)[:, 0].astype(jnp.float32)
             scores = h_last @ self.score_w_d[...] + (0.0 if self.score_b is None else self.score_b[...])
         return ModelOutput(logits, values, scores, h, new_cache)
+
+
+    def _tied_logits_feature_major(self, x_dn: jax.Array, b: int, logits_from: int, logits_to: int | None):
+        """Float32 logits [B, T', V] of the tied head from the feature-major decode's activations [D, B*T]: the
+        embedding [V, D] as the dot's left operand, read in place (as the row-major head's right operand
+        XLA:CPU's YNNPACK packed all of it at every decode step: 0.9x the time per bf16 step without it)."""
+        cfg, dt = self.cfg, self.dtype
+        if self.final_bias is None:
+            h_dn = rms_norm(x_dn, self.final_scale[...], cfg.norm_eps, axis=0)
+        else:
+            h_dn = layer_norm(x_dn, self.final_scale[...], self.final_bias[...], cfg.norm_eps, axis=0)
+        d = h_dn.shape[0]
+        h_dn = h_dn.reshape(d, b, -1)[:, :, logits_from:logits_to].reshape(d, -1)
+        logits_vn = weight_left_matmul(self.embed_vd[...].astype(dt), h_dn, self.matmul_dtype, jnp.float32)
+        # The barrier keeps XLA from folding the transpose into the dot as a column-major result, a bf16 dot
+        # YNNPACK refuses (and XLA's own dot does not run).
+        logits_nv = _row_major_transpose(jax.lax.optimization_barrier(logits_vn))
+        return logits_nv.reshape(b, -1, logits_nv.shape[-1])
 
 
 def positions_from_mask(attention_mask_bt: jax.Array) -> jax.Array:
