@@ -343,6 +343,32 @@ def test_written_out_backward_equals_autodiff(name):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("subscripts", ["bkgth,bksh->bkgts", "bkgts,bksh->bkgth"])
+def test_operand_matmul_rounds_both_dots_of_its_backward(subscripts):
+    """`operand_matmul` (the attention's dots with bf16 matmuls): the float64 einsum of the bf16-rounded operands
+    forward, and of the rounded cotangent with the rounded other operand for each gradient (summing over the
+    query groups for the keys and values), to fp32 accuracy."""
+    from klq_jax.models.transformer import operand_matmul
+
+    rng = np.random.default_rng(0)
+    sizes = dict(b=2, k=3, g=2, t=5, s=7, h=16)
+    in_a, rest = subscripts.split(",")
+    in_b, out = rest.split("->")
+    a, b, g = (jnp.asarray(rng.normal(size=[sizes[c] for c in spec]), jnp.float32) for spec in (in_a, in_b, out))
+
+    def r(x):  # bf16-rounded, as float64
+        return np.asarray(jnp.asarray(x).astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+
+    y = operand_matmul(subscripts, a, b, jnp.bfloat16)
+    assert y.dtype == jnp.float32
+    np.testing.assert_allclose(y, np.einsum(subscripts, r(a), r(b)), rtol=1e-5, atol=1e-5)
+    assert np.abs(np.asarray(y) - np.einsum(subscripts, np.asarray(a, np.float64), np.asarray(b, np.float64))).max() > 1e-3
+    da, db = jax.grad(lambda a, b: jnp.sum(g * operand_matmul(subscripts, a, b, jnp.bfloat16)), argnums=(0, 1))(a, b)
+    assert da.dtype == db.dtype == jnp.float32
+    np.testing.assert_allclose(da, np.einsum(f"{out},{in_b}->{in_a}", r(g), r(b)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(db, np.einsum(f"{out},{in_a}->{in_b}", r(g), r(a)), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["dense", "tied_head"])
 def test_bf16_matmuls_round_the_operands_and_accumulate_in_fp32(name):
     """With `matmul_dtype=bfloat16`, `dense` and `tied_head` compute the float64 products of the bf16-rounded
@@ -396,6 +422,9 @@ def test_bf16_matmul_model(tiny_checkpoint):
     assert not [d for d in dots if d.split("->")[-1].strip().endswith("xbf16>")]  # no bf16 result: the slow kind
     # Forward, recomputation and backward of the 6-7 projections, and the head's forward and 2 backward dots.
     assert len(bf16_dots) >= 3 * 7 + 3, "\n".join(dots)
+    # The attention's (over [B, K, G, T, hd] queries): 2 in the forward, 2 in the recomputation, 4 in the backward.
+    attention_dots = [d for d in dots if re.search(r"tensor<(\d+x){5}", d)]
+    assert len(attention_dots) >= 8 and set(attention_dots) <= set(bf16_dots), "\n".join(attention_dots)
 
 
 def test_bf16_stored_layers_are_widened_one_at_a_time(tiny_checkpoint):
