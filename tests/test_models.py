@@ -176,7 +176,16 @@ def test_decode_step_equals_full_forward(tiny_checkpoint):
     np.testing.assert_array_equal(layers_oi[1]["w_up_df"][...], layer["w_up_df"][...][1].T)
     np.testing.assert_array_equal(layers_oi[1]["wo_nhd"][...], layer["wo_nhd"][...][1].reshape(-1, ours.cfg.hidden_size).T)
     unrolled_oi = ours(*step_args, cache=prefill.cache.unstacked(), cache_pos=t - 1, layers=layers_oi, layers_oi=True)
-    for step in (stacked, unrolled, unrolled_oi):
+    # the sampler's: keys stored [B, K, hd, S]
+    unrolled_oi_hs = ours(*step_args, cache=prefill.cache.unstacked().keys_feature_major(), cache_pos=t - 1,
+                          layers=layers_oi, layers_oi=True)
+    assert unrolled_oi_hs.cache.keys_hs and unrolled_oi_hs.cache.k_lbksh[0].shape == (b, ours.cfg.num_kv_heads,
+                                                                                        ours.cfg.head_dim, t)
+    np.testing.assert_allclose(np.asarray(unrolled_oi_hs.cache.k_lbksh[-1].swapaxes(-1, -2)),
+                               np.asarray(stacked.cache.k_lbksh[-1]), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="keys_feature_major"):
+        ours(*step_args, cache=prefill.cache.keys_feature_major(), cache_pos=t - 1)
+    for step in (stacked, unrolled, unrolled_oi, unrolled_oi_hs):
         np.testing.assert_allclose(np.asarray(step.logits_btv[:, 0]), np.asarray(full.logits_btv[:, -1]),
                                    atol=1e-5, rtol=0)
         np.testing.assert_allclose(np.asarray(step.values_bt[:, 0]), np.asarray(full.values_bt[:, -1]),

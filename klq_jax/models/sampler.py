@@ -108,6 +108,8 @@ def _generate(graphdef, state, prompt_bp, prompt_mask_bp, rng, temperature, top_
     weights_oi = weights_oi and unstack_layers
     layers = model.unstack_layers(weights_oi) if unstack_layers else None
     decode_cache = out.cache.unstacked() if unstack_layers else out.cache
+    if weights_oi:  # keys as [.., hd, S]: the feature-major step's score dot reads them in place
+        decode_cache = decode_cache.keys_feature_major()
 
     def cond(carry):
         i, done_b = carry[0], carry[3]

@@ -28,10 +28,14 @@ class KVCache:
     or tuples of L arrays [B, K, S, hd] (the unrolled decode path, see `CausalLM.unstack_layers`).
 
     Heads before slots: the attention dots batch over (B, K), so this layout is read in place; with slots
-    before heads, XLA:CPU transposed each layer's whole cache at every decode step."""
+    before heads, XLA:CPU transposed each layer's whole cache at every decode step.
+
+    `keys_hs`: the keys are stored [.., hd, S] instead (`keys_feature_major`), for the feature-major decode
+    step, whose score dot then reads them in place; XLA:CPU's YNNPACK transposed them at every step otherwise."""
 
     k_lbksh: jax.Array | tuple[jax.Array, ...]
     v_lbksh: jax.Array | tuple[jax.Array, ...]
+    keys_hs: bool = struct.field(pytree_node=False, default=False)
 
     @classmethod
     def zeros(cls, cfg: ModelConfig, batch: int, slots: int, dtype=jnp.float32) -> "KVCache":
@@ -39,7 +43,15 @@ class KVCache:
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
     def unstacked(self) -> "KVCache":
-        return KVCache(tuple(self.k_lbksh), tuple(self.v_lbksh))
+        return KVCache(tuple(self.k_lbksh), tuple(self.v_lbksh), self.keys_hs)
+
+    def keys_feature_major(self) -> "KVCache":
+        """The same cache with its keys stored [.., hd, S] (for `CausalLM.__call__(..., layers_oi=True)`)."""
+        if self.keys_hs:
+            return self
+        swap = lambda k: k.swapaxes(-1, -2)  # noqa: E731
+        keys = tuple(map(swap, self.k_lbksh)) if isinstance(self.k_lbksh, tuple) else swap(self.k_lbksh)
+        return KVCache(keys, self.v_lbksh, keys_hs=True)
 
 
 @struct.dataclass
@@ -343,22 +355,26 @@ class Block(nnx.Module):
             return rms_norm(x, scale[...], self.cfg.norm_eps)
         return layer_norm(x, scale[...], bias[...], self.cfg.norm_eps)
 
-    def _attend(self, q_bkgth, k_bksh, v_bksh, mask_bts, cache_kv, cache_pos, matmul_dtype=None):
+    def _attend(self, q_bkgth, k_bksh, v_bksh, mask_bts, cache_kv, cache_pos, matmul_dtype=None, keys_hs=False):
         """Softmax attention of heads-major queries [B, K, G, T, hd] over keys and values [B, K, T, hd], first
         written into `cache_kv` at `cache_pos` when there is one; returns [B, T, H*hd] and the cache. The two
-        dots' operands in `matmul_dtype` (None: the queries' dtype), accumulated in fp32."""
+        dots' operands in `matmul_dtype` (None: the queries' dtype), accumulated in fp32. `keys_hs`: the keys
+        (and the cache's, `KVCache.keys_hs`) are [B, K, hd, T]."""
         b, k_heads, g, t, hd = q_bkgth.shape
         dt = q_bkgth.dtype
         mdt = jnp.dtype(matmul_dtype or dt)
+        key_slots = 3 if keys_hs else 2
         if cache_kv is not None:  # write this chunk's keys/values at `cache_pos`, attend over all slots
             k_cache, v_cache = cache_kv
-            k_bksh = jax.lax.dynamic_update_slice_in_dim(k_cache, k_bksh.astype(k_cache.dtype), cache_pos, axis=2)
+            k_bksh = jax.lax.dynamic_update_slice_in_dim(k_cache, k_bksh.astype(k_cache.dtype), cache_pos,
+                                                         axis=key_slots)
             v_bksh = jax.lax.dynamic_update_slice_in_dim(v_cache, v_bksh.astype(v_cache.dtype), cache_pos, axis=2)
             cache_kv = (k_bksh, v_bksh)
+        score_dot = "bkgth,bkhs->bkgts" if keys_hs else "bkgth,bksh->bkgts"
         if jnp.dtype(mdt).itemsize == 2:  # bf16 operands, and in the backward too
-            scores = operand_matmul("bkgth,bksh->bkgts", q_bkgth, k_bksh, mdt)
+            scores = operand_matmul(score_dot, q_bkgth, k_bksh, mdt)
         else:
-            scores = jnp.einsum("bkgth,bksh->bkgts", q_bkgth, k_bksh.astype(dt), preferred_element_type=jnp.float32)
+            scores = jnp.einsum(score_dot, q_bkgth, k_bksh.astype(dt), preferred_element_type=jnp.float32)
         scores = scores / math.sqrt(hd)
         scores = jnp.where(mask_bts[:, None, None], scores, _NEG_INF)
         probs = jax.nn.softmax(scores, axis=-1)
@@ -432,11 +448,12 @@ class Block(nnx.Module):
         x_btd = x_btd + attn + mlp if self.cfg.parallel_residual else x_btd + mlp
         return shard(x_btd, ("data", None, None)), cache_kv
 
-    def decode_feature_major(self, x_dn, rope_rn, mask_bts, cache_kv, cache_pos, matmul_dtype=None):
+    def decode_feature_major(self, x_dn, rope_rn, mask_bts, cache_kv, cache_pos, matmul_dtype=None, keys_hs=False):
         """`__call__` on feature-major activations [D, N] (N = B*T rows, batch-major) with a layer state of
         `[out, in]` weight copies (`CausalLM.unstack_layers(weights_oi=True)`); `rope_rn` the [rotary_dim, N]
         tables. Every projection is `weight_left_matmul`, so XLA:CPU reads the weights in place instead of
-        packing them at every decode step. Forward only; the same values as `__call__`."""
+        packing them at every decode step. `keys_hs`: the cache's keys are stored [B, K, hd, S]
+        (`KVCache.keys_feature_major`). Forward only; the same values as `__call__`."""
         cfg, dt = self.cfg, x_dn.dtype
         h, k_heads, g, hd = cfg.num_heads, cfg.num_kv_heads, cfg.num_groups, cfg.head_dim
         b, t = mask_bts.shape[:2]
@@ -460,8 +477,9 @@ class Block(nnx.Module):
         if rope_rn is not None:
             q, k = apply_rope_feature_major(q, *rope_rn), apply_rope_feature_major(k, *rope_rn)
         q_bkgth = q.reshape(k_heads, g, hd, b, t).transpose(3, 0, 1, 4, 2)
-        k_bksh, v_bksh = (a.reshape(k_heads, hd, b, t).transpose(2, 0, 3, 1) for a in (k, v))
-        out_btf, cache_kv = self._attend(q_bkgth, k_bksh, v_bksh, mask_bts, cache_kv, cache_pos)
+        v_bksh = v.reshape(k_heads, hd, b, t).transpose(2, 0, 3, 1)
+        k = k.reshape(k_heads, hd, b, t).transpose((2, 0, 1, 3) if keys_hs else (2, 0, 3, 1))  # [B, K, hd, T] or [B, K, T, hd]
+        out_btf, cache_kv = self._attend(q_bkgth, k, v_bksh, mask_bts, cache_kv, cache_pos, keys_hs=keys_hs)
         attn = proj(self.wo_nhd[...], _row_major_transpose(out_btf.reshape(b * t, h * hd)), self.bo_d)
         if not cfg.parallel_residual:
             x_dn = x_dn + attn
@@ -604,7 +622,8 @@ class CausalLM(nnx.Module):
         slots, the tokens are written at slots `cache_pos..cache_pos+T` and `kv_mask_bs` marks which
         slots hold real tokens (after this write). With `layers` (from `unstack_layers`) the layers run
         as an unrolled Python loop on those states, and the cache is the unstacked kind (`KVCache.unstacked`);
-        `layers_oi`: they are `unstack_layers(weights_oi=True)`'s.
+        `layers_oi`: they are `unstack_layers(weights_oi=True)`'s, and the cache may hold its keys as [.., hd, S]
+        (`KVCache.keys_feature_major`, the sampler's).
         With `logits_from = s` and `logits_to = e` (static; default 0 and T) the logits are computed for
         positions `s..e-1` only (`logits_btv` is [B, e-s, V]): RL needs them only where they predict a
         response token, and the float32 logits are the largest activation of a forward.
@@ -622,6 +641,9 @@ class CausalLM(nnx.Module):
 
         graphdef = nnx.graphdef(self.blocks)
         logits = None
+        if cache is not None and cache.keys_hs and not (layers is not None and layers_oi):
+            raise ValueError("a cache with keys stored [.., hd, S] (KVCache.keys_feature_major) is read only by the "
+                             "feature-major decode (layers=unstack_layers(weights_oi=True), layers_oi=True)")
 
         # bf16-stored layers computing in fp32 (a frozen reference or reward model) enter the scan as their raw
         # 16 bits and are widened one layer at a time in the body: XLA:CPU widens bf16 loop state to fp32
@@ -658,8 +680,8 @@ class CausalLM(nnx.Module):
             for i, layer_state in enumerate(layers):
                 kv = None if cache is None else (cache.k_lbksh[i], cache.v_lbksh[i])
                 if feature_major:
-                    x_dn, kv = layer_module(layer_state).decode_feature_major(x_dn, rope_rn, mask_bts, kv, cache_pos,
-                                                                             self.matmul_dtype)
+                    x_dn, kv = layer_module(layer_state).decode_feature_major(
+                        x_dn, rope_rn, mask_bts, kv, cache_pos, self.matmul_dtype, keys_hs=cache is not None and cache.keys_hs)
                 else:
                     x, kv = run_layer(x, layer_state, rope, mask_bts, kv, fuse_projections=True)
                 if kv is not None:
@@ -669,7 +691,7 @@ class CausalLM(nnx.Module):
                 x = x_dn.T.reshape(x.shape)
                 if self.has_lm_head and return_logits and self.lm_head_dv is None:
                     logits = self._tied_logits_feature_major(x_dn, tokens_bt.shape[0], logits_from, logits_to)
-            new_cache = None if cache is None else KVCache(tuple(ks), tuple(vs))
+            new_cache = None if cache is None else KVCache(tuple(ks), tuple(vs), cache.keys_hs)
         elif cache is None and self.remat == "full":
             # rope and the mask go in as `aux`, not closed over: a custom_vjp's function must not close over
             # traced values.
