@@ -175,7 +175,8 @@ def test_decode_step_equals_full_forward(tiny_checkpoint):
     layer = nnx.state(ours.blocks)
     np.testing.assert_array_equal(layers_oi[1]["w_up_df"][...], layer["w_up_df"][...][1].T)
     np.testing.assert_array_equal(layers_oi[1]["wo_nhd"][...], layer["wo_nhd"][...][1].reshape(-1, ours.cfg.hidden_size).T)
-    unrolled_oi = ours(*step_args, cache=prefill.cache.unstacked(), cache_pos=t - 1, layers=layers_oi, layers_oi=True)
+    unrolled_oi = ours(*step_args, cache=prefill.cache.unstacked(), cache_pos=t - 1, layers=layers_oi, layers_oi=True,
+                       head_vd=ours.lm_head_vd())
     # the sampler's: keys stored [B, K, hd, S]
     unrolled_oi_hs = ours(*step_args, cache=prefill.cache.unstacked().keys_feature_major(), cache_pos=t - 1,
                           layers=layers_oi, layers_oi=True)
@@ -208,8 +209,9 @@ def test_decode_step_equals_full_forward(tiny_checkpoint):
 
     @jax.jit
     def step_oi(state, layers, cache):
-        return nnx.merge(graphdef, state)(*step_args, cache=cache, cache_pos=t - 1, layers=layers,
-                                          layers_oi=True).logits_btv
+        model = nnx.merge(graphdef, state)
+        return model(*step_args, cache=cache, cache_pos=t - 1, layers=layers, layers_oi=True,
+                     head_vd=model.lm_head_vd()).logits_btv
 
     layers_oi = bf16.unstack_layers(weights_oi=True)
     got = step_oi(state, layers_oi, cache)
@@ -219,8 +221,8 @@ def test_decode_step_equals_full_forward(tiny_checkpoint):
     weight_dots = _dots_on(step_oi.lower(state, layers_oi, cache).compile().as_text(), rows=b)
     assert len(weight_dots) >= 4 * bf16.cfg.num_layers, weight_dots
     assert all(types == {"bf16"} for types, _ in weight_dots), weight_dots
-    if bf16.lm_head_dv is None:  # a tied head: the embedding is the left operand of its dot (read in place)
-        assert (bf16.cfg.vocab_size, bf16.cfg.hidden_size) in [lhs for _, lhs in weight_dots], weight_dots
+    # the head [V, D] (a tied head's embedding, an untied head's copy) is the left operand of its dot (read in place)
+    assert (bf16.cfg.vocab_size, bf16.cfg.hidden_size) in [lhs for _, lhs in weight_dots], weight_dots
 
 
 def _dots_on(hlo: str, rows: int) -> list[set]:

@@ -107,6 +107,8 @@ def _generate(graphdef, state, prompt_bp, prompt_mask_bp, rng, temperature, top_
     # (`Block.decode_feature_major`; docs/performance.md, items 28-30).
     weights_oi = weights_oi and unstack_layers
     layers = model.unstack_layers(weights_oi) if unstack_layers else None
+    # An untied head as a [V, D] copy, made once per call: the feature-major step reads it in place.
+    head_vd = model.lm_head_vd() if weights_oi and model.lm_head_dv is not None else None
     decode_cache = out.cache.unstacked() if unstack_layers else out.cache
     if weights_oi:  # keys as [.., hd, S]: the feature-major step's score dot reads them in place
         decode_cache = decode_cache.keys_feature_major()
@@ -130,7 +132,7 @@ def _generate(graphdef, state, prompt_bp, prompt_mask_bp, rng, temperature, top_
         kv_mask_bs = kv_mask_bs.at[:, p + i].set(active_b)
         done_b = done_b | jnp.isin(token_b, eos_v)
         out = model(token_b[:, None], (prompt_len_b + i)[:, None], kv_mask_bs, cache=cache, cache_pos=p + i,
-                    layers=layers, layers_oi=weights_oi)
+                    layers=layers, layers_oi=weights_oi, head_vd=head_vd)
         next_value_b = out.values_bt[:, 0] if has_values else value_b
         return i + 1, tokens_bn, stats_3bn, done_b, out.cache, kv_mask_bs, out.logits_btv[:, 0], next_value_b, rng
 

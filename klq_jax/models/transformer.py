@@ -615,7 +615,8 @@ class CausalLM(nnx.Module):
     def __call__(self, tokens_bt: jax.Array, positions_bt: jax.Array, kv_mask_bs: jax.Array,
                  cache: KVCache | None = None, cache_pos: jax.Array | int | None = None,
                  return_logits: bool = True, layers: tuple[nnx.State, ...] | None = None,
-                 logits_from: int = 0, logits_to: int | None = None, layers_oi: bool = False) -> ModelOutput:
+                 logits_from: int = 0, logits_to: int | None = None, layers_oi: bool = False,
+                 head_vd: jax.Array | None = None) -> ModelOutput:
         """Forward over `tokens_bt` at `positions_bt`.
 
         Without a cache, `kv_mask_bs` is the attention mask of `tokens_bt` (S == T). With a cache of S
@@ -623,7 +624,8 @@ class CausalLM(nnx.Module):
         slots hold real tokens (after this write). With `layers` (from `unstack_layers`) the layers run
         as an unrolled Python loop on those states, and the cache is the unstacked kind (`KVCache.unstacked`);
         `layers_oi`: they are `unstack_layers(weights_oi=True)`'s, and the cache may hold its keys as [.., hd, S]
-        (`KVCache.keys_feature_major`, the sampler's).
+        (`KVCache.keys_feature_major`, the sampler's); `head_vd`: an untied LM head as a [V, D] copy
+        (`lm_head_vd()`), which the feature-major step then reads in place, as it does a tied head's embedding.
         With `logits_from = s` and `logits_to = e` (static; default 0 and T) the logits are computed for
         positions `s..e-1` only (`logits_btv` is [B, e-s, V]): RL needs them only where they predict a
         response token, and the float32 logits are the largest activation of a forward.
@@ -689,8 +691,9 @@ class CausalLM(nnx.Module):
                     vs.append(kv[1])
             if feature_major:
                 x = x_dn.T.reshape(x.shape)
-                if self.has_lm_head and return_logits and self.lm_head_dv is None:
-                    logits = self._tied_logits_feature_major(x_dn, tokens_bt.shape[0], logits_from, logits_to)
+                head = self.embed_vd[...] if self.lm_head_dv is None else head_vd
+                if self.has_lm_head and return_logits and head is not None:
+                    logits = self._logits_feature_major(x_dn, head, tokens_bt.shape[0], logits_from, logits_to)
             new_cache = None if cache is None else KVCache(tuple(ks), tuple(vs), cache.keys_hs)
         elif cache is None and self.remat == "full":
             # rope and the mask go in as `aux`, not closed over: a custom_vjp's function must not close over
@@ -726,10 +729,18 @@ class CausalLM(nnx.Module):
         return ModelOutput(logits, values, scores, h, new_cache)
 
 
-    def _tied_logits_feature_major(self, x_dn: jax.Array, b: int, logits_from: int, logits_to: int | None):
-        """Float32 logits [B, T', V] of the tied head from the feature-major decode's activations [D, B*T]: the
-        embedding [V, D] as the dot's left operand, read in place (as the row-major head's right operand
-        XLA:CPU's YNNPACK packed all of it at every decode step: 0.9x the time per bf16 step without it)."""
+    def lm_head_vd(self) -> jax.Array:
+        """The LM head as a row-major [V, D] array (the tied embedding itself; a copy of an untied [D, V] head),
+        for `__call__(..., layers_oi=True, head_vd=...)`."""
+        if self.lm_head_dv is None:
+            return self.embed_vd[...]
+        return _row_major_transpose(self.lm_head_dv[...])
+
+    def _logits_feature_major(self, x_dn: jax.Array, head_vd: jax.Array, b: int, logits_from: int,
+                              logits_to: int | None):
+        """Float32 logits [B, T', V] from the feature-major decode's activations [D, B*T]: the head [V, D] as the
+        dot's left operand, read in place (as the row-major head's right operand XLA:CPU's YNNPACK packed all of
+        it at every decode step: 0.9x the time per bf16 step without it)."""
         cfg, dt = self.cfg, self.dtype
         if self.final_bias is None:
             h_dn = rms_norm(x_dn, self.final_scale[...], cfg.norm_eps, axis=0)
@@ -737,7 +748,7 @@ class CausalLM(nnx.Module):
             h_dn = layer_norm(x_dn, self.final_scale[...], self.final_bias[...], cfg.norm_eps, axis=0)
         d = h_dn.shape[0]
         h_dn = h_dn.reshape(d, b, -1)[:, :, logits_from:logits_to].reshape(d, -1)
-        logits_vn = weight_left_matmul(self.embed_vd[...].astype(dt), h_dn, self.matmul_dtype, jnp.float32)
+        logits_vn = weight_left_matmul(head_vd.astype(dt), h_dn, self.matmul_dtype, jnp.float32)
         # The barrier keeps XLA from folding the transpose into the dot as a column-major result, a bf16 dot
         # YNNPACK refuses (and XLA's own dot does not run).
         logits_nv = _row_major_transpose(jax.lax.optimization_barrier(logits_vn))
