@@ -20,7 +20,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.reference_dtype = "float32"  # storage of the frozen reference ("bfloat16" halves it)
     c.model.matmul_dtype = ""      # operands of the matmuls of policy, reference and HF reward model, accumulated
                                    # in fp32 (empty: compute_dtype). "bfloat16": the update 1.6x, decoding 1.4x
-                                   # faster on CPUs with AVX-512 BF16 (docs/performance.md, items 24-25)
+                                   # faster on CPUs with AVX-512 BF16 (docs/performance.md, items 24-25, 33)
     c.model.remat = "full"         # "none", "full", "dots": full keeps one activation per layer (-2.6 GiB
                                    # for 8 x 176 tokens on SmolLM2-135M) at no measured CPU cost
 
