@@ -192,11 +192,12 @@ def test_decode_step_equals_full_forward(tiny_checkpoint):
         np.testing.assert_allclose(np.asarray(step.values_bt[:, 0]), np.asarray(full.values_bt[:, -1]),
                                    atol=1e-5, rtol=0)
     # a 3-token chunk through the feature-major path, logits of its middle token only
-    prefill3 = ours(tokens[:, :-3], positions[:, :-3], mask_bt.at[:, -3:].set(False), cache=KVCache.zeros(ours.cfg, b, t),
-                    cache_pos=0)
+    prefill3 = ours(tokens[:, :-3], positions[:, :-3], mask_bt.at[:, -3:].set(False),
+                    cache=KVCache.zeros(ours.cfg, b, t), cache_pos=0)
     chunk_oi = ours(tokens[:, -3:], positions[:, -3:], mask_bt, cache=prefill3.cache.unstacked(), cache_pos=t - 3,
                     layers=layers_oi, layers_oi=True, logits_from=1, logits_to=2)
-    np.testing.assert_allclose(np.asarray(chunk_oi.logits_btv), np.asarray(full.logits_btv[:, -2:-1]), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(chunk_oi.logits_btv), np.asarray(full.logits_btv[:, -2:-1]),
+                               atol=1e-5, rtol=0)
     for step in (unrolled, unrolled_oi):
         for got, want in ((step.cache.k_lbksh, stacked.cache.k_lbksh), (step.cache.v_lbksh, stacked.cache.v_lbksh)):
             np.testing.assert_allclose(np.asarray(got[-1]), np.asarray(want[-1]), atol=1e-5, rtol=0)
@@ -225,7 +226,7 @@ def test_decode_step_equals_full_forward(tiny_checkpoint):
     assert (bf16.cfg.vocab_size, bf16.cfg.hidden_size) in [lhs for _, lhs in weight_dots], weight_dots
 
 
-def _dots_on(hlo: str, rows: int) -> list[set]:
+def _dots_on(hlo: str, rows: int) -> list[tuple[set[str], tuple[int, ...]]]:
     """The operand dtypes and the left operand's shape of each dot of two 2-D operands in compiled HLO text, one
     of them with `rows` rows or columns: a decode step's weight (and LM head) dots."""
     shapes, dots = {}, []
@@ -373,7 +374,8 @@ def test_operand_matmul_rounds_both_dots_of_its_backward(subscripts):
     y = operand_matmul(subscripts, a, b, jnp.bfloat16)
     assert y.dtype == jnp.float32
     np.testing.assert_allclose(y, np.einsum(subscripts, r(a), r(b)), rtol=1e-5, atol=1e-5)
-    assert np.abs(np.asarray(y) - np.einsum(subscripts, np.asarray(a, np.float64), np.asarray(b, np.float64))).max() > 1e-3
+    unrounded = np.einsum(subscripts, np.asarray(a, np.float64), np.asarray(b, np.float64))
+    assert np.abs(np.asarray(y) - unrounded).max() > 1e-3
     da, db = jax.grad(lambda a, b: jnp.sum(g * operand_matmul(subscripts, a, b, jnp.bfloat16)), argnums=(0, 1))(a, b)
     assert da.dtype == db.dtype == jnp.float32
     np.testing.assert_allclose(da, np.einsum(f"{out},{in_b}->{in_a}", r(g), r(b)), rtol=1e-5, atol=1e-5)

@@ -371,14 +371,15 @@ class Block(nnx.Module):
             v_bksh = jax.lax.dynamic_update_slice_in_dim(v_cache, v_bksh.astype(v_cache.dtype), cache_pos, axis=2)
             cache_kv = (k_bksh, v_bksh)
         score_dot = "bkgth,bkhs->bkgts" if keys_hs else "bkgth,bksh->bkgts"
-        if jnp.dtype(mdt).itemsize == 2:  # bf16 operands, and in the backward too
+        half_precision = mdt.itemsize == 2
+        if half_precision:  # bf16 operands, and in the backward too
             scores = operand_matmul(score_dot, q_bkgth, k_bksh, mdt)
         else:
             scores = jnp.einsum(score_dot, q_bkgth, k_bksh.astype(dt), preferred_element_type=jnp.float32)
         scores = scores / math.sqrt(hd)
         scores = jnp.where(mask_bts[:, None, None], scores, _NEG_INF)
         probs = jax.nn.softmax(scores, axis=-1)
-        if jnp.dtype(mdt).itemsize == 2:
+        if half_precision:
             out_bkgth = operand_matmul("bkgts,bksh->bkgth", probs, v_bksh, mdt).astype(dt)
         else:
             out_bkgth = jnp.einsum("bkgts,bksh->bkgth", probs.astype(dt), v_bksh.astype(dt))
@@ -478,7 +479,8 @@ class Block(nnx.Module):
             q, k = apply_rope_feature_major(q, *rope_rn), apply_rope_feature_major(k, *rope_rn)
         q_bkgth = q.reshape(k_heads, g, hd, b, t).transpose(3, 0, 1, 4, 2)
         v_bksh = v.reshape(k_heads, hd, b, t).transpose(2, 0, 3, 1)
-        k = k.reshape(k_heads, hd, b, t).transpose((2, 0, 1, 3) if keys_hs else (2, 0, 3, 1))  # [B, K, hd, T] or [B, K, T, hd]
+        # keys [B, K, hd, T] for a keys_hs cache, else [B, K, T, hd]
+        k = k.reshape(k_heads, hd, b, t).transpose((2, 0, 1, 3) if keys_hs else (2, 0, 3, 1))
         out_btf, cache_kv = self._attend(q_bkgth, k, v_bksh, mask_bts, cache_kv, cache_pos, keys_hs=keys_hs)
         attn = proj(self.wo_nhd[...], _row_major_transpose(out_btf.reshape(b * t, h * hd)), self.bo_d)
         if not cfg.parallel_residual:
@@ -674,6 +676,7 @@ class CausalLM(nnx.Module):
             # row-major [D, N] arrays: a plain `.T` is a layout change, which XLA:CPU's YNNPACK dots refuse as a
             # right operand, and it then runs bf16 dots on fp32 copies of their weights.
             feature_major = layers_oi
+            keys_hs = cache is not None and cache.keys_hs
             if feature_major:
                 n = tokens_bt.shape[0] * t
                 x_dn = _row_major_transpose(x.reshape(n, -1))
@@ -683,7 +686,7 @@ class CausalLM(nnx.Module):
                 kv = None if cache is None else (cache.k_lbksh[i], cache.v_lbksh[i])
                 if feature_major:
                     x_dn, kv = layer_module(layer_state).decode_feature_major(
-                        x_dn, rope_rn, mask_bts, kv, cache_pos, self.matmul_dtype, keys_hs=cache is not None and cache.keys_hs)
+                        x_dn, rope_rn, mask_bts, kv, cache_pos, self.matmul_dtype, keys_hs=keys_hs)
                 else:
                     x, kv = run_layer(x, layer_state, rope, mask_bts, kv, fuse_projections=True)
                 if kv is not None:
@@ -694,7 +697,7 @@ class CausalLM(nnx.Module):
                 head = self.embed_vd[...] if self.lm_head_dv is None else head_vd
                 if self.has_lm_head and return_logits and head is not None:
                     logits = self._logits_feature_major(x_dn, head, tokens_bt.shape[0], logits_from, logits_to)
-            new_cache = None if cache is None else KVCache(tuple(ks), tuple(vs), cache.keys_hs)
+            new_cache = None if cache is None else KVCache(tuple(ks), tuple(vs), keys_hs)
         elif cache is None and self.remat == "full":
             # rope and the mask go in as `aux`, not closed over: a custom_vjp's function must not close over
             # traced values.
@@ -708,10 +711,7 @@ class CausalLM(nnx.Module):
             x, kv_out = jax.lax.scan(body, x, (block_state, kv_in))
             new_cache = None if cache is None else KVCache(*kv_out)
 
-        if self.final_bias is None:
-            h = rms_norm(x, self.final_scale[...], cfg.norm_eps)
-        else:
-            h = layer_norm(x, self.final_scale[...], self.final_bias[...], cfg.norm_eps)
+        h = self._final_norm(x)
         if self.has_lm_head and return_logits and logits is None:
             h_head = h[:, logits_from:logits_to]
             if self.lm_head_dv is None:
@@ -728,6 +728,10 @@ class CausalLM(nnx.Module):
             scores = h_last @ self.score_w_d[...] + (0.0 if self.score_b is None else self.score_b[...])
         return ModelOutput(logits, values, scores, h, new_cache)
 
+    def _final_norm(self, x: jax.Array, axis: int = -1) -> jax.Array:
+        if self.final_bias is None:
+            return rms_norm(x, self.final_scale[...], self.cfg.norm_eps, axis=axis)
+        return layer_norm(x, self.final_scale[...], self.final_bias[...], self.cfg.norm_eps, axis=axis)
 
     def lm_head_vd(self) -> jax.Array:
         """The LM head as a row-major [V, D] array (the tied embedding itself; a copy of an untied [D, V] head),
@@ -741,14 +745,10 @@ class CausalLM(nnx.Module):
         """Float32 logits [B, T', V] from the feature-major decode's activations [D, B*T]: the head [V, D] as the
         dot's left operand, read in place (as the row-major head's right operand XLA:CPU's YNNPACK packed all of
         it at every decode step: 0.9x the time per bf16 step without it)."""
-        cfg, dt = self.cfg, self.dtype
-        if self.final_bias is None:
-            h_dn = rms_norm(x_dn, self.final_scale[...], cfg.norm_eps, axis=0)
-        else:
-            h_dn = layer_norm(x_dn, self.final_scale[...], self.final_bias[...], cfg.norm_eps, axis=0)
+        h_dn = self._final_norm(x_dn, axis=0)
         d = h_dn.shape[0]
         h_dn = h_dn.reshape(d, b, -1)[:, :, logits_from:logits_to].reshape(d, -1)
-        logits_vn = weight_left_matmul(head_vd.astype(dt), h_dn, self.matmul_dtype, jnp.float32)
+        logits_vn = weight_left_matmul(head_vd.astype(self.dtype), h_dn, self.matmul_dtype, jnp.float32)
         # The barrier keeps XLA from folding the transpose into the dot as a column-major result, a bf16 dot
         # YNNPACK refuses (and XLA's own dot does not run).
         logits_nv = _row_major_transpose(jax.lax.optimization_barrier(logits_vn))
