@@ -409,3 +409,46 @@ def test_loop_resume_continues_identically(mdp):
     for k in ("logits", "values"):
         np.testing.assert_array_equal(np.asarray(resumed.params[k]), np.asarray(straight.params[k]))
     assert m_resumed["rollout/reward"] == m_straight["rollout/reward"] and m_resumed["episodes"] == 4 * BATCH
+
+
+def test_loop_compiles_the_update_before_its_first_run(mdp, monkeypatch):
+    """The first iteration compiles the update on its own and hands back what compiling freed before the program
+    runs (its temporaries would land above those pages: a higher peak RSS); the run then compiles nothing."""
+    events = []
+    compiles = []
+
+    def on_duration(event, seconds, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    class RecordedUpdate:
+        def __init__(self, update):
+            self.update = update
+
+        def lower(self, *args):
+            lowered = self.update.lower(*args)
+
+            def compile_():
+                events.append("compile")
+                return lowered.compile()
+            return type("Lowered", (), {"compile": staticmethod(compile_)})()
+
+        def __call__(self, *args):
+            before = len(compiles)
+            out = self.update(*args)
+            events.append(f"run, {len(compiles) - before} compiled")
+            return out
+
+    real_make_update = loop.make_update
+    monkeypatch.setattr(loop, "make_update", lambda *a, **k: RecordedUpdate(real_make_update(*a, **k)))
+    real_release = loop.release_freed_memory
+    monkeypatch.setattr(loop, "release_freed_memory", lambda: events.append("release") or real_release())
+    jax.monitoring.register_event_duration_secs_listener(on_duration)
+    try:
+        algo_cfg, optim_cfg = configs("klq", BETA, 2, LR)
+        train(mdp, algo_cfg, optim_cfg, 2, 64)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on_duration)
+    first = events.index("compile")
+    assert events[first:first + 3] == ["compile", "release", "run, 0 compiled"], events
+    assert events.count("compile") == 1 and events.count("run, 0 compiled") == 2, events
