@@ -182,9 +182,8 @@ def run_ours(args) -> dict:
     mesh = sharding.make_mesh(config.mesh)
     state, ref_params = trainer.place_on_mesh(setup, optimizer, rl.kl_coef, mesh)  # as the trainer does
     stream = PromptStream(setup.train_prompts, config.batch_size, seed=config.seed)
-    apply_fn, ref_apply_fn, sample_fn, reward_fn = trainer.make_fns(setup, mesh,
-                                                                    policy_stats=config.sampling.policy_stats)
-    ref_logprob_fn = rl_loop.make_ref_logprob_fn(ref_apply_fn, ref_params, rl.temperature)
+    apply_fn, sample_fn, reward_fn = trainer.make_fns(setup, mesh, policy_stats=config.sampling.policy_stats)
+    ref_logprob_fn = trainer.make_ref_logprob_fn(setup, ref_params, rl.temperature)  # as the trainer does
     rss_setup = rss_gib()
     with jax.set_mesh(mesh):
         iterations, curves = _iterate(args, config, rl, state, optimizer, apply_fn, sample_fn, reward_fn,
@@ -247,7 +246,7 @@ def check_dtypes(args) -> None:
     setup.sampler = dataclasses.replace(setup.sampler, eos_ids=(-1,))
     from klq_jax import sharding
 
-    apply_fn, ref_apply_fn, sample_fn, _ = trainer.make_fns(setup, sharding.make_mesh(config.mesh))
+    apply_fn, sample_fn, _ = trainer.make_fns(setup, sharding.make_mesh(config.mesh))
     forward = rl_loop.make_policy_forward(apply_fn, 1.0)
     # fp32; bf16 storage computing in fp32; bf16 storage with bf16 matmul operands (fp32 accumulation).
     rewards = {name: HFRewardModel(args.reward_path, chat=True, batch_size=args.batch, param_dtype=trainer.DTYPES[dt],
@@ -262,7 +261,7 @@ def check_dtypes(args) -> None:
         mask = np.asarray(batch.response_mask_bt)
         kls = {}
         for name, params in (("fp32", setup.ref_params), ("bf16", ref16)):
-            ref = rl_loop.make_ref_logprob_fn(ref_apply_fn, params, 1.0)(
+            ref = trainer.make_ref_logprob_fn(setup, params, 1.0)(
                 batch.tokens_bt, batch.positions_bt, batch.attention_mask_bt, batch.first_action)
             kls[name] = np.sum(np.where(mask, np.asarray(logp - ref), 0.0), axis=1)
         # The policy has not moved from the reference: KL(fp32) is ~0 and KL(bf16) is bf16's error alone.

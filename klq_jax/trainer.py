@@ -213,9 +213,10 @@ def build(config) -> Setup:
 
 
 def make_fns(setup: Setup, mesh, *, policy_stats: bool = True):
-    """The injected functions of the loop for an LM policy. `policy_stats` (config `sampling.policy_stats`):
-    the rollout carries the sampler's logprobs, values and entropy as the policy's (no policy forward)."""
-    graphdef, ref_graphdef = setup.graphdef, setup.ref_graphdef
+    """The injected functions of the loop for an LM policy (the reference's: `make_ref_logprob_fn`).
+    `policy_stats` (config `sampling.policy_stats`): the rollout carries the sampler's logprobs, values and
+    entropy as the policy's (no policy forward)."""
+    graphdef = setup.graphdef
     sampler = setup.sampler
     policy_stats = policy_stats and sampler.top_k == 0 and sampler.top_p >= 1.0
 
@@ -223,10 +224,6 @@ def make_fns(setup: Setup, mesh, *, policy_stats: bool = True):
         out = nnx.merge(graphdef, params)(tokens_bt, positions_bt, mask_bt, logits_from=logits_from,
                                           logits_to=logits_to)
         return out.logits_btv, out.values_bt
-
-    def ref_apply_fn(params, tokens_bt, positions_bt, mask_bt, logits_from: int = 0, logits_to: int | None = None):
-        return nnx.merge(ref_graphdef, params)(tokens_bt, positions_bt, mask_bt, logits_from=logits_from,
-                                               logits_to=logits_to).logits_btv
 
     def sample_fn(params, prompt_batch: list[Prompt], rng):
         out = sharding.global_sample(sampler, params, [p.ids for p in prompt_batch], rng, mesh,
@@ -243,7 +240,19 @@ def make_fns(setup: Setup, mesh, *, policy_stats: bool = True):
         return setup.reward([p.text for p in prompt_batch], texts, [p.reference for p in prompt_batch])
 
     # The rollout is global; each process decodes and scores its own rows (those of its prompt_batch).
-    return apply_fn, ref_apply_fn, sample_fn, sharding.global_reward_fn(reward_fn, mesh)
+    return apply_fn, sample_fn, sharding.global_reward_fn(reward_fn, mesh)
+
+
+def make_ref_logprob_fn(setup: Setup, ref_params, temperature: float) -> rl_loop.RefLogprobFn:
+    """The loop's `ref_logprob_fn` for an LM reference: `CausalLM.next_token_logprobs`, whose LM head and
+    log-softmax run a chunk of positions at a time (the reference's vocabulary-wide logits are never made)."""
+    ref_graphdef = setup.ref_graphdef
+
+    def next_token_logprobs(params, tokens_bt, positions_bt, mask_bt, logits_from: int, temperature):
+        return nnx.merge(ref_graphdef, params).next_token_logprobs(tokens_bt, positions_bt, mask_bt,
+                                                                   logits_from=logits_from, temperature=temperature)
+
+    return rl_loop.make_ref_next_token_logprob_fn(next_token_logprobs, ref_params, temperature)
 
 
 def decode_responses(setup: Setup, tokens_bt, response_mask_bt) -> list[str]:
@@ -345,9 +354,8 @@ def _train_on_mesh(config, workdir, ckpt, setup, rl, optimizer, state, ref_param
         _say(f"held-out reward of the initial policy: {evals['initial']['eval/reward']:.4f}")
         if jax.process_index() == 0:
             evals_path.write_text(json.dumps(evals, indent=2))
-    apply_fn, ref_apply_fn, sample_fn, reward_fn = make_fns(setup, mesh,
-                                                            policy_stats=config.sampling.policy_stats)
-    ref_logprob_fn = rl_loop.make_ref_logprob_fn(ref_apply_fn, ref_params, rl.temperature)
+    apply_fn, sample_fn, reward_fn = make_fns(setup, mesh, policy_stats=config.sampling.policy_stats)
+    ref_logprob_fn = make_ref_logprob_fn(setup, ref_params, rl.temperature)
     metrics: dict[str, float] = {}
     with logs.MetricsLogger(workdir, start_iteration=start, total_iterations=config.num_iterations) as logger:
         for state, metrics in rl_loop.run(

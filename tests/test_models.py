@@ -154,6 +154,67 @@ def test_logits_from_is_the_tail_of_the_logits(tiny_checkpoint):
     np.testing.assert_array_equal(np.asarray(middle.logits_btv), np.asarray(full.logits_btv[:, 5:8]))
 
 
+@pytest.mark.parametrize("matmul_dtype", [None, jnp.bfloat16])
+def test_next_token_logprobs_equal_the_logits_log_softmax(tiny_checkpoint, matmul_dtype):
+    """`CausalLM.next_token_logprobs` (the head and the log-softmax a chunk of positions at a time, padded to whole
+    chunks) gives what `losses.shift_to_actions` takes from the logits, tied and untied heads, from the first slot
+    and from a later one, at a temperature; and the reference's loop function built on it gives the same as the
+    one built on the logits."""
+    from klq_jax.rl import loop
+    from klq_jax.rl.losses import shift_to_actions
+
+    _, path, _ = tiny_checkpoint
+    ours = load_model(path, matmul_dtype=matmul_dtype)
+    g = np.random.default_rng(0)
+    tokens = jnp.asarray(g.integers(1, VOCAB, (2, 45)), jnp.int32)  # 44 positions: 3 chunks of 16, padded
+    mask = jnp.ones(tokens.shape, bool).at[1, :3].set(False)
+    positions = positions_from_mask(mask)
+    graphdef, params = nnx.split(ours)
+
+    def apply_fn(params, *args, **kwargs):
+        return nnx.merge(graphdef, params)(*args, **kwargs).logits_btv
+
+    def next_token_logprobs(params, tokens, positions, mask, logits_from, temperature):
+        return nnx.merge(graphdef, params).next_token_logprobs(tokens, positions, mask, logits_from=logits_from,
+                                                               temperature=temperature)
+
+    for first_action in (1, 7):
+        want = loop.make_ref_logprob_fn(apply_fn, params, 0.7)(tokens, positions, mask, first_action)
+        got = loop.make_ref_next_token_logprob_fn(next_token_logprobs, params, 0.7)(tokens, positions, mask,
+                                                                                   first_action)
+        assert got.shape == want.shape == tokens.shape
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+        assert not np.any(np.asarray(got)[:, :first_action])
+    logits = ours(tokens, positions, mask, logits_from=4, logits_to=44).logits_btv
+    want = shift_to_actions(logits, None, tokens, 1.0, first_action=5)[0][:, 5:]
+    np.testing.assert_allclose(np.asarray(ours.next_token_logprobs(tokens, positions, mask, logits_from=4)),
+                               np.asarray(want), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="logits_from=44"):
+        ours.next_token_logprobs(tokens, positions, mask, logits_from=44)
+
+
+def test_chunked_token_logprobs_never_make_the_logits():
+    """The point of the chunks: the program's temporaries hold one chunk's logits, not [B, T, V]; the head is read
+    as the left operand of each chunk's dot."""
+    from klq_jax.models.transformer import chunked_token_logprobs
+
+    b, t, d, v = 8, 128, 64, 8192
+    g = np.random.default_rng(0)
+    h = jnp.asarray(g.normal(size=(b, t, d)), jnp.float32)
+    head_vd = jnp.asarray(g.normal(size=(v, d)) / 8, jnp.float32)
+    targets = jnp.asarray(g.integers(0, v, (b, t)), jnp.int32)
+    fn = jax.jit(chunked_token_logprobs, static_argnames="matmul_dtype")
+    compiled = fn.lower(h, head_vd, targets, 1.0).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes < b * t * v * 4 / 4
+    # The head is the left operand of the chunk's dot (read in place by XLA:CPU's YNNPACK), bf16 operands too.
+    for matmul_dtype, dtype in ((None, "f32"), (jnp.bfloat16, "bf16")):
+        dots = _dots_on(fn.lower(h, head_vd, targets, 1.0, matmul_dtype=matmul_dtype).compile().as_text(), rows=v)
+        assert dots == [({dtype}, (v, d))], dots
+    logits = jnp.einsum("btd,vd->btv", h, head_vd)
+    want = jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0]
+    np.testing.assert_allclose(np.asarray(fn(h, head_vd, targets, 1.0)), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
 def test_decode_step_equals_full_forward(tiny_checkpoint):
     """A cached decode step, by the layer scan (stacked weights) and by the sampler's unrolled path (per-layer
     weights, q|k|v and gate|up fused into one matmul each; as stored, or as [out, in] copies, which run

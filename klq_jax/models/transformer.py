@@ -289,6 +289,42 @@ def _tied_head_bwd(matmul_dtype, residuals, dlogits_btv):
 tied_head.defvjp(_tied_head_fwd, _tied_head_bwd)
 
 
+LOGPROB_CHUNK_ROWS = 32  # positions (all rows together) per chunk: 6 MiB of fp32 logits for a 49152-token vocabulary
+
+
+def chunked_token_logprobs(h_btd: jax.Array, head_vd: jax.Array, targets_bt: jax.Array, temperature, *,
+                           matmul_dtype=None, rows: int = LOGPROB_CHUNK_ROWS) -> jax.Array:
+    """Float32 `log softmax(h @ head^T / temperature)[targets]` per position ([B, T]) for a [V, D] head (a tied
+    embedding, or `CausalLM.lm_head_vd()`), computed `rows // B` positions of every row at a time, the head as
+    the left operand of each chunk's matmul.
+
+    The [B, T, V] float32 logits are never made: each chunk's [V, rows] logits stay in the CPU's cache between
+    the head's matmul and the log-softmax's two passes, and XLA:CPU's YNNPACK reads a left operand in place where
+    it packs a right one at every call. For the reference's 8 x 128 log-probabilities of SmolLM2-135M (bf16
+    operands): 82-95 against 266-292 ms, 62 against 247 MiB of temporaries (`docs/performance.md`, item 36).
+    Forward only (the update differentiates through `tied_head` and `losses.token_logprobs`). The logits'
+    log-softmax's values, up to the matmul's accumulation order.
+    """
+    b, t, d = h_btd.shape
+    mdt = matmul_dtype or h_btd.dtype
+    head_vd = head_vd.astype(mdt)  # rounded once, not per chunk
+    per_chunk = max(1, rows // b)
+    n = -(-t // per_chunk)
+    pad = n * per_chunk - t
+    h_nbcd = jnp.pad(h_btd, ((0, 0), (0, pad), (0, 0))).reshape(b, n, per_chunk, d).transpose(1, 0, 2, 3)
+    targets_nbc = jnp.pad(targets_bt, ((0, 0), (0, pad))).reshape(b, n, per_chunk).transpose(1, 0, 2)
+
+    def chunk(args):
+        h_bcd, targets_bc = args
+        h_dr = _row_major_transpose(h_bcd.reshape(-1, d))
+        logits_vr = weight_left_matmul(head_vd, h_dr, mdt, jnp.float32) / temperature
+        picked_r = jnp.take_along_axis(logits_vr, targets_bc.reshape(1, -1), axis=0)[0]
+        return (picked_r - jax.nn.logsumexp(logits_vr, axis=0)).reshape(b, per_chunk)
+
+    logp_nbc = jax.lax.map(chunk, (h_nbcd, targets_nbc))
+    return logp_nbc.transpose(1, 0, 2).reshape(b, n * per_chunk)[:, :t]
+
+
 def _bf16_bits(x: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype == jnp.bfloat16 else x
 
@@ -727,6 +763,21 @@ class CausalLM(nnx.Module):
             h_last = jnp.take_along_axis(h, last_b[:, None, None], axis=1)[:, 0].astype(jnp.float32)
             scores = h_last @ self.score_w_d[...] + (0.0 if self.score_b is None else self.score_b[...])
         return ModelOutput(logits, values, scores, h, new_cache)
+
+    def next_token_logprobs(self, tokens_bt: jax.Array, positions_bt: jax.Array, kv_mask_bs: jax.Array, *,
+                            logits_from: int = 0, temperature=1.0) -> jax.Array:
+        """Float32 [B, T - 1 - logits_from]: at each position `p` from `logits_from` (static) to `T - 2`, the
+        log-probability of the token at `p + 1` under `softmax(logits[:, p] / temperature)`; what
+        `losses.shift_to_actions` takes from the logits of `__call__(..., logits_from, logits_to=T - 1)`, without
+        making them (`chunked_token_logprobs`). A forward without gradients: the reference's log-probabilities."""
+        if not self.has_lm_head:
+            raise ValueError("next_token_logprobs needs a model with an LM head")
+        t = tokens_bt.shape[1]
+        if not 0 <= logits_from < t - 1:
+            raise ValueError(f"logits_from={logits_from}: expected 0 <= logits_from < T - 1 = {t - 1}")
+        h_btd = self(tokens_bt, positions_bt, kv_mask_bs, return_logits=False).hidden_btd
+        return chunked_token_logprobs(h_btd[:, logits_from:t - 1], self.lm_head_vd().astype(self.dtype),
+                                      tokens_bt[:, logits_from + 1:], temperature, matmul_dtype=self.matmul_dtype)
 
     def _final_norm(self, x: jax.Array, axis: int = -1) -> jax.Array:
         if self.final_bias is None:

@@ -77,6 +77,21 @@ def make_ref_logprob_fn(ref_apply_fn: Callable, ref_params, temperature: float) 
     return functools.partial(ref_logprobs, ref_params)
 
 
+def make_ref_next_token_logprob_fn(next_token_logprobs_fn: Callable, ref_params, temperature: float) -> RefLogprobFn:
+    """`ref_logprob_fn` from `next_token_logprobs_fn(params, tokens, positions, mask, logits_from, temperature)`,
+    which returns [B, T - 1 - logits_from]: the log-probability of the token after each position from
+    `logits_from` on (`CausalLM.next_token_logprobs`, which never makes the vocabulary-wide logits). Same result
+    as `make_ref_logprob_fn` on the logits of the same model."""
+
+    @functools.partial(jax.jit, static_argnames="first_action")
+    def ref_logprobs(params, tokens_bt, positions_bt, attention_mask_bt, first_action: int = 1):
+        logp_bt = next_token_logprobs_fn(params, tokens_bt, positions_bt, attention_mask_bt, first_action - 1,
+                                         temperature)
+        return jnp.concatenate([jnp.zeros((tokens_bt.shape[0], first_action), jnp.float32), logp_bt], axis=1)
+
+    return functools.partial(ref_logprobs, ref_params)
+
+
 def rollout_metrics(batch: Rollout, raw_rewards_b: Array, kl_coef) -> dict[str, Array]:
     """Metrics of a sampled batch, before the update (device arrays; pure and jittable).
 
