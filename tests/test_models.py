@@ -166,7 +166,7 @@ def test_next_token_logprobs_equal_the_logits_log_softmax(tiny_checkpoint, matmu
     _, path, _ = tiny_checkpoint
     ours = load_model(path, matmul_dtype=matmul_dtype)
     g = np.random.default_rng(0)
-    tokens = jnp.asarray(g.integers(1, VOCAB, (2, 45)), jnp.int32)  # 44 positions: 3 chunks of 16, padded
+    tokens = jnp.asarray(g.integers(1, VOCAB, (2, 45)), jnp.int32)  # 44 positions: chunks of 32 (bf16 16), padded
     mask = jnp.ones(tokens.shape, bool).at[1, :3].set(False)
     positions = positions_from_mask(mask)
     graphdef, params = nnx.split(ours)

@@ -289,26 +289,29 @@ def _tied_head_bwd(matmul_dtype, residuals, dlogits_btv):
 tied_head.defvjp(_tied_head_fwd, _tied_head_bwd)
 
 
-LOGPROB_CHUNK_ROWS = 32  # positions (all rows together) per chunk: 6 MiB of fp32 logits for a 49152-token vocabulary
+# Positions (all rows together) per chunk of `chunked_token_logprobs`, by the matmul operands' bytes: the fastest on
+# an AVX-512/AMX Xeon for SmolLM2's 49152-token vocabulary (bf16 32: 88 ms, 64: 103; fp32 32: 414, 64: 255, 128: 263).
+LOGPROB_CHUNK_ROWS = {2: 32, 4: 64}
 
 
 def chunked_token_logprobs(h_btd: jax.Array, head_vd: jax.Array, targets_bt: jax.Array, temperature, *,
-                           matmul_dtype=None, rows: int = LOGPROB_CHUNK_ROWS) -> jax.Array:
+                           matmul_dtype=None, rows: int | None = None) -> jax.Array:
     """Float32 `log softmax(h @ head^T / temperature)[targets]` per position ([B, T]) for a [V, D] head (a tied
-    embedding, or `CausalLM.lm_head_vd()`), computed `rows // B` positions of every row at a time, the head as
-    the left operand of each chunk's matmul.
+    embedding, or `CausalLM.lm_head_vd()`), computed `rows // B` positions of every row at a time (default
+    `LOGPROB_CHUNK_ROWS` for the operands' dtype), the head as the left operand of each chunk's matmul.
 
     The [B, T, V] float32 logits are never made: each chunk's [V, rows] logits stay in the CPU's cache between
     the head's matmul and the log-softmax's two passes, and XLA:CPU's YNNPACK reads a left operand in place where
     it packs a right one at every call. For the reference's 8 x 128 log-probabilities of SmolLM2-135M (bf16
-    operands): 82-95 against 266-292 ms, 62 against 247 MiB of temporaries (`docs/performance.md`, item 36).
+    operands): 82-95 against 266-302 ms, 62 against 247 MiB of temporaries; fp32 255 against 423 ms
+    (`docs/performance.md`, item 36).
     Forward only (the update differentiates through `tied_head` and `losses.token_logprobs`). The logits'
     log-softmax's values, up to the matmul's accumulation order.
     """
     b, t, d = h_btd.shape
-    mdt = matmul_dtype or h_btd.dtype
+    mdt = jnp.dtype(matmul_dtype or h_btd.dtype)
     head_vd = head_vd.astype(mdt)  # rounded once, not per chunk
-    per_chunk = max(1, rows // b)
+    per_chunk = max(1, (rows or LOGPROB_CHUNK_ROWS.get(mdt.itemsize, 64)) // b)
     n = -(-t // per_chunk)
     pad = n * per_chunk - t
     h_nbcd = jnp.pad(h_btd, ((0, 0), (0, pad), (0, 0))).reshape(b, n, per_chunk, d).transpose(1, 0, 2, 3)
