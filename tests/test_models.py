@@ -525,6 +525,45 @@ def test_bf16_stored_layers_are_widened_one_at_a_time(tiny_checkpoint):
     assert temp_bytes(stored) < temp_bytes(rounded) + 0.75 * layer_bytes_f32
 
 
+def test_bf16_remat_checkpoints_round_less_than_the_bf16_matmuls(tiny_checkpoint):
+    """With bf16 matmuls, remat="full" keeps each layer's input in bf16 for an RMS-normed model (as its raw bits, so
+    that XLA:CPU does not widen the whole stack before the backward loop): the forward is unchanged, and the
+    gradients move from those of fp32 checkpoints (remat none, bf16 matmuls) by less than the bf16 matmuls move
+    them from fp32's. LayerNorm models keep fp32 checkpoints (the same gradients as remat none)."""
+    _, path, _ = tiny_checkpoint
+    rms = load_model(path).final_bias is None
+    ids, mask = _batch()
+    mask_np = mask.numpy().astype(bool)
+    args = (jnp.asarray(ids.numpy()), positions_from_mask(jnp.asarray(mask_np)), jnp.asarray(mask_np))
+    weights = jnp.asarray(np.random.default_rng(0).normal(size=(3, 9, VOCAB)), jnp.float32)
+
+    def loss_and_grads(model, lower=False):
+        graphdef, params = nnx.split(model)
+
+        def loss(p):
+            return jnp.sum(weights * jnp.tanh(nnx.merge(graphdef, p)(*args).logits_btv))
+        fn = jax.jit(jax.value_and_grad(loss))
+        return fn.lower(params).compile() if lower else fn(params)
+
+    fp32_loss, fp32_grads = loss_and_grads(load_model(path))
+    plain_loss, plain_grads = loss_and_grads(load_model(path, matmul_dtype=jnp.bfloat16))
+    remat_loss, remat_grads = loss_and_grads(load_model(path, matmul_dtype=jnp.bfloat16, remat="full"))
+    np.testing.assert_allclose(remat_loss, plain_loss, rtol=1e-6)
+
+    def error(grads, ref):  # relative to each leaf's largest gradient, the largest over all leaves
+        return max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+                   for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref)))
+    checkpoint_error, matmul_error = error(remat_grads, plain_grads), error(plain_grads, fp32_grads)
+    model = load_model(path, matmul_dtype=jnp.bfloat16, remat="full")
+    text = loss_and_grads(model, lower=True).as_text()
+    stack = f"[{model.cfg.num_layers},3,9,{model.cfg.hidden_size}]"  # the checkpoints: [L, B, T, D]
+    if rms:
+        assert 0 < checkpoint_error < matmul_error, (checkpoint_error, matmul_error)
+        assert f"u16{stack}" in text and f"f32{stack}" not in text, sorted(set(re.findall(r"\w+\[\d+,3,9,\d+\]", text)))
+    else:
+        assert checkpoint_error < 1e-5 * matmul_error and f"u16{stack}" not in text
+
+
 @pytest.mark.parametrize("remat", ["full", "dots"])
 def test_remat_keeps_values_and_gradients(tiny_checkpoint, remat):
     """Rematerialised layers (remat="full": `remat_layer_scan`, the written-out backward; "dots":

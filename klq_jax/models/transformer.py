@@ -546,11 +546,12 @@ REMAT_POLICIES = {
 }
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def remat_layer_scan(layer_fn: Callable, x, stacked_params, aux):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4))
+def remat_layer_scan(layer_fn: Callable, x, stacked_params, aux, checkpoint_dtype=None):
     """`x <- layer_fn(x, params_l, aux)` for each layer `l` of `stacked_params` (leading axis), keeping only
     each layer's input for the backward, which recomputes the layer: `jax.checkpoint` with nothing saved
-    over `lax.scan`, with the backward written out.
+    over `lax.scan`, with the backward written out. `checkpoint_dtype`: those inputs are kept rounded to it
+    (None: `x`'s dtype), and the backward recomputes each layer from the rounded input.
 
     Autodiff's transposed scan collects the layers' weight gradients in buffers that XLA:CPU allocates
     (zeroed) before the forward even runs, so they sit under the LM head's vocabulary-wide logits and their
@@ -561,12 +562,15 @@ def remat_layer_scan(layer_fn: Callable, x, stacked_params, aux):
     return jax.lax.scan(lambda x, p: (layer_fn(x, p, aux), None), x, stacked_params)[0]
 
 
-def _remat_layer_scan_fwd(layer_fn, x, stacked_params, aux):
-    y, inputs_l = jax.lax.scan(lambda x, p: (layer_fn(x, p, aux), x), x, stacked_params)
+def _remat_layer_scan_fwd(layer_fn, x, stacked_params, aux, checkpoint_dtype):
+    # bf16 kept as its raw 16 bits and widened one layer at a time in the backward: XLA:CPU would widen a bf16
+    # stack to fp32 before the loop, all layers at once (as `CausalLM.__call__` does for bf16-stored layers).
+    keep = (lambda x: x) if checkpoint_dtype is None else (lambda x: _bf16_bits(x.astype(checkpoint_dtype)))
+    y, inputs_l = jax.lax.scan(lambda x, p: (layer_fn(x, p, aux), keep(x)), x, stacked_params)
     return y, (inputs_l, stacked_params, aux)
 
 
-def _remat_layer_scan_bwd(layer_fn, residuals, dy):
+def _remat_layer_scan_bwd(layer_fn, checkpoint_dtype, residuals, dy):
     inputs_l, stacked_params, aux = residuals
     # Zero buffers that depend on `dy`: XLA cannot schedule them before the cotangent exists.
     zero = jnp.zeros((), dy.dtype) * dy.reshape(-1)[0]
@@ -575,7 +579,7 @@ def _remat_layer_scan_bwd(layer_fn, residuals, dy):
     def step(carry, layer):
         dx, grads = carry
         index, x_in, params = layer
-        _, vjp = jax.vjp(lambda x, p: layer_fn(x, p, aux), x_in, params)
+        _, vjp = jax.vjp(lambda x, p: layer_fn(x, p, aux), _widen_bf16_bits(x_in).astype(dy.dtype), params)
         dx, dparams = vjp(dx)
         grads = jax.tree.map(lambda g, d: jax.lax.dynamic_update_index_in_dim(g, d.astype(g.dtype), index, 0),
                              grads, dparams)
@@ -739,9 +743,16 @@ class CausalLM(nnx.Module):
             new_cache = None if cache is None else KVCache(tuple(ks), tuple(vs), keys_hs)
         elif cache is None and self.remat == "full":
             # rope and the mask go in as `aux`, not closed over: a custom_vjp's function must not close over
-            # traced values.
+            # traced values. With 16-bit matmul operands an RMS-normed model keeps the layers' inputs for the
+            # backward in that dtype too (SmolLM2-135M update, 8 x 176 tokens: -46 MiB at the peak). An RMS norm
+            # keeps their relative rounding; a LayerNorm's centring can magnify it (a tiny GPT-NeoX's gradients
+            # moved by 1.1% of their largest, more than its bf16 matmuls move them), so those stay fp32.
+            checkpoint_dtype = None
+            if (self.matmul_dtype is not None and self.final_bias is None
+                    and jnp.dtype(self.matmul_dtype).itemsize < jnp.dtype(dt).itemsize):
+                checkpoint_dtype = self.matmul_dtype
             x = remat_layer_scan(lambda x_btd, state, aux: run_layer(x_btd, state, *aux)[0], x, block_state,
-                                 (rope, mask_bts))
+                                 (rope, mask_bts), checkpoint_dtype)
             new_cache = None
         else:
             if REMAT_POLICIES[self.remat] is not None:
