@@ -70,8 +70,10 @@ def worker(process_id: int, num_processes: int, port: int, out_dir: str) -> None
         out = nnx.merge(graphdef, p)(tokens_bt, positions_bt, mask_bt)
         return out.logits_btv, out.values_bt
 
-    def ref_apply_fn(p, tokens_bt, positions_bt, mask_bt):
-        return nnx.merge(ref_graphdef, p)(tokens_bt, positions_bt, mask_bt).logits_btv
+    def ref_next_token_logprobs(p, tokens_bt, positions_bt, mask_bt, logits_from, temperature):
+        # the trainer's reference: LM head and log-softmax in chunks of positions (`CausalLM.next_token_logprobs`)
+        return nnx.merge(ref_graphdef, p).next_token_logprobs(tokens_bt, positions_bt, mask_bt,
+                                                              logits_from=logits_from, temperature=temperature)
 
     def host_reward(prompt_batch, batch):
         """Per-row reward from this process's rows: the share of even response tokens, minus length."""
@@ -114,7 +116,7 @@ def worker(process_id: int, num_processes: int, port: int, out_dir: str) -> None
         ref_in = ref_params
         state = TrainState.create(params, optimizer, algo.kl_coef)
 
-    ref_logprob_fn = loop.make_ref_logprob_fn(ref_apply_fn, ref_in, algo.temperature)
+    ref_logprob_fn = loop.make_ref_next_token_logprob_fn(ref_next_token_logprobs, ref_in, algo.temperature)
     history = []
     with (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
         for state, metrics in loop.run(state=state, apply_fn=apply_fn, optimizer=optimizer, algo_cfg=algo,

@@ -262,6 +262,11 @@ def checks() -> dict:
             s = shd.global_sample(sampler, placed, prompts, key, mesh, prompt_length=8)
             lp_fn = loop.make_ref_logprob_fn(lambda p, *a: apply_fn(p, *a)[0], placed, 1.0)
             lp = lp_fn(s.tokens_bt, positions_from_mask(s.attention_mask_bt), s.attention_mask_bt)
+            # the trainer's reference: the LM head and the log-softmax in chunks of positions, on the sharded model
+            chunked_fn = loop.make_ref_next_token_logprob_fn(
+                lambda p, tokens, positions, mask, logits_from, temperature: nnx.merge(graphdef, p).next_token_logprobs(
+                    tokens, positions, mask, logits_from=logits_from, temperature=temperature), placed, 1.0)
+            chunked_lp = chunked_fn(s.tokens_bt, positions_from_mask(s.attention_mask_bt), s.attention_mask_bt)
             tokens_spec = str(s.tokens_bt.sharding.spec)
             s = jax.device_get(s)
         out[f"sample/{shape}"] = {
@@ -269,6 +274,7 @@ def checks() -> dict:
             "masks_equal": bool(np.array_equal(s.response_mask_bt, ref_sample.response_mask_bt)),
             "logp_err": max_err(s.logprobs_bt, ref_sample.logprobs_bt),
             "ref_logp_err": max_err(jax.device_get(lp), ref_lp),
+            "chunked_ref_logp_err": max_err(jax.device_get(chunked_lp), ref_lp),
             "tokens_spec": tokens_spec}
     return out
 
@@ -302,7 +308,7 @@ def test_sharded_ppo_step_on_gpt_neox(fake_devices):
 def test_sharded_sampling_gives_the_same_tokens(fake_devices, shape):
     r = fake_devices[f"sample/{shape}"]
     assert r["tokens_equal"] and r["masks_equal"], r
-    assert r["logp_err"] < 1e-4 and r["ref_logp_err"] < 1e-4, r
+    assert r["logp_err"] < 1e-4 and r["ref_logp_err"] < 1e-4 and r["chunked_ref_logp_err"] < 1e-4, r
     assert "data" in r["tokens_spec"]  # the batch really is split
 
 
