@@ -465,12 +465,13 @@ def global_sample(sampler, state, prompts, rng, mesh: Mesh, *, prompt_length: in
 
     tokens, mask = sampler.pad_prompts(prompts, prompt_length)
     tokens_bp, mask_bp = to_global((tokens, mask), mesh)
-    return sampler_lib._generate(
+    return sampler_lib.generate(
         sampler.graphdef, state, tokens_bp, mask_bp, rng,
         jnp.float32(sampler.temperature if temperature is None else temperature), jnp.float32(sampler.top_p),
         max_new_tokens=max_new_tokens or sampler.max_new_tokens, top_k=sampler.top_k,
         eos_ids=tuple(sampler.eos_ids), pad_id=sampler.pad_id, cache_dtype=sampler.cache_dtype,
-        unstack_layers=sampler.unstack_layers and weights_whole(mesh))
+        unstack_layers=sampler.unstack_layers and weights_whole(mesh), weights_oi=sampler.weights_oi,
+        compile_ahead=sampler.compile_ahead)
 
 
 def weights_whole(mesh) -> bool:

@@ -207,7 +207,7 @@ def build(config) -> Setup:
     ref_graphdef, ref_params = nnx.split(reference)
     sampler = Sampler(graphdef=graphdef, eos_ids=tuple(sorted(eos_ids)), pad_id=pad_id,
                       max_new_tokens=config.sampling.max_new_tokens, temperature=config.rl.temperature,
-                      bucket=config.sampling.prompt_bucket, cache_dtype=compute_dtype)
+                      bucket=config.sampling.prompt_bucket, cache_dtype=compute_dtype, compile_ahead=True)
     return Setup(policy, graphdef, params, ref_params, ref_graphdef, tokenizer, policy_path, prompts, eval_prompts,
                  sampler, build_reward(config), prompt_length)
 

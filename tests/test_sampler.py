@@ -211,3 +211,34 @@ def test_prompt_too_long_is_rejected(tiny):
     sampler = Sampler.for_model(model, eos_ids=(EOS,), pad_id=PAD, max_new_tokens=4)
     with pytest.raises(ValueError, match="prompt 0 has 9 tokens; at most 8 accepted"):
         sampler(nnx.state(model), [[2] * 9], jax.random.key(0), prompt_length=8)
+
+
+def test_compile_ahead_compiles_then_releases_then_runs(tiny, monkeypatch):
+    """`compile_ahead`: a new shape is compiled on its own, what compiling freed is handed back, then the program
+    runs without compiling again (jit's cache); a shape seen before is neither compiled nor released again. The
+    samples equal those of a sampler without it."""
+    _, model = tiny
+    state = nnx.state(model)
+    compiles, events = [], []
+
+    def listener(event, *args, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    monkeypatch.setattr(sampler_lib, "release_freed_memory", lambda: events.append(f"release after {len(compiles)}"))
+    try:
+        sampler = Sampler.for_model(model, eos_ids=(EOS,), pad_id=PAD, max_new_tokens=5, bucket=8,
+                                    compile_ahead=True, temperature=0.9)  # a signature no other test compiles
+        before = len(compiles)
+        first = sampler(state, PROMPTS, jax.random.key(4))
+        after_first = len(compiles)
+        second = sampler(state, PROMPTS, jax.random.key(5))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert after_first - before >= 1 and events == [f"release after {after_first}"], (before, after_first, events)
+    assert len(compiles) == after_first  # the second call compiled nothing and released nothing
+    plain = Sampler.for_model(model, eos_ids=(EOS,), pad_id=PAD, max_new_tokens=5, bucket=8, temperature=0.9)
+    for out, key in ((first, 4), (second, 5)):
+        ref = plain(state, PROMPTS, jax.random.key(key))
+        np.testing.assert_array_equal(np.asarray(out.tokens_bt), np.asarray(ref.tokens_bt))
