@@ -178,6 +178,9 @@ def build(config) -> Setup:
     # `compute_dtype`): no optimizer state, so nothing needs its fp32 copy.
     ref_dtype = _dtype(config.model.reference_dtype, "model.reference_dtype")
     reference = load_model(ref_path, param_dtype=ref_dtype, dtype=compute_dtype, matmul_dtype=matmul_dtype)
+    # With 16-bit matmuls the reference's matmul-only weights are stored in that dtype: the same log-probabilities
+    # (every use rounds them so), 0.2 GiB less for SmolLM2-135M and no rounding at every call.
+    reference.store_matmul_weights()
     if reference.cfg.vocab_size != policy.cfg.vocab_size:
         raise CheckpointError(f"reference vocabulary {reference.cfg.vocab_size} differs from the policy's "
                               f"{policy.cfg.vocab_size}; accepted: a reference with the policy's tokenizer")

@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 
 from klq_jax.models.config import ModelConfigError  # noqa: E402
 from klq_jax.models.hf import CheckpointError, export_model, load_model, read_safetensors, write_safetensors  # noqa: E402
-from klq_jax.models.transformer import KVCache, positions_from_mask  # noqa: E402
+from klq_jax.models.transformer import CausalLM, KVCache, positions_from_mask  # noqa: E402
 
 VOCAB = 97
 PAD = 0
@@ -191,6 +191,30 @@ def test_next_token_logprobs_equal_the_logits_log_softmax(tiny_checkpoint, matmu
                                np.asarray(want), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="logits_from=44"):
         ours.next_token_logprobs(tokens, positions, mask, logits_from=44)
+
+
+def test_matmul_weights_stored_in_bf16_leave_a_frozen_model_unchanged(tiny_checkpoint):
+    """`store_matmul_weights` with bf16 matmuls (the trainer's reference): the next-token log-probabilities and the
+    logits equal the fp32-stored model's to the bit, as every use rounds those weights to bf16 anyway; exactly the
+    `MATMUL_WEIGHTS` become bf16 (norms, biases, the looked-up embedding stay fp32), and the bytes saved are
+    reported. With fp32 matmuls nothing changes."""
+    _, path, _ = tiny_checkpoint
+    fp32_stored, ours = (load_model(path, matmul_dtype=jnp.bfloat16) for _ in range(2))
+    params = {"/".join(map(str, p)): v.get_value() for p, v in nnx.iter_graph(fp32_stored) if isinstance(v, nnx.Param)}
+    half = sum(x.nbytes // 2 for k, x in params.items() if k.split("/")[-1] in CausalLM.MATMUL_WEIGHTS)
+    assert half > 0 and ours.store_matmul_weights() == half
+    for p, v in nnx.iter_graph(ours):
+        if isinstance(v, nnx.Param):
+            want = jnp.bfloat16 if p[-1] in CausalLM.MATMUL_WEIGHTS else jnp.float32
+            assert v.get_value().dtype == want, p
+    g = np.random.default_rng(1)
+    tokens = jnp.asarray(g.integers(1, VOCAB, (2, 40)), jnp.int32)
+    mask = jnp.ones(tokens.shape, bool).at[1, :4].set(False)
+    args = (tokens, positions_from_mask(mask), mask)
+    np.testing.assert_array_equal(np.asarray(ours.next_token_logprobs(*args, logits_from=6)),
+                                  np.asarray(fp32_stored.next_token_logprobs(*args, logits_from=6)))
+    np.testing.assert_array_equal(np.asarray(ours(*args).logits_btv), np.asarray(fp32_stored(*args).logits_btv))
+    assert load_model(path).store_matmul_weights() == 0  # fp32 matmuls: the weights stay as they are
 
 
 def test_chunked_token_logprobs_never_make_the_logits():

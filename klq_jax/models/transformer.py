@@ -628,6 +628,27 @@ class CausalLM(nnx.Module):
         self.score_w_d = _param(rngs, (d,), d, jnp.float32) if score_head else None
         self.score_b = _zeros((), jnp.float32) if score_head and score_bias else None
 
+    # The weights only ever read as a matmul operand (rounded to `matmul_dtype` at every use); the embedding is also
+    # looked up, the norms and biases are added or multiplied in `dtype`.
+    MATMUL_WEIGHTS = ("wq_dnh", "wk_dkh", "wv_dkh", "wo_nhd", "w_gate_df", "w_up_df", "w_down_fd", "lm_head_dv")
+
+    def store_matmul_weights(self) -> int:
+        """Stores the matmul-only weights (`MATMUL_WEIGHTS`) in the 16-bit `matmul_dtype`, in place; returns the
+        bytes saved. For a frozen model (the reference): every use rounds them to that dtype anyway, so its outputs
+        do not change (XLA drops the widening and re-rounding), and the rounding at every call goes. With fp32
+        matmuls (or none set) nothing changes and 0 is returned; a trained model keeps its fp32 weights."""
+        mdt = self.matmul_dtype
+        if mdt is None or mdt.itemsize != 2:
+            return 0
+        saved = 0
+        for path, param in nnx.iter_graph(self):
+            if isinstance(param, nnx.Param) and path and path[-1] in self.MATMUL_WEIGHTS:
+                value = param.get_value()
+                if value.dtype.itemsize > mdt.itemsize:
+                    saved += value.nbytes - value.size * mdt.itemsize
+                    param.set_value(value.astype(mdt))
+        return saved
+
     def unstack_layers(self, weights_oi: bool = False) -> tuple[nnx.State, ...]:
         """The blocks' parameters as one state per layer, for `__call__(..., layers=...)`.
 
