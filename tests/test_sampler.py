@@ -229,7 +229,7 @@ def test_compile_ahead_compiles_then_releases_then_runs(tiny, monkeypatch):
     monkeypatch.setattr(sampler_lib, "release_freed_memory", lambda: events.append(f"release after {len(compiles)}"))
     try:
         sampler = Sampler.for_model(model, eos_ids=(EOS,), pad_id=PAD, max_new_tokens=5, bucket=8,
-                                    compile_ahead=True, temperature=0.9)  # a signature no other test compiles
+                                    compile_ahead=True, temperature=0.9)  # max_new_tokens=5: no other test compiles it
         before = len(compiles)
         first = sampler(state, PROMPTS, jax.random.key(4))
         after_first = len(compiles)
