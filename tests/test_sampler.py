@@ -12,7 +12,8 @@ transformers = pytest.importorskip("transformers")
 
 from klq_jax.models import sampler as sampler_lib  # noqa: E402
 from klq_jax.models.hf import load_model  # noqa: E402
-from klq_jax.models.sampler import Sampler, filter_logits, greedy, sample_categorical  # noqa: E402
+from klq_jax.models.sampler import (Sampler, categorical_with_stats, filter_logits, greedy,  # noqa: E402
+                                    sample_categorical)
 from klq_jax.models.transformer import positions_from_mask  # noqa: E402
 
 PAD, EOS = 0, 1
@@ -191,6 +192,48 @@ def test_sampling_frequencies_match_distribution():
         freq = np.bincount(draws_nb[:, row], minlength=5) / len(draws_nb)
         assert np.all(freq[expected_bv[row] == 0] == 0)
         np.testing.assert_allclose(freq, expected_bv[row], atol=0.015)
+
+
+def _blocky_logits():
+    """Two rows over 300 entries (three 128-entry blocks, the last padded), with zero-probability entries at block
+    starts and ends, and a whole zero-mass block in the second row."""
+    logits = np.random.default_rng(3).normal(size=(2, 300)).astype(np.float32) * 1.5
+    logits[0, [0, 127, 128, 129, 255, 256, 297, 298, 299]] = -np.inf
+    logits[1, 128:256] = -np.inf
+    return jnp.asarray(logits)
+
+
+def test_two_level_draws_follow_the_distribution():
+    """`categorical_with_stats` across several blocks: frequencies follow the softmax, zero-probability entries
+    (and a zero-mass block) are never drawn, and the returned log-probabilities and entropies are the softmax's."""
+    logits = _blocky_logits()
+    keys = jax.random.split(jax.random.key(1), 40000)
+    tokens_nb, logp_nb, entropy_nb = jax.vmap(lambda k: categorical_with_stats(k, logits))(keys)
+    probs_bv = np.asarray(jax.nn.softmax(logits, axis=-1), np.float64)
+    tokens_nb = np.asarray(tokens_nb)
+    for row in range(2):
+        freq = np.bincount(tokens_nb[:, row], minlength=300) / len(tokens_nb)
+        assert np.all(freq[probs_bv[row] == 0] == 0)
+        # each entry's count within 5 standard deviations of its binomial mean
+        sd = np.sqrt(probs_bv[row] * (1 - probs_bv[row]) / len(tokens_nb))
+        assert np.all(np.abs(freq - probs_bv[row]) <= 5 * sd + 1e-6)
+        with np.errstate(divide="ignore"):  # log 0 = -inf for the removed entries, never drawn
+            logp_v = np.log(probs_bv[row])
+        np.testing.assert_allclose(np.asarray(logp_nb)[:, row], logp_v[tokens_nb[:, row]], atol=2e-5)
+        entropy = -np.sum(probs_bv[row][probs_bv[row] > 0] * logp_v[probs_bv[row] > 0])
+        np.testing.assert_allclose(np.asarray(entropy_nb)[:, row], entropy, rtol=1e-5)
+
+
+@pytest.mark.parametrize("u", [0.0, 1.0 - 2.0**-24])
+def test_two_level_draw_at_the_uniforms_ends(u, monkeypatch):
+    """A uniform of 0 draws each row's first entry with mass, one just below 1 its last: never an entry (or block)
+    without mass, whatever the rounding of the running sums."""
+    monkeypatch.setattr(jax.random, "uniform", lambda key, shape: jnp.full(shape, u, jnp.float32))
+    logits = _blocky_logits()
+    token_b = np.asarray(categorical_with_stats(jax.random.key(0), logits)[0])
+    positive_bv = np.isfinite(np.asarray(logits))
+    want = [np.flatnonzero(row)[0 if u == 0.0 else -1] for row in positive_bv]
+    np.testing.assert_array_equal(token_b, want)
 
 
 def test_one_compilation_per_bucket(tiny):

@@ -67,15 +67,46 @@ def filter_logits(logits_bv: jax.Array, temperature, top_k: int, top_p) -> jax.A
     return jax.lax.cond(top_p < 1.0, nucleus, lambda x: x, logits_bv)
 
 
+CATEGORICAL_BLOCK = 128  # entries per block of `categorical_with_stats`'s two-level inverse transform
+
+
+def categorical_with_stats(key: jax.Array, logits_bv: jax.Array, block: int = CATEGORICAL_BLOCK):
+    """One draw per row from softmax(logits_bv) (-inf logits never drawn), with its log-probability and the
+    distribution's entropy: `(token_b int32, logp_b, entropy_b)`, all from one exponential per entry.
+
+    The draw is an inverse transform with one uniform per row (`jax.random.categorical` draws a Gumbel per
+    vocabulary entry: 8 x 49152 random numbers per decode step, 5.3 ms of a ~35 ms step on a 2-core CPU), in two
+    levels: the cumulative masses of blocks of `block` entries pick a block, the cumulative masses inside it the
+    entry. A cumulative sum over the whole vocabulary (a reduce-window in XLA:CPU) took 0.5 ms of each ~25 ms
+    bf16 decode step here, three exponential passes another ~0.5 ms (docs/performance.md, item 40)."""
+    logits_bv = logits_bv.astype(jnp.float32)
+    b, v = logits_bv.shape
+    z_bv = logits_bv - jnp.max(logits_bv, axis=-1, keepdims=True)
+    e_bv = jnp.exp(z_bv)  # unnormalised probabilities; 0 for -inf logits
+    s_b = jnp.sum(e_bv, axis=-1)
+    log_s_b = jnp.log(s_b)
+    pad = -v % block
+    e_bkc = jnp.pad(e_bv, ((0, 0), (0, pad))).reshape(b, -1, block)
+    mass_bk = jnp.sum(e_bkc, axis=-1)
+    upto_bk = jnp.cumsum(mass_bk, axis=-1)  # mass of blocks 0..k
+    u_b = jax.random.uniform(key, (b,)) * upto_bk[:, -1]
+    # The first block whose cumulative mass exceeds u: it has mass (a zero-mass block never increases it).
+    k_b = jnp.argmax(upto_bk > u_b[:, None], axis=-1)
+    before_b = jnp.where(k_b > 0, jnp.take_along_axis(upto_bk, (k_b - 1)[:, None], axis=-1)[:, 0], 0.0)
+    inner_bc = jnp.take_along_axis(e_bkc, k_b[:, None, None], axis=1)[:, 0]
+    crossed_bc = jnp.cumsum(inner_bc, axis=-1) > (u_b - before_b)[:, None]
+    # Rounding can leave u above the block's own running sum: its last entry with mass is then the draw.
+    last_b = block - 1 - jnp.argmax((inner_bc > 0)[:, ::-1], axis=-1)
+    j_b = jnp.where(jnp.any(crossed_bc, axis=-1), jnp.argmax(crossed_bc, axis=-1), last_b)
+    token_b = (k_b * block + j_b).astype(jnp.int32)
+    logp_b = jnp.take_along_axis(z_bv, token_b[:, None], axis=-1)[:, 0] - log_s_b
+    entropy_b = log_s_b - jnp.sum(jnp.where(e_bv > 0, e_bv * z_bv, 0.0), axis=-1) / s_b
+    return token_b, logp_b, entropy_b
+
+
 def sample_categorical(key: jax.Array, logits_bv: jax.Array) -> jax.Array:
-    """One draw per row from softmax(logits_bv) (-inf logits never drawn), by inverse transform: one
-    uniform per row against the cumulative probabilities. `jax.random.categorical` draws a Gumbel per
-    vocabulary entry, 8 x 49152 random numbers per decode step: 5.3 ms of a ~35 ms step on a 2-core
-    CPU, against 0.9 ms here."""
-    cdf_bv = jnp.cumsum(jax.nn.softmax(logits_bv.astype(jnp.float32), axis=-1), axis=-1)
-    u_b1 = jax.random.uniform(key, (logits_bv.shape[0], 1)) * cdf_bv[:, -1:]  # rescaled: cdf[-1] ~ 1 +- 1e-6
-    # The first entry whose cumulative mass exceeds u; a zero-probability entry never increases the mass.
-    return jnp.argmax(cdf_bv > u_b1, axis=-1).astype(jnp.int32)
+    """One draw per row from softmax(logits_bv) (-inf logits never drawn): `categorical_with_stats`'s token."""
+    return categorical_with_stats(key, logits_bv)[0]
 
 
 def bucket_length(n: int, multiple: int = 32) -> int:
@@ -122,10 +153,7 @@ def _generate(graphdef, state, prompt_bp, prompt_mask_bp, rng, temperature, top_
         i, tokens_bn, stats_3bn, done_b, cache, kv_mask_bs, logits_bv, value_b, rng = carry
         rng, key = jax.random.split(rng)
         filtered_bv = filter_logits(logits_bv, temperature, top_k, top_p)
-        token_b = sample_categorical(key, filtered_bv)
-        logp_bv = jax.nn.log_softmax(filtered_bv, axis=-1)
-        logp_b = jnp.take_along_axis(logp_bv, token_b[:, None], axis=-1)[:, 0]
-        entropy_b = -jnp.sum(jnp.where(jnp.isfinite(logp_bv), jnp.exp(logp_bv) * logp_bv, 0.0), axis=-1)
+        token_b, logp_b, entropy_b = categorical_with_stats(key, filtered_bv)
         active_b = ~done_b
         token_b = jnp.where(active_b, token_b, pad_id)
         tokens_bn = tokens_bn.at[:, i].set(token_b)
