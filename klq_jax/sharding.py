@@ -461,17 +461,11 @@ def global_sample(sampler, state, prompts, rng, mesh: Mesh, *, prompt_length: in
     """`Sampler.__call__` on a mesh: this process's prompts are padded on the host, made global over the
     data axes, and the whole batch is decoded in one jit (the KV cache follows the batch split). Returns
     a `SampleOutput` of global arrays. With one process and no mesh it equals `sampler(...)`."""
-    from klq_jax.models import sampler as sampler_lib  # local: sampler imports the model, which imports us
-
     tokens, mask = sampler.pad_prompts(prompts, prompt_length)
     tokens_bp, mask_bp = to_global((tokens, mask), mesh)
-    return sampler_lib.generate(
-        sampler.graphdef, state, tokens_bp, mask_bp, rng,
-        jnp.float32(sampler.temperature if temperature is None else temperature), jnp.float32(sampler.top_p),
-        max_new_tokens=max_new_tokens or sampler.max_new_tokens, top_k=sampler.top_k,
-        eos_ids=tuple(sampler.eos_ids), pad_id=sampler.pad_id, cache_dtype=sampler.cache_dtype,
-        unstack_layers=sampler.unstack_layers and weights_whole(mesh), weights_oi=sampler.weights_oi,
-        compile_ahead=sampler.compile_ahead)
+    return sampler.generate_padded(state, tokens_bp, mask_bp, rng, max_new_tokens=max_new_tokens,
+                                   temperature=temperature,
+                                   unstack_layers=sampler.unstack_layers and weights_whole(mesh))
 
 
 def weights_whole(mesh) -> bool:

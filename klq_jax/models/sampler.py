@@ -92,7 +92,9 @@ def categorical_with_stats(key: jax.Array, logits_bv: jax.Array, block: int = CA
     u_b = jax.random.uniform(key, (b,)) * upto_bk[:, -1]
     # The first block whose cumulative mass exceeds u: it has mass (a zero-mass block never increases it).
     k_b = jnp.argmax(upto_bk > u_b[:, None], axis=-1)
-    before_b = jnp.where(k_b > 0, jnp.take_along_axis(upto_bk, (k_b - 1)[:, None], axis=-1)[:, 0], 0.0)
+    # The mass before it, the very sum compared with u (not upto - mass, which rounds differently): u >= before.
+    before_bk = jnp.pad(upto_bk[:, :-1], ((0, 0), (1, 0)))
+    before_b = jnp.take_along_axis(before_bk, k_b[:, None], axis=-1)[:, 0]
     inner_bc = jnp.take_along_axis(e_bkc, k_b[:, None, None], axis=1)[:, 0]
     crossed_bc = jnp.cumsum(inner_bc, axis=-1) > (u_b - before_b)[:, None]
     # Rounding can leave u above the block's own running sum: its last entry with mass is then the draw.
@@ -242,11 +244,19 @@ class Sampler:
                  prompt_length: int | None = None, max_new_tokens: int | None = None,
                  temperature: float | None = None) -> SampleOutput:
         tokens, mask = self.pad_prompts(prompts, prompt_length)
-        return generate(self.graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), rng,
+        return self.generate_padded(state, jnp.asarray(tokens), jnp.asarray(mask), rng,
+                                    max_new_tokens=max_new_tokens, temperature=temperature)
+
+    def generate_padded(self, state, prompt_bp, prompt_mask_bp, rng, *, max_new_tokens: int | None = None,
+                        temperature: float | None = None, unstack_layers: bool | None = None) -> SampleOutput:
+        """`generate` with this sampler's settings on prompts already padded (`pad_prompts`); `unstack_layers`
+        None: the sampler's own (`sharding.global_sample` turns it off for split weights)."""
+        return generate(self.graphdef, state, prompt_bp, prompt_mask_bp, rng,
                         jnp.float32(self.temperature if temperature is None else temperature),
                         jnp.float32(self.top_p), max_new_tokens=max_new_tokens or self.max_new_tokens,
                         top_k=self.top_k, eos_ids=tuple(self.eos_ids), pad_id=self.pad_id,
-                        cache_dtype=self.cache_dtype, unstack_layers=self.unstack_layers,
+                        cache_dtype=self.cache_dtype,
+                        unstack_layers=self.unstack_layers if unstack_layers is None else unstack_layers,
                         weights_oi=self.weights_oi, compile_ahead=self.compile_ahead)
 
 
