@@ -612,3 +612,44 @@ def test_remat_keeps_values_and_gradients(tiny_checkpoint, remat):
     np.testing.assert_allclose(loss, plain_loss, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(plain_grads)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+
+
+def test_causal_query_blocks():
+    from klq_jax.models.transformer import causal_query_blocks
+    assert causal_query_blocks(100) == [0, 100]  # under two blocks of 64 rows: one block
+    assert causal_query_blocks(176) == [0, 88, 176]
+    assert causal_query_blocks(9, block=3) == [0, 3, 6, 9]
+    assert causal_query_blocks(4096) == [round(4096 * i / 8) for i in range(9)]  # at most 8 blocks
+
+
+def test_blocked_causal_attention_matches_transformers_and_keeps_gradients(tiny_checkpoint, monkeypatch):
+    """Query blocks that skip the keys after them (`causal_query_blocks`): transformers' logits at every real
+    position, under left padding, and the one-block model's logits and gradients (those of a loss over the
+    real positions: a fully masked query's output, which no real position reads, may differ)."""
+    from klq_jax.models import transformer
+    _, path, torch_model = tiny_checkpoint
+    ids, mask = _batch(padded=True)
+    mask_np = mask.numpy().astype(bool)
+    args = (jnp.asarray(ids.numpy()), positions_from_mask(jnp.asarray(mask_np)), jnp.asarray(mask_np))
+    weights = jnp.asarray(np.random.default_rng(0).normal(size=(3, 9, VOCAB)) * mask_np[..., None], jnp.float32)
+
+    def loss_and_grads(block):
+        monkeypatch.setattr(transformer, "ATTENTION_QUERY_BLOCK", block)
+        graphdef, params = nnx.split(load_model(path, remat="full"))
+
+        def loss(p):
+            logits = nnx.merge(graphdef, p)(*args).logits_btv
+            return jnp.sum(weights * jnp.tanh(logits)), logits
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+    (loss, logits), grads = loss_and_grads(3)  # 9 positions: blocks [0, 3), [3, 6), [6, 9)
+    ref = _torch_logits(torch_model, ids, mask)
+    assert np.abs(np.asarray(logits) - ref)[mask_np].max() <= 1e-4
+    (one_loss, one_logits), one_grads = loss_and_grads(64)  # one block
+    np.testing.assert_allclose(np.asarray(logits)[mask_np], np.asarray(one_logits)[mask_np], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(loss, one_loss, rtol=1e-5)
+    # Rounding scales with the model's gradients, not with one leaf's: the key bias's gradient is zero in exact
+    # arithmetic (a softmax ignores a shift shared by a row's scores), its computed value ~5e-9 of rounding.
+    scale = max(float(jnp.max(jnp.abs(b))) for b in jax.tree.leaves(one_grads))
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(one_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7 * scale)
