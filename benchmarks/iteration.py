@@ -340,22 +340,29 @@ def update_flops(dims: dict, batch: int, seq: int, epochs: int, backbones: int =
 
 
 def phase_floors(dims: dict, batch: int, prompt_len: int, new_tokens: int, epochs: int, matmul_gflops: float,
-                 stream_gbs: float, weight_bytes: int = 4, reward_gflops: float | None = None) -> dict[str, float]:
+                 stream_gbs: float, weight_bytes: int = 4, reward_gflops: float | None = None,
+                 decode_weight_bytes: int | None = None) -> dict[str, float]:
     """The least time each of our phases could take on this CPU: its matmul FLOPs at `matmul_gflops`, and for
     the decode, per step the larger of its FLOPs and its reads (every weight once, and the KV cache so far)
     at `stream_gbs`. Work any implementation must do, nothing that ours adds (padding, recomputation):
     prefill over the prompts with logits at the last position; the reward and reference forwards over
     prompt + response (the reference's LM head at the response's positions, the reward's score head free);
     the update as `update_flops`. The sum is the fastest iteration this machine allows our design.
-    `reward_gflops`: the reward model's matmul throughput where it differs (bf16 operands)."""
+    `reward_gflops`: the reward model's matmul throughput where it differs (bf16 operands).
+    `decode_weight_bytes`: bytes per weight a decode step reads where its matmul operands are narrower than the
+    stored weights (bf16 matmuls of fp32 weights: 2, plus one pass over the stored weights per rollout to round
+    them); default `weight_bytes`."""
     seq = prompt_len + new_tokens
     forward = 2 * dims["layer_params"]  # FLOPs per token through the layers
     attention = 4 * dims["layers"] * dims["attn_dim"]  # per token per attended position (QK^T and PV)
     peak = matmul_gflops * 1e9
     prefill = batch * (forward * prompt_len + attention * prompt_len**2 + 2 * dims["lm_head"]) / peak
-    step_bytes = weight_bytes * (dims["layer_params"] + dims["lm_head"])
+    decode_weight_bytes = decode_weight_bytes or weight_bytes
+    step_bytes = decode_weight_bytes * (dims["layer_params"] + dims["lm_head"])
     kv_bytes_per_pos = 2 * dims["layers"] * dims["kv_dim"] * batch * weight_bytes
     decode = 0.0
+    if decode_weight_bytes < weight_bytes:  # read the stored weights and write their narrow copies, once
+        decode += (weight_bytes + decode_weight_bytes) * (dims["layer_params"] + dims["lm_head"]) / (stream_gbs * 1e9)
     for t in range(1, new_tokens):  # the first response token comes from the prefill's logits
         step_flops = batch * (forward + 2 * dims["lm_head"] + attention * (prompt_len + t))
         decode += max(step_flops / peak, (step_bytes + kv_bytes_per_pos * (prompt_len + t)) / (stream_gbs * 1e9))
@@ -524,6 +531,7 @@ def main():
         reward_peak = max(peak, side_mm["bf16"] if _reward_matmuls(effective).startswith("bfloat16") else 0)
         floors[s] = phase_floors(dims, args.batch, results[s]["prompt_len"], args.new_tokens, args.epochs, peak,
                                  results[s]["stream_gbs"], weight_bytes=4 if args.param_dtype == "float32" else 2,
+                                 decode_weight_bytes=2 if args.matmul_dtype == "bfloat16" else None,
                                  reward_gflops=reward_peak)
         floors[s]["iteration"] = sum(floors[s].values())
         print(f"floors {names[s]} (the least time each phase's work takes here: matmuls at {peak:.0f} GFLOP/s, the "
