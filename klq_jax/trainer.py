@@ -228,6 +228,13 @@ def make_fns(setup: Setup, mesh, *, policy_stats: bool = True):
                                           logits_to=logits_to)
         return out.logits_btv, out.values_bt
 
+    def next_token_logprobs(params, tokens_bt, positions_bt, mask_bt, logits_from: int, temperature):
+        return nnx.merge(graphdef, params).next_token_logprobs(tokens_bt, positions_bt, mask_bt, logits_from=logits_from,
+                                                               temperature=temperature, with_values=True)
+
+    # The update's loss takes the actions' log-probabilities from it (train_step.policy_logprobs).
+    apply_fn.next_token_logprobs = next_token_logprobs
+
     def sample_fn(params, prompt_batch: list[Prompt], rng):
         out = sharding.global_sample(sampler, params, [p.ids for p in prompt_batch], rng, mesh,
                                      prompt_length=setup.prompt_length)

@@ -239,6 +239,77 @@ def test_chunked_token_logprobs_never_make_the_logits():
     np.testing.assert_allclose(np.asarray(fn(h, head_vd, targets, 1.0)), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("matmul_dtype", [None, jnp.bfloat16])
+def test_chunked_token_logprobs_gradients(monkeypatch, matmul_dtype):
+    """The backward by vocabulary blocks (the last one padded) gives autodiff's gradients of the plain
+    log-softmax of the logits, for the hidden states and the head, with the head's matmul on the same operands
+    (bf16: `tied_head`'s bf16 dots and `losses.token_logprobs`, the update's path before it), at a temperature."""
+    from klq_jax.models import transformer
+    from klq_jax.rl.losses import token_logprobs
+
+    monkeypatch.setattr(transformer, "LOGPROB_VOCAB_BLOCK", 48)  # 97 tokens: blocks of 48, 48 and 1 (+ 47 padding)
+    b, t, d = 3, 21, 16  # 21 positions: chunks of 64 // 3 = 21 (bf16: 32 // 3 = 10, padded to 30)
+    g = np.random.default_rng(0)
+    h = jnp.asarray(g.normal(size=(b, t, d)), jnp.float32)
+    head_vd = jnp.asarray(g.normal(size=(VOCAB, d)) / 2, jnp.float32)
+    targets = jnp.asarray(g.integers(0, VOCAB, (b, t)), jnp.int32)
+    weights = jnp.asarray(g.normal(size=(b, t)), jnp.float32)
+
+    def chunked(h, head_vd):
+        return jnp.sum(weights * transformer.chunked_token_logprobs(h, head_vd, targets, 0.7, matmul_dtype=matmul_dtype))
+
+    def plain(h, head_vd):
+        return jnp.sum(weights * token_logprobs(transformer.tied_head(h, head_vd, matmul_dtype), targets, 0.7))
+
+    (value, grads), (want_value, want_grads) = (jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(h, head_vd)
+                                                for f in (chunked, plain))
+    np.testing.assert_allclose(value, want_value, rtol=1e-5)
+    for got, want in zip(grads, want_grads):  # the same dots on the same operands: only the sums' order differs
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * float(jnp.max(jnp.abs(want))))
+
+
+def test_loss_from_next_token_logprobs_equals_the_logits_loss(tiny_checkpoint):
+    """An `apply_fn` with `next_token_logprobs` (the trainer's): the KLQ and PPO losses and their gradients equal
+    those computed from the logits, with the actions from a later slot."""
+    from klq_jax.rl.train_step import Rollout, default_algo_config, make_loss_fn
+
+    _, path, _ = tiny_checkpoint
+    graphdef, params = nnx.split(load_model(path, value_head=True))
+    g = np.random.default_rng(2)
+    b, t, first_action = 3, 24, 6
+    tokens = jnp.asarray(g.integers(1, VOCAB, (b, t)), jnp.int32)
+    mask = jnp.ones((b, t), bool).at[1, :2].set(False)
+    response = jnp.zeros((b, t), bool).at[:, first_action:].set(True)
+    logp = jnp.asarray(-g.uniform(0.5, 4, (b, t)), jnp.float32) * response
+    batch = Rollout.from_samples(tokens, positions_from_mask(mask), mask, response, logp, jnp.ones(b, bool),
+                                 first_action=first_action)
+    batch = batch.replace(ref_logp_bt=logp * 1.1, rewards_b=jnp.asarray(g.normal(size=b), jnp.float32),
+                          old_values_bt=jnp.asarray(g.normal(size=(b, t)), jnp.float32) * response,
+                          advantages_bt=jnp.asarray(g.normal(size=(b, t)), jnp.float32) * response,
+                          targets_bt=jnp.asarray(g.normal(size=(b, t)), jnp.float32) * response)
+
+    def apply_fn(params, *args, **kwargs):
+        out = nnx.merge(graphdef, params)(*args, **kwargs)
+        return out.logits_btv, out.values_bt
+
+    def fused_apply_fn(params, *args, **kwargs):
+        return apply_fn(params, *args, **kwargs)
+
+    fused_apply_fn.next_token_logprobs = lambda params, tokens, positions, mask, logits_from, temperature: (
+        nnx.merge(graphdef, params).next_token_logprobs(tokens, positions, mask, logits_from=logits_from,
+                                                        temperature=temperature, with_values=True))
+    for algo in ("klq", "ppo"):
+        cfg = default_algo_config()
+        cfg.algo, cfg.temperature = algo, 0.8
+        (loss, _), grads = jax.value_and_grad(make_loss_fn(apply_fn, cfg), has_aux=True)(params, batch, 0.1)
+        (fused_loss, _), fused_grads = jax.value_and_grad(make_loss_fn(fused_apply_fn, cfg), has_aux=True)(
+            params, batch, 0.1)
+        np.testing.assert_allclose(fused_loss, loss, rtol=1e-5)
+        scale = max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(grads))
+        for got, want in zip(jax.tree.leaves(fused_grads), jax.tree.leaves(grads)):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * scale)
+
+
 def test_decode_step_equals_full_forward(tiny_checkpoint):
     """A cached decode step, by the layer scan (stacked weights) and by the sampler's unrolled path (per-layer
     weights, q|k|v and gate|up fused into one matmul each; as stored, or as [out, in] copies, which run

@@ -294,6 +294,25 @@ tied_head.defvjp(_tied_head_fwd, _tied_head_bwd)
 LOGPROB_CHUNK_ROWS = {2: 32, 4: 64}
 
 
+# Vocabulary rows per block of `chunked_token_logprobs`'s backward (SmolLM2's 49152 tokens: 12 blocks).
+LOGPROB_VOCAB_BLOCK = 4096
+
+
+def _position_chunks(x_bt_: jax.Array, per_chunk: int) -> jax.Array:
+    """[B, T, ...] -> [n, B * per_chunk, ...]: chunk i holds positions i*per_chunk.. of every row (T padded)."""
+    b, t = x_bt_.shape[:2]
+    n = -(-t // per_chunk)
+    x = jnp.pad(x_bt_, [(0, 0), (0, n * per_chunk - t)] + [(0, 0)] * (x_bt_.ndim - 2))
+    return x.reshape(b, n, per_chunk, *x_bt_.shape[2:]).swapaxes(0, 1).reshape(n, b * per_chunk, *x_bt_.shape[2:])
+
+
+def _from_position_chunks(x_n_: jax.Array, b: int, t: int) -> jax.Array:
+    """The inverse of `_position_chunks`: [n, B * per_chunk, ...] -> [B, T, ...]."""
+    n, r = x_n_.shape[:2]
+    per_chunk = r // b
+    return x_n_.reshape(n, b, per_chunk, *x_n_.shape[2:]).swapaxes(0, 1).reshape(b, n * per_chunk, *x_n_.shape[2:])[:, :t]
+
+
 def chunked_token_logprobs(h_btd: jax.Array, head_vd: jax.Array, targets_bt: jax.Array, temperature, *,
                            matmul_dtype=None, rows: int | None = None) -> jax.Array:
     """Float32 `log softmax(h @ head^T / temperature)[targets]` per position ([B, T]) for a [V, D] head (a tied
@@ -304,28 +323,76 @@ def chunked_token_logprobs(h_btd: jax.Array, head_vd: jax.Array, targets_bt: jax
     the head's matmul and the log-softmax's two passes, and XLA:CPU's YNNPACK reads a left operand in place where
     it packs a right one at every call. For the reference's 8 x 128 log-probabilities of SmolLM2-135M (bf16
     operands): 82-95 against 266-302 ms, 62 against 247 MiB of temporaries; fp32 255 against 423 ms
-    (`docs/performance.md`, item 36).
-    Forward only (the update differentiates through `tied_head` and `losses.token_logprobs`). The logits'
-    log-softmax's values, up to the matmul's accumulation order.
+    (`docs/performance.md`, item 36). The log-softmax's values, up to the matmul's accumulation order.
+
+    Differentiable in `h_btd` and `head_vd` (`temperature` gets no gradient): the backward recomputes the logits
+    `LOGPROB_VOCAB_BLOCK` vocabulary rows at a time over all positions, and each block gives its rows of the
+    head's gradient whole and adds its part of the hidden states' (a [D, N] sum); its dots run on
+    `matmul_dtype` operands, as `tied_head`'s do. The policy's update of the same model: 8 x 128 positions, bf16,
+    the head's forward and backward 443-456 against 574-588 ms through `tied_head` and `losses.token_logprobs`,
+    which make the logits, their softmax and its cotangent (item 42).
     """
+    return _chunked_token_logprobs(h_btd, head_vd, targets_bt, jnp.asarray(temperature, jnp.float32), matmul_dtype,
+                                   rows)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _chunked_token_logprobs(h_btd, head_vd, targets_bt, temperature, matmul_dtype, rows):
+    return _chunked_token_logprobs_fwd(h_btd, head_vd, targets_bt, temperature, matmul_dtype, rows)[0]
+
+
+def _chunked_token_logprobs_fwd(h_btd, head_vd, targets_bt, temperature, matmul_dtype, rows):
     b, t, d = h_btd.shape
     mdt = jnp.dtype(matmul_dtype or h_btd.dtype)
-    head_vd = head_vd.astype(mdt)  # rounded once, not per chunk
+    head = head_vd.astype(mdt)  # rounded once, not per chunk
     per_chunk = max(1, (rows or LOGPROB_CHUNK_ROWS.get(mdt.itemsize, 64)) // b)
-    n = -(-t // per_chunk)
-    pad = n * per_chunk - t
-    h_nbcd = jnp.pad(h_btd, ((0, 0), (0, pad), (0, 0))).reshape(b, n, per_chunk, d).transpose(1, 0, 2, 3)
-    targets_nbc = jnp.pad(targets_bt, ((0, 0), (0, pad))).reshape(b, n, per_chunk).transpose(1, 0, 2)
 
     def chunk(args):
-        h_bcd, targets_bc = args
-        h_dr = _row_major_transpose(h_bcd.reshape(-1, d))
-        logits_vr = weight_left_matmul(head_vd, h_dr, mdt, jnp.float32) / temperature
-        picked_r = jnp.take_along_axis(logits_vr, targets_bc.reshape(1, -1), axis=0)[0]
-        return (picked_r - jax.nn.logsumexp(logits_vr, axis=0)).reshape(b, per_chunk)
+        h_rd, targets_r = args
+        logits_vr = weight_left_matmul(head, _row_major_transpose(h_rd), mdt, jnp.float32) / temperature
+        picked_r = jnp.take_along_axis(logits_vr, targets_r[None], axis=0)[0]
+        lse_r = jax.nn.logsumexp(logits_vr, axis=0)
+        return picked_r - lse_r, lse_r
 
-    logp_nbc = jax.lax.map(chunk, (h_nbcd, targets_nbc))
-    return logp_nbc.transpose(1, 0, 2).reshape(b, n * per_chunk)[:, :t]
+    logp_nr, lse_nr = jax.lax.map(chunk, (_position_chunks(h_btd, per_chunk), _position_chunks(targets_bt, per_chunk)))
+    lse_bt = _from_position_chunks(lse_nr, b, t)
+    return _from_position_chunks(logp_nr, b, t), (h_btd, head_vd, targets_bt, temperature, lse_bt)
+
+
+def _chunked_token_logprobs_bwd(matmul_dtype, rows, residuals, g_bt):
+    h_btd, head_vd, targets_bt, temperature, lse_bt = residuals
+    b, t, d = h_btd.shape
+    v = head_vd.shape[0]
+    mdt = jnp.dtype(matmul_dtype or h_btd.dtype)
+    h_nd = h_btd.reshape(-1, d).astype(mdt)
+    h_dn = _row_major_transpose(h_nd)
+    lse_n, targets_n = lse_bt.reshape(-1), targets_bt.reshape(-1)
+    g_n = g_bt.reshape(-1).astype(jnp.float32) / temperature
+    block = min(LOGPROB_VOCAB_BLOCK, v)
+    blocks = -(-v // block)
+    head_pad = jnp.pad(head_vd, ((0, blocks * block - v), (0, 0)))
+    head_kvd = head_pad.astype(mdt).reshape(blocks, block, d)
+    # [D, V] for the hidden states' gradient (the head as the left operand of its dot): transposed while rounded,
+    # a row-major copy (`_row_major_transpose`'s barrier).
+    head_dv = jax.lax.optimization_barrier(head_pad.T.astype(mdt).reshape(-1)).reshape(d, blocks * block)
+    head_kdv = head_dv.reshape(d, blocks, block).swapaxes(0, 1)
+
+    def vocab_block(dh_dn, args):
+        k, w_vd, w_dv = args
+        logits_vn = weight_left_matmul(w_vd, h_dn, mdt, jnp.float32) / temperature
+        probs_vn = jnp.exp(logits_vn - lse_n[None])
+        onehot = jax.lax.broadcasted_iota(jnp.int32, probs_vn.shape, 0) + k * block == targets_n[None]
+        dlogits_vn = ((onehot.astype(jnp.float32) - probs_vn) * g_n[None]).astype(mdt)
+        dhead_vd = matmul(dlogits_vn, h_nd, "vn,nd->vd", mdt, jnp.float32)
+        return dh_dn + weight_left_matmul(w_dv, dlogits_vn, mdt, jnp.float32), dhead_vd
+
+    dh_dn, dhead_kvd = jax.lax.scan(vocab_block, jnp.zeros((d, b * t), jnp.float32),
+                                    (jnp.arange(blocks), head_kvd, head_kdv))
+    dhead_vd = dhead_kvd.reshape(blocks * block, d)[:v]
+    return dh_dn.T.reshape(b, t, d).astype(h_btd.dtype), dhead_vd.astype(head_vd.dtype), None, None
+
+
+_chunked_token_logprobs.defvjp(_chunked_token_logprobs_fwd, _chunked_token_logprobs_bwd)
 
 
 def _bf16_bits(x: jax.Array) -> jax.Array:
@@ -828,19 +895,21 @@ class CausalLM(nnx.Module):
         return ModelOutput(logits, values, scores, h, new_cache)
 
     def next_token_logprobs(self, tokens_bt: jax.Array, positions_bt: jax.Array, kv_mask_bs: jax.Array, *,
-                            logits_from: int = 0, temperature=1.0) -> jax.Array:
+                            logits_from: int = 0, temperature=1.0, with_values: bool = False):
         """Float32 [B, T - 1 - logits_from]: at each position `p` from `logits_from` (static) to `T - 2`, the
         log-probability of the token at `p + 1` under `softmax(logits[:, p] / temperature)`; what
         `losses.shift_to_actions` takes from the logits of `__call__(..., logits_from, logits_to=T - 1)`, without
-        making them (`chunked_token_logprobs`). A forward without gradients: the reference's log-probabilities."""
+        making them (`chunked_token_logprobs`). The reference's log-probabilities, and (differentiable, with
+        `with_values`: `(logp, values_bt)`) the policy's in its update (`train_step.policy_logprobs`)."""
         if not self.has_lm_head:
             raise ValueError("next_token_logprobs needs a model with an LM head")
         t = tokens_bt.shape[1]
         if not 0 <= logits_from < t - 1:
             raise ValueError(f"logits_from={logits_from}: expected 0 <= logits_from < T - 1 = {t - 1}")
-        h_btd = self(tokens_bt, positions_bt, kv_mask_bs, return_logits=False).hidden_btd
-        return chunked_token_logprobs(h_btd[:, logits_from:t - 1], self.lm_head_vd().astype(self.dtype),
+        out = self(tokens_bt, positions_bt, kv_mask_bs, return_logits=False)
+        logp = chunked_token_logprobs(out.hidden_btd[:, logits_from:t - 1], self.lm_head_vd().astype(self.dtype),
                                       tokens_bt[:, logits_from + 1:], temperature, matmul_dtype=self.matmul_dtype)
+        return (logp, out.values_bt) if with_values else logp
 
     def _final_norm(self, x: jax.Array, axis: int = -1) -> jax.Array:
         if self.final_bias is None:

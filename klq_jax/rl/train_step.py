@@ -31,6 +31,10 @@ from klq_jax.rl.losses import LossOutput
 from klq_jax.rl.optimizer import ClippedAdamW, clipped_adamw
 
 Array = jax.Array
+# `apply_fn(params, tokens_bt, positions_bt, mask_bt[, logits_from, logits_to]) -> (logits_btv, values_bt)`. An LM's
+# may also carry `apply_fn.next_token_logprobs(params, tokens_bt, positions_bt, mask_bt, logits_from, temperature)
+# -> (logp, values_bt)` (`CausalLM.next_token_logprobs(..., with_values=True)`): the loss then takes the actions'
+# log-probabilities from it, without the [B, T, V] logits (`policy_logprobs`).
 ApplyFn = Callable[[Any, Array, Array, Array], tuple[Array, Array]]
 
 ALGOS = ("klq", "ppo")
@@ -246,6 +250,20 @@ def policy_outputs(apply_fn: ApplyFn, params, batch: Rollout):
                       batch.first_action)
 
 
+def policy_logprobs(apply_fn: ApplyFn, params, batch: Rollout, temperature: float) -> tuple[Array, Array]:
+    """`(logp_bt, values_bt)` of a rollout's actions, aligned as `losses.shift_to_actions` aligns them: from
+    `apply_fn.next_token_logprobs` where the apply function has one (an LM: the head's log-softmax a chunk of
+    positions at a time, never the [B, T, V] logits, `transformer.chunked_token_logprobs`), else from its logits."""
+    next_token_logprobs = getattr(apply_fn, "next_token_logprobs", None)
+    if next_token_logprobs is None:
+        logits_btv, values_bt = policy_outputs(apply_fn, params, batch)
+        return losses.shift_to_actions(logits_btv, values_bt, batch.tokens_bt, temperature, batch.first_action)
+    logp, values_bt = next_token_logprobs(params, batch.tokens_bt, batch.positions_bt, batch.attention_mask_bt,
+                                          batch.first_action - 1, temperature)
+    logp_bt = jnp.concatenate([jnp.zeros((logp.shape[0], batch.first_action), jnp.float32), logp], axis=1)
+    return logp_bt, None if values_bt is None else losses.shift_right(values_bt.astype(jnp.float32))
+
+
 def make_loss_fn(apply_fn: ApplyFn, algo_cfg):
     """`loss_fn(params, minibatch, kl_coef) -> (loss_sum, metrics)`.
 
@@ -256,8 +274,7 @@ def make_loss_fn(apply_fn: ApplyFn, algo_cfg):
     temperature = algo_cfg.temperature
 
     def loss_fn(params, mb: Rollout, kl_coef):
-        logits_btv, values_bt = policy_outputs(apply_fn, params, mb)
-        logp, values = losses.shift_to_actions(logits_btv, values_bt, mb.tokens_bt, temperature, mb.first_action)
+        logp, values = policy_logprobs(apply_fn, params, mb, temperature)
         mask = mb.response_mask_bt
         sg = jax.lax.stop_gradient
         # KL(pi_old || pi_theta) by k3, samples from pi_old. (No entropy here: it would cost another
