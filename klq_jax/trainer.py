@@ -160,6 +160,7 @@ class Setup:
     sampler: Sampler
     reward: Reward
     prompt_length: int
+    matmul_dtype: Any = None  # the models' matmul operands (`model.matmul_dtype`; None: the compute dtype)
 
 
 def build(config) -> Setup:
@@ -212,7 +213,7 @@ def build(config) -> Setup:
                       max_new_tokens=config.sampling.max_new_tokens, temperature=config.rl.temperature,
                       bucket=config.sampling.prompt_bucket, cache_dtype=compute_dtype, compile_ahead=True)
     return Setup(policy, graphdef, params, ref_params, ref_graphdef, tokenizer, policy_path, prompts, eval_prompts,
-                 sampler, build_reward(config), prompt_length)
+                 sampler, build_reward(config), prompt_length, _matmul_dtype(config))
 
 
 def make_fns(setup: Setup, mesh, *, policy_stats: bool = True):
@@ -232,8 +233,11 @@ def make_fns(setup: Setup, mesh, *, policy_stats: bool = True):
         return nnx.merge(graphdef, params).next_token_logprobs(tokens_bt, positions_bt, mask_bt, logits_from=logits_from,
                                                                temperature=temperature, with_values=True)
 
-    # The update's loss takes the actions' log-probabilities from it (train_step.policy_logprobs).
-    apply_fn.next_token_logprobs = next_token_logprobs
+    # With 16-bit matmuls the update's loss takes the actions' log-probabilities from it, never making the logits
+    # (train_step.policy_logprobs; docs/performance.md, item 42). Its backward recomputes the logits: one more LM-head
+    # matmul, which fp32 matmuls pay for more than the rest saves (SmolLM2's fp32 update 6.60 -> 6.81 s).
+    if setup.matmul_dtype is not None and jnp.dtype(setup.matmul_dtype).itemsize == 2:
+        apply_fn.next_token_logprobs = next_token_logprobs
 
     def sample_fn(params, prompt_batch: list[Prompt], rng):
         out = sharding.global_sample(sampler, params, [p.ids for p in prompt_batch], rng, mesh,
