@@ -10,6 +10,7 @@ script, this file is that subprocess.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -210,13 +211,21 @@ def checks() -> dict:
         batch = jax.device_get(compute_targets(batch, 0.05, algo))
         return cfg, graphdef, params, apply_fn, algo, optimizer, batch
 
-    # --- the train step (KLQ on a Llama with GQA; PPO on GPT-NeoX with remat="dots" on the widest mesh)
-    for family, algo_name, meshes in [("llama", "klq", MESHES), ("gpt_neox", "ppo", [(2, 2, 2)])]:
+    # --- the train step (KLQ on a Llama with GQA; PPO on GPT-NeoX with remat="dots" on the widest mesh; KLQ with
+    # the trainer's log-probabilities without the logits, `apply_fn.next_token_logprobs`, against the logits step)
+    for family, algo_name, meshes, fused in [("llama", "klq", MESHES, False), ("gpt_neox", "ppo", [(2, 2, 2)], False),
+                                             ("llama", "klq", [(2, 4, 1), (2, 2, 2)], True)]:
         cfg, graphdef, params, apply_fn, algo, optimizer, batch = setup(family, algo_name)
+        single = jax.jit(make_train_step(apply_fn, algo, optimizer, jit=False))
+        if fused:
+            apply_fn = functools.partial(apply_fn)
+            apply_fn.next_token_logprobs = lambda p, tokens, positions, mask, logits_from, temperature, g=graphdef: (
+                nnx.merge(g, p).next_token_logprobs(tokens, positions, mask, logits_from=logits_from,
+                                                    temperature=temperature, with_values=True))
+            family = "llama-fused"
         step = make_train_step(apply_fn, algo, optimizer, jit=False)
         ref_state = TrainState.create(params, optimizer, 0.05)
         ref_metrics = []
-        single = jax.jit(step)
         for _ in range(2):
             ref_state, m = single(ref_state, batch)
             ref_metrics.append(jax.device_get(m))
@@ -297,6 +306,12 @@ def test_sharded_train_step_equals_single_device(fake_devices, shape):
     if shape == (2, 2, 2):
         assert r["wq_spec"] == "P(None, 'fsdp', 'tensor')" and r["embed_spec"] == "P('tensor', 'fsdp')", r
         assert r["mu_spec"] == r["wq_spec"], r  # AdamW moments created already sharded like their parameter
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 1), (2, 2, 2)])
+def test_sharded_step_without_the_logits_equals_the_logits_step(fake_devices, shape):
+    r = fake_devices[f"step/llama-fused/klq/{shape}"]
+    assert r["param_err"] < TOL["rtol"] and r["metric_err"] < TOL["rtol"] and r["clip_flips"] <= 1, r
 
 
 def test_sharded_ppo_step_on_gpt_neox(fake_devices):
