@@ -87,7 +87,7 @@ def make_ref_next_token_logprob_fn(next_token_logprobs_fn: Callable, ref_params,
     def ref_logprobs(params, tokens_bt, positions_bt, attention_mask_bt, first_action: int = 1):
         logp_bt = next_token_logprobs_fn(params, tokens_bt, positions_bt, attention_mask_bt, first_action - 1,
                                          temperature)
-        return jnp.concatenate([jnp.zeros((tokens_bt.shape[0], first_action), jnp.float32), logp_bt], axis=1)
+        return losses.from_first_action(logp_bt, first_action)
 
     return functools.partial(ref_logprobs, ref_params)
 

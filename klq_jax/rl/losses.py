@@ -134,6 +134,12 @@ def _action_logits(logits_btv: Array, t: int, first_action: int) -> Array:
     return logits_btv[:, :-1] if first_action == 1 else logits_btv
 
 
+def from_first_action(x_bt: Array, first_action: int) -> Array:
+    """Per-action values of the slots `first_action..T-1` ([B, T - first_action]) at their slots in [B, T]: 0 before
+    `first_action`, where no action is taken."""
+    return jnp.concatenate([jnp.zeros((x_bt.shape[0], first_action), x_bt.dtype), x_bt], axis=1)
+
+
 def shift_to_actions(
     logits_btv: Array,
     values_bt: Array | None,
@@ -153,11 +159,7 @@ def shift_to_actions(
     """
     chex.assert_rank([logits_btv, tokens_bt], [3, 2])
     logits_btv = _action_logits(logits_btv, tokens_bt.shape[1], first_action)
-    logp_bt = jnp.concatenate(
-        [jnp.zeros((tokens_bt.shape[0], first_action), jnp.float32),
-         token_logprobs(logits_btv, tokens_bt[:, first_action:], temperature)],
-        axis=1,
-    )
+    logp_bt = from_first_action(token_logprobs(logits_btv, tokens_bt[:, first_action:], temperature), first_action)
     if values_bt is None:
         return logp_bt, None
     chex.assert_equal_shape([values_bt, tokens_bt])
@@ -175,7 +177,7 @@ def action_entropy(logits_btv: Array, temperature: float = 1.0, first_action: in
     `first_action`); logits over all T positions, or over `first_action-1..T-2` as in `shift_to_actions`."""
     t = logits_btv.shape[1] + (0 if first_action == 1 else first_action)
     h_bt = entropy_from_logits(_action_logits(logits_btv, t, first_action), temperature)
-    return jnp.concatenate([jnp.zeros((h_bt.shape[0], first_action), h_bt.dtype), h_bt], axis=1)
+    return from_first_action(h_bt, first_action)
 
 
 # ----------------------------------------------------------------------------- KL

@@ -260,8 +260,8 @@ def policy_logprobs(apply_fn: ApplyFn, params, batch: Rollout, temperature: floa
         return losses.shift_to_actions(logits_btv, values_bt, batch.tokens_bt, temperature, batch.first_action)
     logp, values_bt = next_token_logprobs(params, batch.tokens_bt, batch.positions_bt, batch.attention_mask_bt,
                                           batch.first_action - 1, temperature)
-    logp_bt = jnp.concatenate([jnp.zeros((logp.shape[0], batch.first_action), jnp.float32), logp], axis=1)
-    return logp_bt, None if values_bt is None else losses.shift_right(values_bt.astype(jnp.float32))
+    values_bt = None if values_bt is None else losses.shift_right(values_bt.astype(jnp.float32))
+    return losses.from_first_action(logp, batch.first_action), values_bt
 
 
 def make_loss_fn(apply_fn: ApplyFn, algo_cfg):
