@@ -19,7 +19,8 @@ import numpy as np
 from flax import nnx, struct
 
 from klq_jax.allocator import release_freed_memory
-from klq_jax.models.transformer import CausalLM, KVCache
+from klq_jax.models import cpu_decode
+from klq_jax.models.transformer import CausalLM, KVCache, rope_cos_sin
 
 
 @struct.dataclass
@@ -111,16 +112,40 @@ def sample_categorical(key: jax.Array, logits_bv: jax.Array) -> jax.Array:
     return categorical_with_stats(key, logits_bv)[0]
 
 
+DECODE_KERNELS = ("auto", "native", "xla")
+
+
+def use_native_decode(decode_kernel: str, model: CausalLM, cache_dtype, unstack_layers: bool) -> bool:
+    """Whether the decode loop's step runs on the native CPU kernel (`cpu_decode`): `"native"` requires it (a
+    clear error naming why it cannot run), `"xla"` never, `"auto"` where the model, the machine and the
+    placement allow it (whole weights on one CPU device) and the kernel builds."""
+    if decode_kernel not in DECODE_KERNELS:
+        raise ValueError(f"decode_kernel={decode_kernel!r}; accepted: {', '.join(DECODE_KERNELS)}")
+    if decode_kernel == "xla":
+        return False
+    reason = (cpu_decode.model_unsupported(model.cfg, model.dtype, model.matmul_dtype, cache_dtype)
+              or cpu_decode.machine_unsupported())
+    if reason is None and (not unstack_layers or jax.device_count() > 1):
+        reason = "more than one device (the kernel runs the whole batch on one CPU)"
+    if decode_kernel == "native":
+        if reason is not None:
+            raise ValueError(f"decode_kernel='native' cannot run here: {reason}; use 'auto' or 'xla'")
+        cpu_decode.register()
+        return True
+    return reason is None and cpu_decode.available()
+
+
 def bucket_length(n: int, multiple: int = 32) -> int:
     return max(multiple, -(-n // multiple) * multiple)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "top_k", "eos_ids", "pad_id",
-                                             "cache_dtype", "unstack_layers", "weights_oi"))
+                                             "cache_dtype", "unstack_layers", "weights_oi", "decode_kernel"))
 def _generate(graphdef, state, prompt_bp, prompt_mask_bp, rng, temperature, top_p, *, max_new_tokens: int,
               top_k: int, eos_ids: tuple[int, ...], pad_id: int, cache_dtype,
-              unstack_layers: bool = True, weights_oi: bool = True) -> SampleOutput:
+              unstack_layers: bool = True, weights_oi: bool = True, decode_kernel: str = "xla") -> SampleOutput:
     model: CausalLM = nnx.merge(graphdef, state)
+    native = use_native_decode(decode_kernel, model, cache_dtype, unstack_layers)
     b, p = prompt_bp.shape
     n = max_new_tokens
     kv_mask_bs = jnp.concatenate([prompt_mask_bp, jnp.zeros((b, n), bool)], axis=1)
@@ -139,13 +164,32 @@ def _generate(graphdef, state, prompt_bp, prompt_mask_bp, rng, temperature, top_
     # With `weights_oi` those copies are [out, in] matrices (same memory) and the step runs feature-major, each
     # weight the left operand of its dot, which XLA:CPU reads in place instead of packing it at every step
     # (`Block.decode_feature_major`; docs/performance.md, items 28-30).
-    weights_oi = weights_oi and unstack_layers
-    layers = model.unstack_layers(weights_oi) if unstack_layers else None
+    weights_oi = weights_oi and unstack_layers and not native
+    layers = model.unstack_layers(weights_oi) if unstack_layers and not native else None
     # An untied head as a [V, D] copy, made once per call: the feature-major step reads it in place.
     head_vd = model.lm_head_vd() if weights_oi and model.lm_head_dv is not None else None
-    decode_cache = out.cache.unstacked() if unstack_layers else out.cache
+    decode_cache = out.cache.unstacked() if layers is not None else out.cache
     if weights_oi:  # keys as [.., hd, S]: the feature-major step's score dot reads them in place
         decode_cache = decode_cache.keys_feature_major()
+    # The native step (`cpu_decode`) reads its weights packed into bf16 tiles, once per call, and the prefill's
+    # stacked cache as it is.
+    packed = cpu_decode.pack_weights(model) if native else None
+
+    def model_step(token_b, positions_b, kv_mask_bs, cache, cache_pos):
+        """(logits_bv, values_b or None, cache) of one decode step."""
+        if native:
+            x_bd = jnp.take(model.embed_vd[...], token_b, axis=0).astype(jnp.float32)
+            if model.cfg.rotary_dim:
+                cos_br, sin_br = (c[:, 0] for c in rope_cos_sin(model.cfg, positions_b[:, None]))
+            else:
+                cos_br = sin_br = jnp.zeros((b, 0), jnp.float32)
+            logits_bv, h_bd, k, v = cpu_decode.decode_step(packed, model.cfg, x_bd, cos_br, sin_br, kv_mask_bs,
+                                                          cache_pos, cache.k_lbksh, cache.v_lbksh)
+            values_b = h_bd @ model.value_w_d[...] + model.value_b[...] if has_values else None
+            return logits_bv, values_b, KVCache(k, v)
+        out = model(token_b[:, None], positions_b[:, None], kv_mask_bs, cache=cache, cache_pos=cache_pos,
+                    layers=layers, layers_oi=weights_oi, head_vd=head_vd)
+        return out.logits_btv[:, 0], (out.values_bt[:, 0] if has_values else None), out.cache
 
     def cond(carry):
         i, done_b = carry[0], carry[3]
@@ -162,10 +206,9 @@ def _generate(graphdef, state, prompt_bp, prompt_mask_bp, rng, temperature, top_
         stats_3bn = stats_3bn.at[:, :, i].set(jnp.where(active_b, jnp.stack([logp_b, value_b, entropy_b]), 0.0))
         kv_mask_bs = kv_mask_bs.at[:, p + i].set(active_b)
         done_b = done_b | jnp.isin(token_b, eos_v)
-        out = model(token_b[:, None], (prompt_len_b + i)[:, None], kv_mask_bs, cache=cache, cache_pos=p + i,
-                    layers=layers, layers_oi=weights_oi, head_vd=head_vd)
-        next_value_b = out.values_bt[:, 0] if has_values else value_b
-        return i + 1, tokens_bn, stats_3bn, done_b, out.cache, kv_mask_bs, out.logits_btv[:, 0], next_value_b, rng
+        next_logits_bv, next_value_b, cache = model_step(token_b, prompt_len_b + i, kv_mask_bs, cache, p + i)
+        next_value_b = next_value_b if has_values else value_b
+        return i + 1, tokens_bn, stats_3bn, done_b, cache, kv_mask_bs, next_logits_bv, next_value_b, rng
 
     init = (jnp.int32(0), jnp.full((b, n), pad_id, jnp.int32), jnp.zeros((3, b, n), jnp.float32),
             jnp.zeros((b,), bool), decode_cache, kv_mask_bs, last_logits_bv, last_value_b, rng)
@@ -223,6 +266,8 @@ class Sampler:
     weights_oi: bool = True  # those copies as [out, in] matrices, for the feature-major decode step (faster
                              # 8-row dots on XLA:CPU; same memory)
     compile_ahead: bool = False  # each new shape compiled on its own first, its freed memory released (`generate`)
+    decode_kernel: str = "auto"  # the decode step: "native" (one CPU kernel call, `cpu_decode`), "xla", or "auto"
+                                 # (native where it can run: `use_native_decode`)
 
     @classmethod
     def for_model(cls, model: CausalLM, **kwargs) -> "Sampler":
@@ -257,7 +302,8 @@ class Sampler:
                         top_k=self.top_k, eos_ids=tuple(self.eos_ids), pad_id=self.pad_id,
                         cache_dtype=self.cache_dtype,
                         unstack_layers=self.unstack_layers if unstack_layers is None else unstack_layers,
-                        weights_oi=self.weights_oi, compile_ahead=self.compile_ahead)
+                        weights_oi=self.weights_oi, decode_kernel=self.decode_kernel,
+                        compile_ahead=self.compile_ahead)
 
 
 def greedy(sampler: Sampler, state, prompts, max_new_tokens: int | None = None) -> SampleOutput:

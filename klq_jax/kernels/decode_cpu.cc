@@ -1,0 +1,427 @@
+// One decode step of a Llama-family LM on x86 CPUs with AVX-512 BF16, as one XLA FFI custom call.
+//
+// Why: a token's decode step reads every weight once and does little else, so its floor is the time to
+// stream the weights. XLA:CPU runs it as ~780 thunks, each with a fixed cost, and the step took ~2x the
+// weights' streaming time (docs/performance.md, item 43). Here the whole step (30 layers, the final norm and
+// the LM head) is one call: bf16 x bf16 -> fp32 dot products (vdpbf16ps) on weights packed once per rollout,
+// the rest in fp32, on the caller and helpers borrowed from XLA's thread pool.
+//
+// The arithmetic is the feature-major XLA step's with bf16 matmul operands (`Block.decode_feature_major`):
+// activations rounded to bf16 (round to nearest even) as matmul operands, fp32 accumulation; RMS norms, RoPE,
+// attention over the fp32 cache, softmax and SiLU in fp32. Values differ from XLA's only by summation order.
+//
+// Packed weights: a matrix W [O, I] (out, in) is stored as [O/32][I/2][32][2] bf16 (O padded to a multiple of
+// 32 with zero rows, I even): for each tile of 32 outputs, each pair of inputs (2k, 2k+1) holds the 32 outputs'
+// weights as adjacent bf16 pairs, so one 64-byte load feeds 16 outputs and the tile is one contiguous stream.
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <functional>
+#include <memory>
+#include <thread>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kTile = 32;  // outputs per packed tile
+constexpr int kRows = 8;   // activation rows per pass over a tile (16 accumulators)
+
+inline uint16_t to_bf16(float f) {  // round to nearest even (XLA's f32 -> bf16 convert; no NaN inputs here)
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);  // quiet NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+// x [rows, in] fp32 -> pairs [groups of kRows rows][in/2] as uint32 (two bf16), rows past `rows` zero.
+void pack_rows(const float* x, int rows, int in, int x_stride, uint32_t* pairs) {
+  const int in2 = in / 2;
+  const int padded = (rows + kRows - 1) / kRows * kRows;
+  for (int r = 0; r < padded; ++r) {
+    uint32_t* dst = pairs + static_cast<int64_t>(r) * in2;
+    if (r >= rows) {
+      std::memset(dst, 0, sizeof(uint32_t) * in2);
+      continue;
+    }
+    const float* src = x + static_cast<int64_t>(r) * x_stride;
+    for (int k = 0; k < in2; ++k) {
+      dst[k] = static_cast<uint32_t>(to_bf16(src[2 * k])) | (static_cast<uint32_t>(to_bf16(src[2 * k + 1])) << 16);
+    }
+  }
+}
+
+// y[r, o0 + j] = sum_i x[r, i] * W[o0 + j, i] for the 32 outputs of one tile and kRows rows of pairs.
+inline void tile_dot(const uint16_t* w_tile, const uint32_t* pairs, int in2, float* y, int y_stride, int o0,
+                     int out, int rows) {
+  __m512 acc[kRows][2];
+  for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int k = 0; k < in2; ++k) {
+    const __m512i w0 = _mm512_loadu_si512(w_tile + 64 * k);
+    const __m512i w1 = _mm512_loadu_si512(w_tile + 64 * k + 32);
+    _mm_prefetch(reinterpret_cast<const char*>(w_tile + 64 * (k + 8)), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w_tile + 64 * (k + 8) + 32), _MM_HINT_T0);
+#pragma GCC unroll 8
+    for (int r = 0; r < kRows; ++r) {
+      const __m512i xb = _mm512_set1_epi32(static_cast<int>(pairs[r * in2 + k]));
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], (__m512bh)w0, (__m512bh)xb);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], (__m512bh)w1, (__m512bh)xb);
+    }
+  }
+  const int n = std::min(kTile, out - o0);
+  for (int r = 0; r < rows; ++r) {
+    float* dst = y + static_cast<int64_t>(r) * y_stride + o0;
+    if (n == kTile) {
+      _mm512_storeu_ps(dst, acc[r][0]);
+      _mm512_storeu_ps(dst + 16, acc[r][1]);
+    } else {
+      alignas(64) float tmp[kTile];
+      _mm512_store_ps(tmp, acc[r][0]);
+      _mm512_store_ps(tmp + 16, acc[r][1]);
+      std::memcpy(dst, tmp, sizeof(float) * n);
+    }
+  }
+}
+
+
+// The step's parallel loops run on the caller and on helpers borrowed from XLA:CPU's intra-op thread pool (no
+// threads of our own to compete with XLA's). Each loop's tasks are claimed one at a time from a counter that
+// also holds the loop's number and size, so a helper that starts late, or never, only changes who does the
+// work: the caller runs whatever is left and waits only for tasks already claimed.
+class Team {
+ public:
+  // Runs fn(0) .. fn(ntasks - 1), some on helpers; returns when all have finished.
+  void parallel_for(int ntasks, const std::function<void(int)>& fn) {
+    if (ntasks <= 0) return;
+    fn_ = &fn;
+    done_.store(0, std::memory_order_relaxed);
+    ++loop_;
+    claim_.store(Pack(loop_, ntasks, 0), std::memory_order_release);
+    Work();
+    while (done_.load(std::memory_order_acquire) < ntasks) _mm_pause();
+  }
+
+  // A helper's life: run the loops' tasks until `Finish`.
+  void Help() {
+    while (!finished_.load(std::memory_order_acquire)) {
+      if (!Work()) _mm_pause();
+    }
+    helpers_.fetch_sub(1, std::memory_order_release);
+  }
+
+  void Enlist() { helpers_.fetch_add(1, std::memory_order_relaxed); }
+  void Leave() { helpers_.fetch_sub(1, std::memory_order_release); }
+
+  // No more loops: helpers leave; returns when none is still inside the team.
+  void Finish() {
+    finished_.store(true, std::memory_order_release);
+    while (helpers_.load(std::memory_order_acquire) > 0) _mm_pause();
+  }
+
+  bool finished() const { return finished_.load(std::memory_order_acquire); }
+
+ private:
+  static uint64_t Pack(uint64_t loop, uint64_t ntasks, uint64_t next) {
+    return (loop << 48) | (ntasks << 24) | next;
+  }
+
+  // Claims and runs tasks of the current loop; false if there was none to claim.
+  bool Work() {
+    bool worked = false;
+    uint64_t v = claim_.load(std::memory_order_acquire);
+    for (;;) {
+      const uint64_t ntasks = (v >> 24) & 0xffffff, next = v & 0xffffff;
+      if (next >= ntasks) return worked;
+      if (!claim_.compare_exchange_weak(v, v + 1, std::memory_order_acq_rel)) continue;
+      // A claimed task keeps its loop alive (the caller waits for it), so fn_ is that loop's.
+      (*fn_)(static_cast<int>(next));
+      done_.fetch_add(1, std::memory_order_release);
+      worked = true;
+      v = claim_.load(std::memory_order_acquire);
+    }
+  }
+
+  std::atomic<uint64_t> claim_{0};
+  std::atomic<int> done_{0};
+  std::atomic<int> helpers_{0};
+  std::atomic<bool> finished_{false};
+  const std::function<void(int)>* fn_ = nullptr;
+  uint64_t loop_ = 0;
+};
+
+// y [rows, out] (row stride y_stride) = x W^T with W packed ([ceil(out/32)][in/2][32][2]); the tiles split over
+// the team in chunks of a few tiles. `pairs`: x from `pack_rows`.
+void matvec(Team& team, const uint16_t* w_packed, const uint32_t* pairs, int rows, int in, int out, float* y,
+            int y_stride) {
+  const int in2 = in / 2;
+  const int tiles = (out + kTile - 1) / kTile;
+  const int64_t tile_elems = static_cast<int64_t>(in2) * 64;
+  const int per_task = std::max(1, std::min(16, tiles / 16));  // few claims for the head's 1536 tiles
+  team.parallel_for((tiles + per_task - 1) / per_task, [&](int task) {
+    for (int t = task * per_task; t < std::min(tiles, (task + 1) * per_task); ++t) {
+      for (int r0 = 0; r0 < rows; r0 += kRows) {
+        tile_dot(w_packed + t * tile_elems, pairs + static_cast<int64_t>(r0) * in2, in2,
+                 y + static_cast<int64_t>(r0) * y_stride, y_stride, t * kTile, out, std::min(kRows, rows - r0));
+      }
+    }
+  });
+}
+
+void rms_norm(const float* x, const float* scale, int d, float eps, float* y) {
+  float ss = 0.f;
+  for (int i = 0; i < d; ++i) ss += x[i] * x[i];
+  const float inv = 1.f / std::sqrt(ss / d + eps);
+  for (int i = 0; i < d; ++i) y[i] = x[i] * inv * scale[i];
+}
+
+// exp on 16 lanes (Cephes' expf polynomial, ~1 ulp over the clamped range); inputs below -87.3 give ~0.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// In place: the first `rot` entries of one head rotated by HF's rotate-half RoPE; the rest pass through.
+void rope(float* x, const float* cos, const float* sin, int rot) {
+  const int half = rot / 2;
+  for (int j = 0; j < half; ++j) {
+    const float a = x[j], b = x[j + half];
+    x[j] = a * cos[j] - b * sin[j];
+    x[j + half] = b * cos[j + half] + a * sin[j + half];
+  }
+}
+
+struct Dims {
+  int layers, batch, d, heads, kv_heads, hd, rot, ffn, vocab, slots, qkv_out;
+};
+
+inline float dot_hd(const float* a, const float* b, int hd) {
+  if (hd % 16 == 0) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int j = 0; j < hd; j += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + j), _mm512_loadu_ps(b + j), acc);
+    return _mm512_reduce_add_ps(acc);
+  }
+  float dot = 0.f;
+  for (int j = 0; j < hd; ++j) dot += a[j] * b[j];
+  return dot;
+}
+
+// out += p * v over hd entries.
+inline void axpy_hd(float p, const float* v, float* out, int hd) {
+  if (hd % 16 == 0) {
+    const __m512 pv = _mm512_set1_ps(p);
+    for (int j = 0; j < hd; j += 16)
+      _mm512_storeu_ps(out + j, _mm512_fmadd_ps(pv, _mm512_loadu_ps(v + j), _mm512_loadu_ps(out + j)));
+    return;
+  }
+  for (int j = 0; j < hd; ++j) out[j] += p * v[j];
+}
+
+// Softmax attention of one row's G query heads of KV head `kh` over its valid cache slots (fp32). `slots_valid`
+// lists the valid slots (n_valid of them); `scores` has room for n_valid floats (padded to 16).
+void attend(const Dims& dm, const float* q_gh, const float* k_sh, const float* v_sh, const int* slots_valid,
+            int n_valid, float* out_gh, float* scores) {
+  const int g_heads = dm.heads / dm.kv_heads, hd = dm.hd;
+  const float scale = std::sqrt(static_cast<float>(hd));
+  for (int g = 0; g < g_heads; ++g) {
+    const float* q = q_gh + g * hd;
+    float* out = out_gh + g * hd;
+    std::fill(out, out + hd, 0.f);
+    if (n_valid == 0) {  // every key masked (no real token): XLA's finite mask gives the mean over all slots
+      for (int s = 0; s < dm.slots; ++s) axpy_hd(1.f / dm.slots, v_sh + static_cast<int64_t>(s) * hd, out, hd);
+      continue;
+    }
+    float mx = -INFINITY;
+    for (int i = 0; i < n_valid; ++i) {
+      scores[i] = dot_hd(q, k_sh + static_cast<int64_t>(slots_valid[i]) * hd, hd) / scale;
+      mx = std::max(mx, scores[i]);
+    }
+    __m512 sum_v = _mm512_setzero_ps();
+    const __m512 mx_v = _mm512_set1_ps(mx);
+    for (int i = 0; i < n_valid; i += 16) {
+      const __mmask16 m = n_valid - i >= 16 ? 0xffff : static_cast<__mmask16>((1u << (n_valid - i)) - 1);
+      const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores + i), mx_v));
+      _mm512_mask_storeu_ps(scores + i, m, e);
+      sum_v = _mm512_add_ps(sum_v, _mm512_maskz_mov_ps(m, e));
+    }
+    const float sum = _mm512_reduce_add_ps(sum_v);
+    for (int i = 0; i < n_valid; ++i) axpy_hd(scores[i] / sum, v_sh + static_cast<int64_t>(slots_valid[i]) * hd, out, hd);
+  }
+}
+
+ffi::Error DecodeStep(ffi::Buffer<ffi::F32> x_nd, ffi::Buffer<ffi::F32> cos_nr, ffi::Buffer<ffi::F32> sin_nr,
+                      ffi::Buffer<ffi::PRED> kv_mask_ns, ffi::Buffer<ffi::S32> cache_pos,
+                      ffi::Buffer<ffi::F32> ln1_ld, ffi::Buffer<ffi::F32> ln2_ld, ffi::Buffer<ffi::F32> final_d,
+                      ffi::AnyBuffer w_qkv, ffi::AnyBuffer w_o, ffi::AnyBuffer w_gate_up, ffi::AnyBuffer w_down,
+                      ffi::AnyBuffer w_head, ffi::Buffer<ffi::F32> k_cache_in, ffi::Buffer<ffi::F32> v_cache_in,
+                      ffi::ResultBuffer<ffi::F32> logits_nv, ffi::ResultBuffer<ffi::F32> h_nd,
+                      ffi::ResultBuffer<ffi::F32> k_cache, ffi::ResultBuffer<ffi::F32> v_cache, float eps,
+                      int64_t num_heads, int64_t rotary_dim, int64_t num_threads, ffi::ThreadPool thread_pool) {
+  const auto kdims = k_cache->dimensions();  // [L, B, K, S, hd]
+  if (kdims.size() != 5) return ffi::Error::InvalidArgument("k_cache: expected [L, B, K, S, hd]");
+  Dims dm;
+  dm.layers = static_cast<int>(kdims[0]);
+  dm.batch = static_cast<int>(kdims[1]);
+  dm.kv_heads = static_cast<int>(kdims[2]);
+  dm.slots = static_cast<int>(kdims[3]);
+  dm.hd = static_cast<int>(kdims[4]);
+  dm.d = static_cast<int>(x_nd.dimensions()[1]);
+  dm.heads = static_cast<int>(num_heads);
+  dm.rot = static_cast<int>(rotary_dim);
+  dm.vocab = static_cast<int>(logits_nv->dimensions()[1]);
+  dm.ffn = static_cast<int>(w_down.dimensions()[2]) * 2;  // the down projection's inputs: [L, D/32, F/2, 32, 2]
+  dm.qkv_out = (dm.heads + 2 * dm.kv_heads) * dm.hd;
+  if (w_qkv.element_type() != ffi::BF16 || w_o.element_type() != ffi::BF16 ||
+      w_gate_up.element_type() != ffi::BF16 || w_down.element_type() != ffi::BF16 ||
+      w_head.element_type() != ffi::BF16)
+    return ffi::Error::InvalidArgument("packed weights must be bfloat16");
+  if (dm.d % 2 || (dm.heads * dm.hd) % 2 || dm.ffn % 2 || dm.heads % dm.kv_heads)
+    return ffi::Error::InvalidArgument("odd matmul input size or heads not a multiple of kv heads");
+
+  const int n = dm.batch, d = dm.d, hf = dm.heads * dm.hd, kvf = dm.kv_heads * dm.hd, f = dm.ffn;
+  const int pos = cache_pos.typed_data()[0];
+  if (pos < 0 || pos >= dm.slots) return ffi::Error::InvalidArgument("cache_pos outside the cache");
+  const int64_t cache_elems = static_cast<int64_t>(dm.layers) * n * dm.kv_heads * dm.slots * dm.hd;
+  float* kc = k_cache->typed_data();
+  float* vc = v_cache->typed_data();
+  if (kc != k_cache_in.typed_data()) std::memcpy(kc, k_cache_in.typed_data(), sizeof(float) * cache_elems);
+  if (vc != v_cache_in.typed_data()) std::memcpy(vc, v_cache_in.typed_data(), sizeof(float) * cache_elems);
+
+  const auto* wqkv = reinterpret_cast<const uint16_t*>(w_qkv.untyped_data());
+  const auto* wo = reinterpret_cast<const uint16_t*>(w_o.untyped_data());
+  const auto* wgu = reinterpret_cast<const uint16_t*>(w_gate_up.untyped_data());
+  const auto* wdown = reinterpret_cast<const uint16_t*>(w_down.untyped_data());
+  const auto* whead = reinterpret_cast<const uint16_t*>(w_head.untyped_data());
+  auto padded = [](int o) { return static_cast<int64_t>((o + kTile - 1) / kTile * kTile); };
+  const int64_t qkv_size = padded(dm.qkv_out) * d, o_size = padded(d) * hf, gu_size = padded(2 * f) * d,
+                down_size = padded(d) * f;
+
+  const int rows_padded = (n + kRows - 1) / kRows * kRows;
+  std::vector<float> x(x_nd.typed_data(), x_nd.typed_data() + static_cast<int64_t>(n) * d);
+  std::vector<float> h(static_cast<size_t>(n) * std::max(d, hf)), qkv(static_cast<size_t>(n) * dm.qkv_out),
+      att(static_cast<size_t>(n) * hf), proj(static_cast<size_t>(n) * d), gu(static_cast<size_t>(n) * 2 * f),
+      scores(static_cast<size_t>(n) * dm.kv_heads * (dm.slots + 16));
+  std::vector<uint32_t> pairs(static_cast<size_t>(rows_padded) * std::max({d, hf, f}) / 2);
+  const float* cosp = cos_nr.typed_data();
+  const float* sinp = sin_nr.typed_data();
+  const bool* mask = kv_mask_ns.typed_data();
+  // Each row's key slots that hold real tokens up to this step's (the same for every layer and head).
+  std::vector<int> valid(static_cast<size_t>(n) * dm.slots), n_valid(n, 0);
+  for (int r = 0; r < n; ++r)
+    for (int s = 0; s <= pos; ++s)
+      if (mask[static_cast<int64_t>(r) * dm.slots + s]) valid[static_cast<size_t>(r) * dm.slots + n_valid[r]++] = s;
+
+  // Helpers from XLA's pool join the team; one that starts after the step (a busy pool) leaves at once, and
+  // `Schedule` runs a task inline where there is no pool: that one leaves at once too (same thread).
+  auto team = std::make_shared<Team>();
+  const auto caller = std::this_thread::get_id();
+  const int helpers = static_cast<int>(std::min<int64_t>(num_threads - 1, thread_pool.num_threads()));
+  for (int i = 0; i < helpers; ++i) {
+    team->Enlist();
+    thread_pool.Schedule([team, caller] {
+      if (std::this_thread::get_id() == caller) {
+        team->Leave();
+        return;
+      }
+      team->Help();
+    });
+  }
+
+  for (int l = 0; l < dm.layers; ++l) {
+    for (int r = 0; r < n; ++r) rms_norm(&x[r * d], ln1_ld.typed_data() + l * d, d, eps, &h[r * d]);
+    pack_rows(h.data(), n, d, d, pairs.data());
+    matvec(*team, wqkv + l * qkv_size, pairs.data(), n, d, dm.qkv_out, qkv.data(), dm.qkv_out);
+    for (int r = 0; r < n; ++r) {
+      float* row = &qkv[static_cast<int64_t>(r) * dm.qkv_out];
+      const float* c = cosp + static_cast<int64_t>(r) * dm.rot;
+      const float* s = sinp + static_cast<int64_t>(r) * dm.rot;
+      for (int hh = 0; hh < dm.heads + dm.kv_heads; ++hh) rope(row + hh * dm.hd, c, s, dm.rot);
+      for (int kh = 0; kh < dm.kv_heads; ++kh) {  // this step's keys and values into slot `pos`
+        const int64_t at = ((((static_cast<int64_t>(l) * n + r) * dm.kv_heads + kh) * dm.slots) + pos) * dm.hd;
+        std::memcpy(kc + at, row + hf + kh * dm.hd, sizeof(float) * dm.hd);
+        std::memcpy(vc + at, row + hf + kvf + kh * dm.hd, sizeof(float) * dm.hd);
+      }
+    }
+    team->parallel_for(n * dm.kv_heads, [&](int task) {
+      const int r = task / dm.kv_heads, kh = task % dm.kv_heads, g = dm.heads / dm.kv_heads;
+      const int64_t base = (((static_cast<int64_t>(l) * n + r) * dm.kv_heads + kh) * dm.slots) * dm.hd;
+      attend(dm, &qkv[static_cast<int64_t>(r) * dm.qkv_out + kh * g * dm.hd], kc + base, vc + base,
+             &valid[static_cast<size_t>(r) * dm.slots], n_valid[r], &att[static_cast<int64_t>(r) * hf + kh * g * dm.hd],
+             &scores[static_cast<size_t>(task) * (dm.slots + 16)]);
+    });
+    pack_rows(att.data(), n, hf, hf, pairs.data());
+    matvec(*team, wo + l * o_size, pairs.data(), n, hf, d, proj.data(), d);
+    for (int i = 0; i < n * d; ++i) x[i] += proj[i];
+    for (int r = 0; r < n; ++r) rms_norm(&x[r * d], ln2_ld.typed_data() + l * d, d, eps, &h[r * d]);
+    pack_rows(h.data(), n, d, d, pairs.data());
+    matvec(*team, wgu + l * gu_size, pairs.data(), n, d, 2 * f, gu.data(), 2 * f);
+    for (int r = 0; r < n; ++r) {  // silu(gate) * up, 16 lanes at a time
+      float* g = &gu[static_cast<int64_t>(r) * 2 * f];
+      const float* up = g + f;
+      int i = 0;
+      for (; i + 16 <= f; i += 16) {
+        const __m512 gv = _mm512_loadu_ps(g + i);
+        const __m512 one = _mm512_set1_ps(1.f);
+        const __m512 sig = _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
+        _mm512_storeu_ps(g + i, _mm512_mul_ps(_mm512_mul_ps(gv, sig), _mm512_loadu_ps(up + i)));
+      }
+      for (; i < f; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * up[i];
+    }
+    pack_rows(gu.data(), n, f, 2 * f, pairs.data());
+    matvec(*team, wdown + l * down_size, pairs.data(), n, f, d, proj.data(), d);
+    for (int i = 0; i < n * d; ++i) x[i] += proj[i];
+  }
+  for (int r = 0; r < n; ++r) rms_norm(&x[r * d], final_d.typed_data(), d, eps, h_nd->typed_data() + r * d);
+  pack_rows(h_nd->typed_data(), n, d, d, pairs.data());
+  matvec(*team, whead, pairs.data(), n, d, dm.vocab, logits_nv->typed_data(), dm.vocab);
+  team->Finish();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KlqDecodeStep, DecodeStep,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x_nd
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // cos_nr
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // sin_nr
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // kv_mask_ns
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // cache_pos
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // ln1_ld
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // ln2_ld
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // final_d
+                                  .Arg<ffi::AnyBuffer>()          // w_qkv
+                                  .Arg<ffi::AnyBuffer>()          // w_o
+                                  .Arg<ffi::AnyBuffer>()          // w_gate_up
+                                  .Arg<ffi::AnyBuffer>()          // w_down
+                                  .Arg<ffi::AnyBuffer>()          // w_head
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // k_cache_in
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // v_cache_in
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // logits_nv
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // h_nd
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // k_cache
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // v_cache
+                                  .Attr<float>("eps")
+                                  .Attr<int64_t>("num_heads")
+                                  .Attr<int64_t>("rotary_dim")
+                                  .Attr<int64_t>("num_threads")
+                                  .Ctx<ffi::ThreadPool>());

@@ -1,0 +1,201 @@
+"""The sampler's decode step as one native call on x86 CPUs with AVX-512 BF16 (`kernels/decode_cpu.cc`).
+
+A decode step reads every weight once and does little else. XLA:CPU runs it as ~780 thunks with a fixed cost
+each, and SmolLM2-135M's 8-row bf16 step took ~2x the time to stream its weights (docs/performance.md, item
+43). `decode_step` runs the whole step (layers, final norm, LM head) as one XLA FFI custom call on weights
+packed once per rollout (`pack_weights`), with the arithmetic of the feature-major XLA step with bf16 matmul
+operands: the same values up to summation order.
+
+The kernel is compiled from source with the machine's C++ compiler on first use, into the klq_jax cache
+(`cache.cache_root() / "kernels"`), one process at a time (`cache.filling`). Where it cannot run (not x86 with
+AVX-512 BF16, no compiler, not a Llama-family model, fp32 matmuls) `supported` says why and the sampler keeps
+XLA's step.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from klq_jax.hardware import cpu_flags
+from klq_jax.models.cache import cache_root, filling
+from klq_jax.models.config import ModelConfig
+
+SOURCE = Path(__file__).resolve().parent.parent / "kernels" / "decode_cpu.cc"
+TARGET = "klq_decode_step"
+TILE = 32  # outputs per packed tile (kTile in the source)
+# Portable across AVX-512 BF16 CPUs (not -march=native: the cache folder may be shared between machines).
+CXX_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512vl",
+             "-mavx512bf16", "-mfma")
+
+
+def _machine_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return cpu_flags(f.read())
+    except OSError:
+        return set()
+
+
+def model_unsupported(cfg: ModelConfig, dtype, matmul_dtype, cache_dtype) -> str | None:
+    """Why this model's decode cannot run on the kernel (None: it can): the kernel is the Llama family's step
+    (RMSNorm, gated SiLU MLP, RoPE, no biases, sequential residual) with bf16 matmul operands, fp32 activations
+    and an fp32 cache."""
+    if cfg.family != "llama" or cfg.parallel_residual or cfg.activation != "silu":
+        return f"family {cfg.family!r} (the kernel runs Llama-family models)"
+    if cfg.attention_bias or cfg.output_bias or cfg.mlp_bias:
+        return "biases in the attention or MLP"
+    if matmul_dtype is None or jnp.dtype(matmul_dtype) != jnp.bfloat16:
+        return f"matmul dtype {matmul_dtype} (the kernel's dots take bfloat16 operands)"
+    if jnp.dtype(dtype) != jnp.float32 or jnp.dtype(cache_dtype) != jnp.float32:
+        return f"activations {jnp.dtype(dtype)} / cache {jnp.dtype(cache_dtype)} (the kernel keeps both in float32)"
+    if cfg.hidden_size % 2 or cfg.intermediate_size % 2 or (cfg.num_heads * cfg.head_dim) % 2 or cfg.rotary_dim % 2:
+        return "an odd matmul input size or rotary dimension"
+    return None
+
+
+def machine_unsupported() -> str | None:
+    """Why this machine cannot run the kernel (None: it can): JAX on CPU, x86-64 Linux with AVX-512 BF16, a C++
+    compiler (`$CXX`, else g++)."""
+    if jax.default_backend() != "cpu":
+        return f"backend {jax.default_backend()} (the kernel is for XLA:CPU)"
+    if platform.machine() not in ("x86_64", "AMD64") or "avx512_bf16" not in _machine_flags():
+        return "no AVX-512 BF16 on this CPU"
+    if _compiler() is None:
+        return "no C++ compiler (g++, or $CXX)"
+    return None
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "g++"))
+
+
+def _library_path() -> Path:
+    """Where the kernel built from this source with these flags and this JAX's FFI headers lives."""
+    digest = hashlib.sha256(SOURCE.read_bytes())
+    digest.update(" ".join(CXX_FLAGS).encode())
+    digest.update(jax.ffi.include_dir().encode())
+    digest.update(jax.__version__.encode())
+    return cache_root() / "kernels" / f"decode_cpu-{digest.hexdigest()[:16]}.so"
+
+
+def build() -> Path:
+    """The compiled kernel, built on first use (compiled aside, renamed into place under the cache lock)."""
+    path = _library_path()
+    with filling(path):
+        if path.exists():
+            return path
+        compiler = _compiler()
+        if compiler is None:
+            raise RuntimeError("the CPU decode kernel needs a C++ compiler (g++, or $CXX)")
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            out = Path(tmp) / path.name
+            cmd = [compiler, *CXX_FLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", str(out)]
+            run = subprocess.run(cmd, capture_output=True, text=True)
+            if run.returncode:
+                raise RuntimeError(f"compiling the CPU decode kernel failed ({' '.join(cmd)}):\n{run.stderr}")
+            os.replace(out, path)
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def register() -> None:
+    """Builds (if needed) and loads the kernel, and registers it with XLA:CPU as `klq_decode_step`, once."""
+    library = ctypes.cdll.LoadLibrary(str(build()))
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.KlqDecodeStep), platform="cpu")
+
+
+@functools.lru_cache(maxsize=None)
+def available() -> bool:
+    """Whether this process can run the kernel: the machine supports it and it builds and loads."""
+    if machine_unsupported() is not None:
+        return False
+    try:
+        register()
+    except (RuntimeError, OSError):
+        return False
+    return True
+
+
+def pack_oi(w_oi: jax.Array) -> jax.Array:
+    """[..., O, I] weights (out, in) as the kernel's bf16 tiles [..., ceil(O/32), I/2, 32, 2] (zero rows pad O)."""
+    *lead, o, i = w_oi.shape
+    pad = -o % TILE
+    w = jnp.pad(w_oi.astype(jnp.bfloat16), [(0, 0)] * len(lead) + [(0, pad), (0, 0)])
+    w = w.reshape(*lead, (o + pad) // TILE, TILE, i // 2, 2)
+    return jnp.swapaxes(w, -3, -2)
+
+
+def pack_io(w_io: jax.Array) -> jax.Array:
+    """`pack_oi` of [..., I, O] weights (in, out), without materialising the [O, I] transpose first."""
+    *lead, i, o = w_io.shape
+    pad = -o % TILE
+    w = jnp.pad(w_io.astype(jnp.bfloat16), [(0, 0)] * len(lead) + [(0, 0), (0, pad)])
+    w = w.reshape(*lead, i // 2, 2, (o + pad) // TILE, TILE)
+    n = len(lead)
+    return w.transpose(*range(n), n + 2, n, n + 3, n + 1)
+
+
+@struct.dataclass
+class DecodeWeights:
+    """A Llama-family model's weights as the kernel reads them: norms fp32 [L, D] and [D]; matmul weights in
+    bf16 tiles (`pack_oi`), stacked over layers: q|k|v [L, (H+2K)hd, D], o [L, D, H*hd], gate|up [L, 2F, D],
+    down [L, D, F], the LM head [V, D]."""
+
+    ln1_ld: jax.Array
+    ln2_ld: jax.Array
+    final_d: jax.Array
+    w_qkv: jax.Array
+    w_o: jax.Array
+    w_gate_up: jax.Array
+    w_down: jax.Array
+    w_head: jax.Array
+
+
+def pack_weights(model) -> DecodeWeights:
+    """`DecodeWeights` of a `CausalLM` (stacked blocks, [in, out] weights), inside the sampler's jit: one pass
+    per rollout, as the XLA step's per-layer copies were."""
+    blocks = model.blocks
+    lyr, d = blocks.wq_dnh[...].shape[:2]
+    flat = lambda w: w[...].reshape(lyr, d, -1)  # noqa: E731  [L, D, out]
+    w_qkv_io = jnp.concatenate([flat(blocks.wq_dnh), flat(blocks.wk_dkh), flat(blocks.wv_dkh)], axis=2)
+    w_gate_up_io = jnp.concatenate([blocks.w_gate_df[...], blocks.w_up_df[...]], axis=2)
+    head = model.lm_head_vd()
+    return DecodeWeights(
+        ln1_ld=blocks.ln1_scale[...].astype(jnp.float32), ln2_ld=blocks.ln2_scale[...].astype(jnp.float32),
+        final_d=model.final_scale[...].astype(jnp.float32), w_qkv=pack_io(w_qkv_io),
+        w_o=pack_io(blocks.wo_nhd[...].reshape(lyr, -1, d)), w_gate_up=pack_io(w_gate_up_io),
+        w_down=pack_io(blocks.w_down_fd[...]), w_head=pack_oi(head))
+
+
+def decode_step(weights: DecodeWeights, cfg: ModelConfig, x_nd: jax.Array, cos_nr: jax.Array, sin_nr: jax.Array,
+                kv_mask_ns: jax.Array, cache_pos: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+                num_threads: int | None = None):
+    """One decode step of N = B rows: `x_nd` the embedded tokens [N, D], `cos_nr`/`sin_nr` their RoPE tables
+    [N, rotary_dim], `kv_mask_ns` the cache slots holding real tokens after this step's write at `cache_pos`,
+    `k_cache`/`v_cache` [L, B, K, S, hd] float32 (updated in place). Returns `(logits_nv, h_nd, k_cache,
+    v_cache)`: float32 logits, the final-normed hidden states (for a value head), the caches."""
+    register()
+    n, _ = x_nd.shape
+    call = jax.ffi.ffi_call(
+        TARGET,
+        (jax.ShapeDtypeStruct((n, cfg.vocab_size), jnp.float32), jax.ShapeDtypeStruct(x_nd.shape, jnp.float32),
+         jax.ShapeDtypeStruct(k_cache.shape, jnp.float32), jax.ShapeDtypeStruct(v_cache.shape, jnp.float32)),
+        input_output_aliases={13: 2, 14: 3})
+    return call(x_nd.astype(jnp.float32), cos_nr, sin_nr, kv_mask_ns, jnp.asarray(cache_pos, jnp.int32),
+                weights.ln1_ld, weights.ln2_ld, weights.final_d, weights.w_qkv, weights.w_o, weights.w_gate_up,
+                weights.w_down, weights.w_head, k_cache, v_cache, eps=np.float32(cfg.norm_eps),
+                num_heads=np.int64(cfg.num_heads), rotary_dim=np.int64(cfg.rotary_dim),
+                num_threads=np.int64(num_threads or os.cpu_count() or 1))
