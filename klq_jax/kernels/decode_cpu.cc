@@ -99,6 +99,21 @@ inline void tile_dot(const uint16_t* w_tile, const uint32_t* pairs, int in2, flo
 // work: the caller runs whatever is left and waits only for tasks already claimed.
 class Team {
  public:
+  // A team of the caller and up to `max_helpers` tasks scheduled on XLA's pool. Nobody waits for a helper to
+  // start: one that starts after the work (a busy pool) leaves at once, and one that `Schedule` runs inline on
+  // the caller (no pool) returns at once. The shared pointer keeps the team alive for a late one.
+  static std::shared_ptr<Team> Gather(ffi::ThreadPool& pool, int64_t max_helpers) {
+    auto team = std::make_shared<Team>();
+    const auto caller = std::this_thread::get_id();
+    const int64_t helpers = std::min<int64_t>(max_helpers, pool.num_threads());
+    for (int64_t i = 0; i < helpers; ++i) {
+      pool.Schedule([team, caller] {
+        if (std::this_thread::get_id() != caller) team->Help();
+      });
+    }
+    return team;
+  }
+
   // Runs fn(0) .. fn(ntasks - 1), some on helpers; returns when all have finished.
   void parallel_for(int ntasks, const std::function<void(int)>& fn) {
     if (ntasks <= 0) return;
@@ -110,26 +125,23 @@ class Team {
     while (done_.load(std::memory_order_acquire) < ntasks) _mm_pause();
   }
 
-  // A helper's life: run the loops' tasks until `Finish`.
-  void Help() {
-    while (!finished_.load(std::memory_order_acquire)) {
-      if (!Work()) _mm_pause();
-    }
-    helpers_.fetch_sub(1, std::memory_order_release);
-  }
-
-  void Enlist() { helpers_.fetch_add(1, std::memory_order_relaxed); }
-  void Leave() { helpers_.fetch_sub(1, std::memory_order_release); }
-
-  // No more loops: helpers leave; returns when none is still inside the team.
+  // No more loops: returns once no helper is inside the team (those that enter later leave at once).
   void Finish() {
-    finished_.store(true, std::memory_order_release);
-    while (helpers_.load(std::memory_order_acquire) > 0) _mm_pause();
+    finished_.store(true);  // sequentially consistent with `inside_`: see Help
+    while (inside_.load() > 0) _mm_pause();
   }
-
-  bool finished() const { return finished_.load(std::memory_order_acquire); }
 
  private:
+  // A helper's life: run the loops' tasks until `Finish`. Entering before reading `finished_` (both sequentially
+  // consistent) means Finish either waits for this helper or this helper sees it finished.
+  void Help() {
+    inside_.fetch_add(1);
+    while (!finished_.load()) {
+      if (!Work()) _mm_pause();
+    }
+    inside_.fetch_sub(1);
+  }
+
   static uint64_t Pack(uint64_t loop, uint64_t ntasks, uint64_t next) {
     return (loop << 48) | (ntasks << 24) | next;
   }
@@ -152,7 +164,7 @@ class Team {
 
   std::atomic<uint64_t> claim_{0};
   std::atomic<int> done_{0};
-  std::atomic<int> helpers_{0};
+  std::atomic<int> inside_{0};
   std::atomic<bool> finished_{false};
   const std::function<void(int)>* fn_ = nullptr;
   uint64_t loop_ = 0;
@@ -330,21 +342,7 @@ ffi::Error DecodeStep(ffi::Buffer<ffi::F32> x_nd, ffi::Buffer<ffi::F32> cos_nr, 
     for (int s = 0; s <= pos; ++s)
       if (mask[static_cast<int64_t>(r) * dm.slots + s]) valid[static_cast<size_t>(r) * dm.slots + n_valid[r]++] = s;
 
-  // Helpers from XLA's pool join the team; one that starts after the step (a busy pool) leaves at once, and
-  // `Schedule` runs a task inline where there is no pool: that one leaves at once too (same thread).
-  auto team = std::make_shared<Team>();
-  const auto caller = std::this_thread::get_id();
-  const int helpers = static_cast<int>(std::min<int64_t>(num_threads - 1, thread_pool.num_threads()));
-  for (int i = 0; i < helpers; ++i) {
-    team->Enlist();
-    thread_pool.Schedule([team, caller] {
-      if (std::this_thread::get_id() == caller) {
-        team->Leave();
-        return;
-      }
-      team->Help();
-    });
-  }
+  auto team = Team::Gather(thread_pool, num_threads - 1);
 
   for (int l = 0; l < dm.layers; ++l) {
     for (int r = 0; r < n; ++r) rms_norm(&x[r * d], ln1_ld.typed_data() + l * d, d, eps, &h[r * d]);
@@ -397,7 +395,79 @@ ffi::Error DecodeStep(ffi::Buffer<ffi::F32> x_nd, ffi::Buffer<ffi::F32> cos_nr, 
   return ffi::Error::Success();
 }
 
+// Packs weights into the step's bf16 tiles: [..., I, O] (`input_major`, the model's [in, out] storage) or
+// [..., O, I], fp32 or bf16, -> [..., ceil(O/32), I/2, 32, 2] bf16 (zero rows pad O), on the caller and XLA's
+// pool. fp32 rounds to nearest even (vcvtneps2bf16, which reads fp32 denormals as zero).
+ffi::Error PackTiles(ffi::AnyBuffer w, ffi::ResultBuffer<ffi::BF16> packed, bool input_major,
+                     ffi::ThreadPool thread_pool) {
+  const auto dims = w.dimensions();
+  if (dims.size() < 2) return ffi::Error::InvalidArgument("pack: expected a matrix or a stack of them");
+  const bool f32 = w.element_type() == ffi::F32;
+  if (!f32 && w.element_type() != ffi::BF16) return ffi::Error::InvalidArgument("pack: fp32 or bf16 weights");
+  const int64_t a = dims[dims.size() - 2], b = dims[dims.size() - 1];
+  const int64_t in = input_major ? a : b, out = input_major ? b : a;
+  if (in % 2) return ffi::Error::InvalidArgument("pack: odd input size");
+  int64_t lead = 1;
+  for (size_t i = 0; i + 2 < dims.size(); ++i) lead *= dims[i];
+  const int64_t tiles = (out + kTile - 1) / kTile, in2 = in / 2;
+  const int64_t tile_elems = in2 * 64;
+  auto* dst = reinterpret_cast<uint32_t*>(packed->untyped_data());  // pairs
+  const auto* w32 = f32 ? static_cast<const float*>(w.untyped_data()) : nullptr;
+  const auto* w16 = f32 ? nullptr : static_cast<const uint16_t*>(w.untyped_data());
+  // One element of W[o, i] of matrix m, as bf16 bits (0 past O).
+  auto at = [&](int64_t m, int64_t o, int64_t i) -> uint32_t {
+    if (o >= out) return 0;
+    const int64_t idx = m * in * out + (input_major ? i * out + o : o * in + i);
+    return f32 ? to_bf16(w32[idx]) : w16[idx];
+  };
+  auto pack_tile = [&](int64_t task) {
+    const int64_t m = task / tiles, t = task % tiles;
+    uint32_t* tile = dst + (m * tiles + t) * (tile_elems / 2);
+    const int64_t o0 = t * kTile;
+    if (f32 && input_major && o0 + kTile <= out) {  // rows 2k and 2k+1 of [I, O], 32 outputs: 16 lanes at a time
+      const float* base = w32 + m * in * out + o0;
+      for (int64_t k = 0; k < in2; ++k) {
+        for (int half = 0; half < 2; ++half) {
+          const __m512 lo = _mm512_loadu_ps(base + (2 * k) * out + 16 * half);
+          const __m512 hi = _mm512_loadu_ps(base + (2 * k + 1) * out + 16 * half);
+          const __m512i lo32 = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(lo));
+          const __m512i hi32 = _mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(hi)), 16);
+          _mm512_storeu_si512(tile + k * kTile + 16 * half, _mm512_or_si512(lo32, hi32));
+        }
+      }
+      return;
+    }
+    if (f32 && !input_major && o0 + kTile <= out && in2 % 16 == 0) {  // row j's 32 inputs are 16 pairs in order
+      const __m512i stride = _mm512_mullo_epi32(_mm512_set1_epi32(kTile), _mm512_set_epi32(
+          15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0));
+      for (int64_t j = 0; j < kTile; ++j) {
+        const float* row = w32 + m * in * out + (o0 + j) * in;
+        for (int64_t k = 0; k < in2; k += 16) {
+          const __m512i pairs = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(row + 2 * k + 16),
+                                                             _mm512_loadu_ps(row + 2 * k));
+          _mm512_i32scatter_epi32(tile + k * kTile + j, stride, pairs, 4);
+        }
+      }
+      return;
+    }
+    for (int64_t j = 0; j < kTile; ++j)
+      for (int64_t k = 0; k < in2; ++k)
+        tile[k * kTile + j] = at(m, o0 + j, 2 * k) | (at(m, o0 + j, 2 * k + 1) << 16);
+  };
+  auto team = Team::Gather(thread_pool, thread_pool.num_threads());
+  team->parallel_for(static_cast<int>(lead * tiles), [&](int task) { pack_tile(task); });
+  team->Finish();
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KlqPackTiles, PackTiles,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>()
+                                  .Attr<bool>("input_major")
+                                  .Ctx<ffi::ThreadPool>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KlqDecodeStep, DecodeStep,
                               ffi::Ffi::Bind()
