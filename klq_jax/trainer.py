@@ -18,7 +18,7 @@ from klq_jax import hardware, sharding
 from klq_jax.allocator import release_freed_memory
 from klq_jax.data.datasets import DataError, PromptExample, PromptStream, load_prompts, to_messages, to_text
 from klq_jax.models.hf import CheckpointError, export_model, load_model, resolve_checkpoint
-from klq_jax.models.sampler import Sampler, bucket_length
+from klq_jax.models.sampler import DECODE_KERNELS, Sampler, bucket_length, use_native_decode
 from klq_jax.models.transformer import CausalLM, positions_from_mask
 from klq_jax.rewards import Reward, make_reward
 from klq_jax.rl import loop as rl_loop
@@ -166,6 +166,10 @@ class Setup:
 def build(config) -> Setup:
     if config.algo not in ("klq", "ppo"):
         raise ConfigError(f"algo={config.algo!r}; accepted: 'klq', 'ppo'")
+    decode_kernel = config.sampling.get("decode_kernel", "auto")
+    if decode_kernel not in DECODE_KERNELS:
+        raise ConfigError(f"sampling.decode_kernel={decode_kernel!r}; accepted: "
+                          + ", ".join(map(repr, DECODE_KERNELS)))
     param_dtype = _dtype(config.model.param_dtype, "model.param_dtype")
     compute_dtype = _dtype(config.model.compute_dtype, "model.compute_dtype")
     policy_path = resolve_model_path(config.model.policy)
@@ -211,7 +215,13 @@ def build(config) -> Setup:
     ref_graphdef, ref_params = nnx.split(reference)
     sampler = Sampler(graphdef=graphdef, eos_ids=tuple(sorted(eos_ids)), pad_id=pad_id,
                       max_new_tokens=config.sampling.max_new_tokens, temperature=config.rl.temperature,
-                      bucket=config.sampling.prompt_bucket, cache_dtype=compute_dtype, compile_ahead=True)
+                      bucket=config.sampling.prompt_bucket, cache_dtype=compute_dtype, compile_ahead=True,
+                      decode_kernel=decode_kernel)
+    if decode_kernel == "native":  # asked for: say now, not at the first rollout, if it cannot run
+        try:
+            use_native_decode("native", policy, compute_dtype, unstack_layers=True)
+        except (ValueError, RuntimeError) as err:
+            raise ConfigError(f"sampling.{err}") from None
     return Setup(policy, graphdef, params, ref_params, ref_graphdef, tokenizer, policy_path, prompts, eval_prompts,
                  sampler, build_reward(config), prompt_length, _matmul_dtype(config))
 

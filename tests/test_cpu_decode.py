@@ -1,0 +1,157 @@
+"""The native CPU decode step (`models/cpu_decode.py`, `kernels/decode_cpu.cc`) against XLA's: packing bit for
+bit, one step's logits, hidden states and cache, and whole rollouts through the sampler; and who may use it."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from klq_jax.models import cpu_decode
+from klq_jax.models.config import ModelConfig
+from klq_jax.models.sampler import Sampler, greedy, use_native_decode
+from klq_jax.models.transformer import CausalLM, KVCache, rope_cos_sin
+
+needs_kernel = pytest.mark.skipif(cpu_decode.machine_unsupported() is not None,
+                                  reason=f"native decode: {cpu_decode.machine_unsupported()}")
+
+
+def tiny_cfg(**kw) -> ModelConfig:
+    base = dict(family="llama", vocab_size=101, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=6,
+                num_kv_heads=2, head_dim=16, max_position_embeddings=64, rotary_dim=16, tie_embeddings=True,
+                norm_eps=1e-5)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def tiny_model(cfg, seed=0, matmul_dtype=jnp.bfloat16, value_head=True):
+    model = CausalLM(cfg, matmul_dtype=matmul_dtype, value_head=value_head, rngs=nnx.Rngs(seed))
+    # non-trivial norms and value head, so that a wrong scale or a missing norm shows
+    rng = np.random.default_rng(seed)
+    for name in ("ln1_scale", "ln2_scale"):
+        p = getattr(model.blocks, name)
+        p.set_value(jnp.asarray(1 + 0.3 * rng.standard_normal(p.get_value().shape), jnp.float32))
+    model.final_scale.set_value(jnp.asarray(1 + 0.3 * rng.standard_normal(cfg.hidden_size), jnp.float32))
+    if value_head:
+        model.value_w_d.set_value(jnp.asarray(rng.standard_normal(cfg.hidden_size), jnp.float32))
+    return model
+
+
+def test_pack_io_is_pack_oi_of_the_transpose():
+    w_lio = jnp.asarray(np.random.default_rng(0).standard_normal((3, 10, 70)), jnp.float32)
+    a = np.asarray(cpu_decode.pack_io(w_lio))
+    b = np.asarray(cpu_decode.pack_oi(jnp.swapaxes(w_lio, 1, 2)))
+    assert a.shape == (3, 3, 5, 32, 2) and np.array_equal(a.view(np.uint16), b.view(np.uint16))
+    # tile t, pair k, lane j holds W[32t + j, 2k : 2k + 2]; rows past O are zero
+    w_oi = np.asarray(jnp.swapaxes(w_lio, 1, 2).astype(jnp.bfloat16)).astype(np.float32)
+    packed = a.astype(np.float32)
+    assert np.array_equal(packed[1, 2, 3, 5], w_oi[1, 64 + 5, 6:8])
+    assert not packed[:, 2, :, 6:].any()
+
+
+@needs_kernel
+@pytest.mark.parametrize("input_major", [True, False])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 64, 96), (2, 64, 100), (96, 64), (40, 32)])
+def test_native_pack_equals_jnp_pack(input_major, dtype, shape):
+    w = jnp.asarray(np.random.default_rng(1).standard_normal(shape), dtype)
+    ref = cpu_decode.pack_io(w) if input_major else cpu_decode.pack_oi(w)
+    got = jax.jit(lambda w: cpu_decode.pack_native(w, input_major))(w)
+    assert got.shape == ref.shape and got.dtype == jnp.bfloat16
+    assert np.array_equal(np.asarray(got).view(np.uint16), np.asarray(ref).view(np.uint16))
+
+
+def _prefill_then_step(model, cfg, mask_bp, slots):
+    b, p = mask_bp.shape
+    rng = np.random.default_rng(2)
+    tokens_bp = jnp.asarray(rng.integers(2, cfg.vocab_size, (b, p)), jnp.int32)
+    positions_bp = jnp.maximum(jnp.cumsum(mask_bp, 1) - 1, 0)
+    kv_mask_bs = jnp.concatenate([mask_bp, jnp.zeros((b, slots - p), bool)], 1)
+    prefill = model(tokens_bp, positions_bp, kv_mask_bs, cache=KVCache.zeros(cfg, b, slots), cache_pos=0)
+    token_b = jnp.asarray(rng.integers(2, cfg.vocab_size, (b,)), jnp.int32)
+    kv_mask_bs = kv_mask_bs.at[:, p].set(True)
+    position_b = jnp.sum(mask_bp, 1)
+    return prefill.cache, token_b, position_b, kv_mask_bs
+
+
+@needs_kernel
+@pytest.mark.parametrize("tied", [True, False])
+def test_one_step_equals_xla(tied):
+    """Logits, final hidden states (value head) and both caches equal XLA's bf16-matmul step under left padding
+    and grouped-query attention, for 9 rows (a full group of 8 and one more)."""
+    cfg = tiny_cfg(tie_embeddings=tied, rope_theta=500.0)
+    model = tiny_model(cfg)
+    mask_bp = np.ones((9, 5), bool)
+    mask_bp[0, :2] = mask_bp[3, :4] = mask_bp[7, :1] = False
+    cache, token_b, position_b, kv_mask_bs = _prefill_then_step(model, cfg, jnp.asarray(mask_bp), slots=9)
+    ref = model(token_b[:, None], position_b[:, None], kv_mask_bs, cache=cache, cache_pos=5)
+    weights = jax.jit(cpu_decode.pack_weights)(model)
+    cos_br, sin_br = (c[:, 0] for c in rope_cos_sin(cfg, position_b[:, None]))
+    x_bd = jnp.take(model.embed_vd[...], token_b, axis=0)
+    logits, h, k, v = jax.jit(lambda *a: cpu_decode.decode_step(weights, cfg, *a))(
+        x_bd, cos_br, sin_br, kv_mask_bs, jnp.int32(5), cache.k_lbksh, cache.v_lbksh)
+    ref_logits = np.asarray(ref.logits_btv[:, 0])
+    # fp32 summation order only; a bf16 rounding of an activation that lands the other side of a tie would move
+    # a logit by ~1e-2 of its scale: none here
+    np.testing.assert_allclose(np.asarray(logits), ref_logits, rtol=0, atol=2e-5 * np.abs(ref_logits).max())
+    np.testing.assert_allclose(np.asarray(h), np.asarray(ref.hidden_btd[:, 0]), rtol=0, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(k), np.asarray(ref.cache.k_lbksh), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(v), np.asarray(ref.cache.v_lbksh), rtol=0, atol=1e-5)
+
+
+@needs_kernel
+def test_a_row_with_no_real_token_averages_all_slots_as_xla_does():
+    cfg = tiny_cfg()
+    model = tiny_model(cfg)
+    cache, token_b, position_b, kv_mask_bs = _prefill_then_step(model, cfg, jnp.ones((2, 4), bool), slots=6)
+    kv_mask_bs = kv_mask_bs.at[1].set(False)  # row 1 sees no key at all
+    ref = model(token_b[:, None], position_b[:, None], kv_mask_bs, cache=cache, cache_pos=4)
+    weights = cpu_decode.pack_weights(model)
+    cos_br, sin_br = (c[:, 0] for c in rope_cos_sin(cfg, position_b[:, None]))
+    logits, *_ = jax.jit(lambda *a: cpu_decode.decode_step(weights, cfg, *a))(
+        jnp.take(model.embed_vd[...], token_b, axis=0), cos_br, sin_br, kv_mask_bs, jnp.int32(4), cache.k_lbksh,
+        cache.v_lbksh)
+    ref_logits = np.asarray(ref.logits_btv[:, 0])
+    np.testing.assert_allclose(np.asarray(logits), ref_logits, rtol=0, atol=2e-5 * np.abs(ref_logits).max())
+
+
+@needs_kernel
+def test_sampler_rollouts_equal_xla():
+    """Greedy rollouts are the same tokens, and sampled ones the same tokens with the same log-probabilities,
+    values and entropies (to fp32 summation order), on and off the kernel."""
+    cfg = tiny_cfg(num_layers=3)
+    model = tiny_model(cfg, seed=3)
+    model.embed_vd.set_value(model.embed_vd[...] * 4.0)  # sharper logits: greedy choices far from ties
+    state = nnx.state(model)
+    prompts = [[5, 9, 14], [7, 3, 22, 41, 8, 19, 30], [11], [4, 4, 4, 4]]
+    kw = dict(eos_ids=(1,), pad_id=0, max_new_tokens=12, bucket=8)
+    native, xla = (Sampler.for_model(model, decode_kernel=k, **kw) for k in ("native", "xla"))
+    g_native, g_xla = greedy(native, state, prompts), greedy(xla, state, prompts)
+    assert np.array_equal(np.asarray(g_native.tokens_bt), np.asarray(g_xla.tokens_bt))
+    s_native, s_xla = native(state, prompts, jax.random.key(7)), xla(state, prompts, jax.random.key(7))
+    assert np.array_equal(np.asarray(s_native.tokens_bt), np.asarray(s_xla.tokens_bt))
+    assert np.array_equal(np.asarray(s_native.response_mask_bt), np.asarray(s_xla.response_mask_bt))
+    for name in ("logprobs_bt", "values_bt", "entropy_bt"):
+        np.testing.assert_allclose(np.asarray(getattr(s_native, name)), np.asarray(getattr(s_xla, name)),
+                                   rtol=0, atol=1e-4, err_msg=name)
+
+
+def test_who_may_use_the_kernel():
+    cfg = tiny_cfg()
+    assert cpu_decode.model_unsupported(cfg, jnp.float32, jnp.bfloat16, jnp.float32) is None
+    assert "matmul dtype" in cpu_decode.model_unsupported(cfg, jnp.float32, None, jnp.float32)
+    assert "family" in cpu_decode.model_unsupported(tiny_cfg(family="gpt_neox", parallel_residual=True),
+                                                    jnp.float32, jnp.bfloat16, jnp.float32)
+    assert "biases" in cpu_decode.model_unsupported(tiny_cfg(attention_bias=True), jnp.float32, jnp.bfloat16,
+                                                    jnp.float32)
+    assert "cache" in cpu_decode.model_unsupported(cfg, jnp.float32, jnp.bfloat16, jnp.bfloat16)
+    fp32_model = tiny_model(cfg, matmul_dtype=None)
+    assert not use_native_decode("auto", fp32_model, jnp.float32, True)
+    assert not use_native_decode("xla", tiny_model(cfg), jnp.float32, True)
+    with pytest.raises(ValueError, match="decode_kernel='native' cannot run here: matmul dtype None"):
+        use_native_decode("native", fp32_model, jnp.float32, True)
+    with pytest.raises(ValueError, match="decode_kernel='triton'; accepted: auto, native, xla"):
+        use_native_decode("triton", fp32_model, jnp.float32, True)
+    if cpu_decode.machine_unsupported() is None:
+        assert use_native_decode("auto", tiny_model(cfg), jnp.float32, True)
+        assert not use_native_decode("auto", tiny_model(cfg), jnp.float32, False)  # split weights
