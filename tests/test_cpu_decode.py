@@ -75,17 +75,20 @@ def _prefill_then_step(model, cfg, mask_bp, slots):
 
 
 @needs_kernel
-@pytest.mark.parametrize("tied", [True, False])
-def test_one_step_equals_xla(tied):
+@pytest.mark.parametrize("tied,head_dim,ffn,native_pack", [(True, 16, 96, True), (False, 8, 80, True),
+                                                           (False, 16, 96, False)])
+def test_one_step_equals_xla(tied, head_dim, ffn, native_pack):
     """Logits, final hidden states (value head) and both caches equal XLA's bf16-matmul step under left padding
-    and grouped-query attention, for 9 rows (a full group of 8 and one more)."""
-    cfg = tiny_cfg(tie_embeddings=tied, rope_theta=500.0)
+    and grouped-query attention, for 9 rows (a full group of 8 and one more); q|k|v and gate|up in whole tiles
+    (packed apart, concatenated) and not (head_dim 8: 48 query outputs; 80-wide MLP), packed natively or by jnp."""
+    cfg = tiny_cfg(tie_embeddings=tied, rope_theta=500.0, head_dim=head_dim, rotary_dim=head_dim,
+                   intermediate_size=ffn)
     model = tiny_model(cfg)
     mask_bp = np.ones((9, 5), bool)
     mask_bp[0, :2] = mask_bp[3, :4] = mask_bp[7, :1] = False
     cache, token_b, position_b, kv_mask_bs = _prefill_then_step(model, cfg, jnp.asarray(mask_bp), slots=9)
     ref = model(token_b[:, None], position_b[:, None], kv_mask_bs, cache=cache, cache_pos=5)
-    weights = jax.jit(cpu_decode.pack_weights)(model)
+    weights = jax.jit(lambda m: cpu_decode.pack_weights(m, native=native_pack))(model)
     cos_br, sin_br = (c[:, 0] for c in rope_cos_sin(cfg, position_b[:, None]))
     x_bd = jnp.take(model.embed_vd[...], token_b, axis=0)
     logits, h, k, v = jax.jit(lambda *a: cpu_decode.decode_step(weights, cfg, *a))(

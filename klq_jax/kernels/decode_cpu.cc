@@ -34,6 +34,7 @@ namespace {
 
 constexpr int kTile = 32;  // outputs per packed tile
 constexpr int kRows = 8;   // activation rows per pass over a tile (16 accumulators)
+constexpr int kPrefetch = 16;  // pairs ahead (2 KiB of the tile): 17-19 -> 18-24 GB/s against 8 on a 2-core Xeon
 
 inline uint16_t to_bf16(float f) {  // round to nearest even (XLA's f32 -> bf16 convert; no NaN inputs here)
   uint32_t u;
@@ -68,8 +69,8 @@ inline void tile_dot(const uint16_t* w_tile, const uint32_t* pairs, int in2, flo
   for (int k = 0; k < in2; ++k) {
     const __m512i w0 = _mm512_loadu_si512(w_tile + 64 * k);
     const __m512i w1 = _mm512_loadu_si512(w_tile + 64 * k + 32);
-    _mm_prefetch(reinterpret_cast<const char*>(w_tile + 64 * (k + 8)), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(w_tile + 64 * (k + 8) + 32), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w_tile + 64 * (k + kPrefetch)), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w_tile + 64 * (k + kPrefetch) + 32), _MM_HINT_T0);
 #pragma GCC unroll 8
     for (int r = 0; r < kRows; ++r) {
       const __m512i xb = _mm512_set1_epi32(static_cast<int>(pairs[r * in2 + k]));

@@ -190,13 +190,19 @@ def pack_weights(model, native: bool = True) -> DecodeWeights:
     blocks = model.blocks
     lyr, d = blocks.wq_dnh[...].shape[:2]
     flat = lambda w: w[...].reshape(lyr, d, -1)  # noqa: E731  [L, D, out]
-    w_qkv_io = jnp.concatenate([flat(blocks.wq_dnh), flat(blocks.wk_dkh), flat(blocks.wv_dkh)], axis=2)
-    w_gate_up_io = jnp.concatenate([blocks.w_gate_df[...], blocks.w_up_df[...]], axis=2)
+
+    def pack_concatenated(ws_io):  # the outputs of several [L, I, O_i] weights as one packed matrix
+        if all(w.shape[-1] % TILE == 0 for w in ws_io):  # whole tiles: concatenate the packed bf16 (half the bytes)
+            return jnp.concatenate([pack_io_(w) for w in ws_io], axis=-4)
+        return pack_io_(jnp.concatenate(ws_io, axis=-1))
+
     head = model.lm_head_vd()
     return DecodeWeights(
         ln1_ld=blocks.ln1_scale[...].astype(jnp.float32), ln2_ld=blocks.ln2_scale[...].astype(jnp.float32),
-        final_d=model.final_scale[...].astype(jnp.float32), w_qkv=pack_io_(w_qkv_io),
-        w_o=pack_io_(blocks.wo_nhd[...].reshape(lyr, -1, d)), w_gate_up=pack_io_(w_gate_up_io),
+        final_d=model.final_scale[...].astype(jnp.float32),
+        w_qkv=pack_concatenated([flat(blocks.wq_dnh), flat(blocks.wk_dkh), flat(blocks.wv_dkh)]),
+        w_o=pack_io_(blocks.wo_nhd[...].reshape(lyr, -1, d)),
+        w_gate_up=pack_concatenated([blocks.w_gate_df[...], blocks.w_up_df[...]]),
         w_down=pack_io_(blocks.w_down_fd[...]), w_head=pack_oi_(head))
 
 
