@@ -75,12 +75,17 @@ def _prefill_then_step(model, cfg, mask_bp, slots):
 
 
 @needs_kernel
+@pytest.mark.parametrize("amx", [True, False], ids=["amx", "avx512"])
 @pytest.mark.parametrize("tied,head_dim,ffn,native_pack", [(True, 16, 96, True), (False, 8, 80, True),
-                                                           (False, 16, 96, False)])
-def test_one_step_equals_xla(tied, head_dim, ffn, native_pack):
+                                                           (False, 16, 96, False), (True, 16, 112, True)])
+def test_one_step_equals_xla(tied, head_dim, ffn, native_pack, amx):
     """Logits, final hidden states (value head) and both caches equal XLA's bf16-matmul step under left padding
     and grouped-query attention, for 9 rows (a full group of 8 and one more); q|k|v and gate|up in whole tiles
-    (packed apart, concatenated) and not (head_dim 8: 48 query outputs; 80-wide MLP), packed natively or by jnp."""
+    (packed apart, concatenated) and not (head_dim 8: 48 query outputs; 80-wide MLP), packed natively or by jnp;
+    with AMX tile products (where the CPU has them) and with AVX-512 BF16 dot products only. The 112-wide MLP's
+    down projection has 56 input pairs: AMX's 16-pair tiles leave 8 to the AVX-512 loop."""
+    if amx and not cpu_decode.has_amx():
+        pytest.skip("no AMX on this CPU")
     cfg = tiny_cfg(tie_embeddings=tied, rope_theta=500.0, head_dim=head_dim, rotary_dim=head_dim,
                    intermediate_size=ffn)
     model = tiny_model(cfg)
@@ -91,12 +96,13 @@ def test_one_step_equals_xla(tied, head_dim, ffn, native_pack):
     weights = jax.jit(lambda m: cpu_decode.pack_weights(m, native=native_pack))(model)
     cos_br, sin_br = (c[:, 0] for c in rope_cos_sin(cfg, position_b[:, None]))
     x_bd = jnp.take(model.embed_vd[...], token_b, axis=0)
-    logits, h, k, v = jax.jit(lambda *a: cpu_decode.decode_step(weights, cfg, *a))(
+    logits, h, k, v = jax.jit(lambda *a: cpu_decode.decode_step(weights, cfg, *a, amx=amx))(
         x_bd, cos_br, sin_br, kv_mask_bs, jnp.int32(5), cache.k_lbksh, cache.v_lbksh)
     ref_logits = np.asarray(ref.logits_btv[:, 0])
-    # fp32 summation order only; a bf16 rounding of an activation that lands the other side of a tie would move
-    # a logit by ~1e-2 of its scale: none here
-    np.testing.assert_allclose(np.asarray(logits), ref_logits, rtol=0, atol=2e-5 * np.abs(ref_logits).max())
+    # The dots sum their products in another order (the AVX-512 loop pairwise per lane; XLA's and the kernel's AMX
+    # tiles agree to the bit here): 2.2e-5 of the logits' scale at most on these models. A wrong weight, norm or
+    # rotation moves them by more than 1e-2 of it.
+    np.testing.assert_allclose(np.asarray(logits), ref_logits, rtol=0, atol=5e-5 * np.abs(ref_logits).max())
     np.testing.assert_allclose(np.asarray(h), np.asarray(ref.hidden_btd[:, 0]), rtol=0, atol=2e-5)
     np.testing.assert_allclose(np.asarray(k), np.asarray(ref.cache.k_lbksh), rtol=0, atol=1e-5)
     np.testing.assert_allclose(np.asarray(v), np.asarray(ref.cache.v_lbksh), rtol=0, atol=1e-5)
@@ -158,3 +164,29 @@ def test_who_may_use_the_kernel():
     if cpu_decode.machine_unsupported() is None:
         assert use_native_decode("auto", tiny_model(cfg), jnp.float32, True)
         assert not use_native_decode("auto", tiny_model(cfg), jnp.float32, False)  # split weights
+
+
+@needs_kernel
+def test_xla_matmuls_after_the_kernel_are_right():
+    """The kernel's threads put back the AMX tile configuration they found: XLA:CPU's own bf16 dots (AMX tiles
+    on CPUs that have them) on the same threads, right after a step, still compute the product."""
+    cfg = tiny_cfg()
+    model = tiny_model(cfg)
+    cache, token_b, position_b, kv_mask_bs = _prefill_then_step(model, cfg, jnp.ones((8, 4), bool), slots=6)
+    weights = cpu_decode.pack_weights(model)
+    cos_br, sin_br = (c[:, 0] for c in rope_cos_sin(cfg, position_b[:, None]))
+    rng = np.random.default_rng(4)
+    a = jnp.asarray(rng.standard_normal((256, 512)), jnp.bfloat16)
+    b = jnp.asarray(rng.standard_normal((512, 384)), jnp.bfloat16)
+    expected = np.asarray(a, np.float64) @ np.asarray(b, np.float64)
+
+    @jax.jit
+    def step_then_matmul(x_bd, k, v):
+        logits = cpu_decode.decode_step(weights, cfg, x_bd, cos_br, sin_br, kv_mask_bs, jnp.int32(4), k, v)[0]
+        return logits, jnp.dot(a, b, preferred_element_type=jnp.float32)
+
+    for _ in range(3):
+        _, product = step_then_matmul(jnp.take(model.embed_vd[...], token_b, axis=0), cache.k_lbksh, cache.v_lbksh)
+        np.testing.assert_allclose(np.asarray(product), expected, rtol=0, atol=1e-3)
+        np.testing.assert_allclose(np.asarray(jax.jit(jnp.dot, static_argnames="preferred_element_type")(
+            a, b, preferred_element_type=jnp.float32)), expected, rtol=0, atol=1e-3)

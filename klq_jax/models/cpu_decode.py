@@ -38,8 +38,9 @@ TARGET = "klq_decode_step"
 PACK_TARGET = "klq_pack_tiles"
 TILE = 32  # outputs per packed tile (kTile in the source)
 # Portable across AVX-512 BF16 CPUs (not -march=native: the cache folder may be shared between machines).
+# AMX code runs only where `has_amx` (attribute `amx`).
 CXX_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512vl",
-             "-mavx512bf16", "-mfma")
+             "-mavx512bf16", "-mfma", "-mamx-tile", "-mamx-bf16")
 
 
 def _machine_flags() -> set[str]:
@@ -48,6 +49,14 @@ def _machine_flags() -> set[str]:
             return cpu_flags(f.read())
     except OSError:
         return set()
+
+
+@functools.lru_cache(maxsize=None)
+def has_amx() -> bool:
+    """Whether this CPU has AMX with bf16 tiles (Sapphire Rapids and later): the kernel's matmuls then run as tile
+    products (the kernel also asks Linux for the tile state, and keeps to AVX-512 BF16 if refused)."""
+    flags = _machine_flags()
+    return {"amx_tile", "amx_bf16"} <= flags
 
 
 def model_unsupported(cfg: ModelConfig, dtype, matmul_dtype, cache_dtype) -> str | None:
@@ -208,11 +217,12 @@ def pack_weights(model, native: bool = True) -> DecodeWeights:
 
 def decode_step(weights: DecodeWeights, cfg: ModelConfig, x_nd: jax.Array, cos_nr: jax.Array, sin_nr: jax.Array,
                 kv_mask_ns: jax.Array, cache_pos: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
-                num_threads: int | None = None):
+                num_threads: int | None = None, amx: bool | None = None):
     """One decode step of N = B rows: `x_nd` the embedded tokens [N, D], `cos_nr`/`sin_nr` their RoPE tables
     [N, rotary_dim], `kv_mask_ns` the cache slots holding real tokens after this step's write at `cache_pos`,
     `k_cache`/`v_cache` [L, B, K, S, hd] float32 (updated in place). Returns `(logits_nv, h_nd, k_cache,
-    v_cache)`: float32 logits, the final-normed hidden states (for a value head), the caches."""
+    v_cache)`: float32 logits, the final-normed hidden states (for a value head), the caches. `amx` None: where the
+    CPU has it (`has_amx`); False: AVX-512 BF16 dot products only."""
     register()
     n, _ = x_nd.shape
     call = jax.ffi.ffi_call(
@@ -224,4 +234,5 @@ def decode_step(weights: DecodeWeights, cfg: ModelConfig, x_nd: jax.Array, cos_n
                 weights.ln1_ld, weights.ln2_ld, weights.final_d, weights.w_qkv, weights.w_o, weights.w_gate_up,
                 weights.w_down, weights.w_head, k_cache, v_cache, eps=np.float32(cfg.norm_eps),
                 num_heads=np.int64(cfg.num_heads), rotary_dim=np.int64(cfg.rotary_dim),
-                num_threads=np.int64(num_threads or os.cpu_count() or 1))
+                num_threads=np.int64(num_threads or len(os.sched_getaffinity(0)) or 1),
+                amx=bool(has_amx() if amx is None else amx))
