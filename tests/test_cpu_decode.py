@@ -14,6 +14,7 @@ from klq_jax.models.transformer import CausalLM, KVCache, rope_cos_sin
 
 needs_kernel = pytest.mark.skipif(cpu_decode.machine_unsupported() is not None,
                                   reason=f"native decode: {cpu_decode.machine_unsupported()}")
+MATMUL_DTYPES = pytest.mark.parametrize("matmul_dtype", [jnp.bfloat16, None], ids=["bf16", "fp32"])
 
 
 def tiny_cfg(**kw) -> ModelConfig:
@@ -37,28 +38,32 @@ def tiny_model(cfg, seed=0, matmul_dtype=jnp.bfloat16, value_head=True):
     return model
 
 
-def test_pack_io_is_pack_oi_of_the_transpose():
+def test_pack_layouts():
     w_lio = jnp.asarray(np.random.default_rng(0).standard_normal((3, 10, 70)), jnp.float32)
-    a = np.asarray(cpu_decode.pack_io(w_lio))
-    b = np.asarray(cpu_decode.pack_oi(jnp.swapaxes(w_lio, 1, 2)))
-    assert a.shape == (3, 3, 5, 32, 2) and np.array_equal(a.view(np.uint16), b.view(np.uint16))
-    # tile t, pair k, lane j holds W[32t + j, 2k : 2k + 2]; rows past O are zero
+    packed = np.asarray(cpu_decode.pack_io(w_lio)).astype(np.float32)
+    assert packed.shape == (3, 3, 5, 32, 2)
+    # bf16: tile t, pair k, lane j holds W[32t + j, 2k : 2k + 2]; rows past O are zero
     w_oi = np.asarray(jnp.swapaxes(w_lio, 1, 2).astype(jnp.bfloat16)).astype(np.float32)
-    packed = a.astype(np.float32)
     assert np.array_equal(packed[1, 2, 3, 5], w_oi[1, 64 + 5, 6:8])
     assert not packed[:, 2, :, 6:].any()
+    # fp32: tile t, input i, lane j holds W[32t + j, i]
+    packed32 = np.asarray(cpu_decode.pack_io(w_lio, jnp.float32))
+    assert packed32.shape == (3, 3, 10, 32)
+    assert packed32[1, 2, 7, 5] == np.asarray(w_lio)[1, 7, 69] and not packed32[:, 2, :, 6:].any()
 
 
 @needs_kernel
+@pytest.mark.parametrize("packed_dtype", [jnp.bfloat16, jnp.float32], ids=["to_bf16", "to_fp32"])
 @pytest.mark.parametrize("input_major", [True, False])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("shape", [(2, 64, 96), (2, 64, 100), (96, 64), (40, 32)])
-def test_native_pack_equals_jnp_pack(input_major, dtype, shape):
+def test_native_pack_equals_jnp_pack(input_major, dtype, shape, packed_dtype):
     w = jnp.asarray(np.random.default_rng(1).standard_normal(shape), dtype)
-    ref = cpu_decode.pack_io(w) if input_major else cpu_decode.pack_oi(w)
-    got = jax.jit(lambda w: cpu_decode.pack_native(w, input_major))(w)
-    assert got.shape == ref.shape and got.dtype == jnp.bfloat16
-    assert np.array_equal(np.asarray(got).view(np.uint16), np.asarray(ref).view(np.uint16))
+    ref = (cpu_decode.pack_io if input_major else cpu_decode.pack_oi)(w, packed_dtype)
+    got = jax.jit(lambda w: cpu_decode.pack_native(w, input_major, packed_dtype))(w)
+    assert got.shape == ref.shape and got.dtype == packed_dtype
+    bits = np.uint16 if packed_dtype == jnp.bfloat16 else np.uint32
+    assert np.array_equal(np.asarray(got).view(bits), np.asarray(ref).view(bits))
 
 
 def _prefill_then_step(model, cfg, mask_bp, slots):
@@ -75,20 +80,22 @@ def _prefill_then_step(model, cfg, mask_bp, slots):
 
 
 @needs_kernel
+@MATMUL_DTYPES
 @pytest.mark.parametrize("amx", [True, False], ids=["amx", "avx512"])
 @pytest.mark.parametrize("tied,head_dim,ffn,native_pack", [(True, 16, 96, True), (False, 8, 80, True),
                                                            (False, 16, 96, False), (True, 16, 112, True)])
-def test_one_step_equals_xla(tied, head_dim, ffn, native_pack, amx):
+def test_one_step_equals_xla(tied, head_dim, ffn, native_pack, amx, matmul_dtype):
     """Logits, final hidden states (value head) and both caches equal XLA's bf16-matmul step under left padding
     and grouped-query attention, for 9 rows (a full group of 8 and one more); q|k|v and gate|up in whole tiles
     (packed apart, concatenated) and not (head_dim 8: 48 query outputs; 80-wide MLP), packed natively or by jnp;
     with AMX tile products (where the CPU has them) and with AVX-512 BF16 dot products only. The 112-wide MLP's
-    down projection has 56 input pairs: AMX's 16-pair tiles leave 8 to the AVX-512 loop."""
-    if amx and not cpu_decode.has_amx():
-        pytest.skip("no AMX on this CPU")
+    down projection has 56 input pairs: AMX's 16-pair tiles leave 8 to the AVX-512 loop. fp32 matmuls: fp32 tiles
+    and FMAs, against XLA's fp32 step (AMX plays no part)."""
+    if amx and (not cpu_decode.has_amx() or matmul_dtype is None):
+        pytest.skip("no AMX on this CPU, or fp32 matmuls")
     cfg = tiny_cfg(tie_embeddings=tied, rope_theta=500.0, head_dim=head_dim, rotary_dim=head_dim,
                    intermediate_size=ffn)
-    model = tiny_model(cfg)
+    model = tiny_model(cfg, matmul_dtype=matmul_dtype)
     mask_bp = np.ones((9, 5), bool)
     mask_bp[0, :2] = mask_bp[3, :4] = mask_bp[7, :1] = False
     cache, token_b, position_b, kv_mask_bs = _prefill_then_step(model, cfg, jnp.asarray(mask_bp), slots=9)
@@ -125,11 +132,12 @@ def test_a_row_with_no_real_token_averages_all_slots_as_xla_does():
 
 
 @needs_kernel
-def test_sampler_rollouts_equal_xla():
+@MATMUL_DTYPES
+def test_sampler_rollouts_equal_xla(matmul_dtype):
     """Greedy rollouts are the same tokens, and sampled ones the same tokens with the same log-probabilities,
-    values and entropies (to fp32 summation order), on and off the kernel."""
+    values and entropies (to fp32 summation order), on and off the kernel, with bf16 and fp32 matmuls."""
     cfg = tiny_cfg(num_layers=3)
-    model = tiny_model(cfg, seed=3)
+    model = tiny_model(cfg, seed=3, matmul_dtype=matmul_dtype)
     model.embed_vd.set_value(model.embed_vd[...] * 4.0)  # sharper logits: greedy choices far from ties
     state = nnx.state(model)
     prompts = [[5, 9, 14], [7, 3, 22, 41, 8, 19, 30], [11], [4, 4, 4, 4]]
@@ -148,22 +156,25 @@ def test_sampler_rollouts_equal_xla():
 def test_who_may_use_the_kernel():
     cfg = tiny_cfg()
     assert cpu_decode.model_unsupported(cfg, jnp.float32, jnp.bfloat16, jnp.float32) is None
-    assert "matmul dtype" in cpu_decode.model_unsupported(cfg, jnp.float32, None, jnp.float32)
+    assert cpu_decode.model_unsupported(cfg, jnp.float32, None, jnp.float32) is None
+    assert "matmul dtype float16" in cpu_decode.model_unsupported(cfg, jnp.float32, jnp.float16, jnp.float32)
     assert "family" in cpu_decode.model_unsupported(tiny_cfg(family="gpt_neox", parallel_residual=True),
                                                     jnp.float32, jnp.bfloat16, jnp.float32)
     assert "biases" in cpu_decode.model_unsupported(tiny_cfg(attention_bias=True), jnp.float32, jnp.bfloat16,
                                                     jnp.float32)
     assert "cache" in cpu_decode.model_unsupported(cfg, jnp.float32, jnp.bfloat16, jnp.bfloat16)
-    fp32_model = tiny_model(cfg, matmul_dtype=None)
-    assert not use_native_decode("auto", fp32_model, jnp.float32, True)
-    assert not use_native_decode("xla", tiny_model(cfg), jnp.float32, True)
-    with pytest.raises(ValueError, match="decode_kernel='native' cannot run here: matmul dtype None"):
-        use_native_decode("native", fp32_model, jnp.float32, True)
+    model = tiny_model(cfg)
+    assert not use_native_decode("auto", model, jnp.bfloat16, True)  # a bf16 cache
+    assert not use_native_decode("xla", model, jnp.float32, True)
+    with pytest.raises(ValueError, match="decode_kernel='native' cannot run here: activations float32 / cache "
+                                         "bfloat16"):
+        use_native_decode("native", model, jnp.bfloat16, True)
     with pytest.raises(ValueError, match="decode_kernel='triton'; accepted: auto, native, xla"):
-        use_native_decode("triton", fp32_model, jnp.float32, True)
+        use_native_decode("triton", model, jnp.float32, True)
     if cpu_decode.machine_unsupported() is None:
-        assert use_native_decode("auto", tiny_model(cfg), jnp.float32, True)
-        assert not use_native_decode("auto", tiny_model(cfg), jnp.float32, False)  # split weights
+        assert use_native_decode("auto", model, jnp.float32, True)
+        assert use_native_decode("auto", tiny_model(cfg, matmul_dtype=None), jnp.float32, True)
+        assert not use_native_decode("auto", model, jnp.float32, False)  # split weights
 
 
 @needs_kernel

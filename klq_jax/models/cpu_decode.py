@@ -59,30 +59,41 @@ def has_amx() -> bool:
     return {"amx_tile", "amx_bf16"} <= flags
 
 
+def weight_dtype(matmul_dtype) -> jnp.dtype | None:
+    """The kernel's packed weights for these matmul operands: bf16 for bf16, fp32 for fp32 (or None: the compute
+    dtype, fp32 here); None where the kernel has no such matmul (fp16)."""
+    mdt = jnp.dtype(jnp.float32 if matmul_dtype is None else matmul_dtype)
+    return mdt if mdt in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)) else None
+
+
 def model_unsupported(cfg: ModelConfig, dtype, matmul_dtype, cache_dtype) -> str | None:
     """Why this model's decode cannot run on the kernel (None: it can): the kernel is the Llama family's step
-    (RMSNorm, gated SiLU MLP, RoPE, no biases, sequential residual) with bf16 matmul operands, fp32 activations
-    and an fp32 cache."""
+    (RMSNorm, gated SiLU MLP, RoPE, no biases, sequential residual) with bf16 or fp32 matmul operands, fp32
+    activations and an fp32 cache."""
     if cfg.family != "llama" or cfg.parallel_residual or cfg.activation != "silu":
         return f"family {cfg.family!r} (the kernel runs Llama-family models)"
     if cfg.attention_bias or cfg.output_bias or cfg.mlp_bias:
         return "biases in the attention or MLP"
-    if matmul_dtype is None or jnp.dtype(matmul_dtype) != jnp.bfloat16:
-        return f"matmul dtype {matmul_dtype} (the kernel's dots take bfloat16 operands)"
     if jnp.dtype(dtype) != jnp.float32 or jnp.dtype(cache_dtype) != jnp.float32:
         return f"activations {jnp.dtype(dtype)} / cache {jnp.dtype(cache_dtype)} (the kernel keeps both in float32)"
-    if cfg.hidden_size % 2 or cfg.intermediate_size % 2 or (cfg.num_heads * cfg.head_dim) % 2 or cfg.rotary_dim % 2:
+    if weight_dtype(matmul_dtype) is None:
+        return f"matmul dtype {jnp.dtype(matmul_dtype)} (the kernel's dots take bfloat16 or float32 operands)"
+    odd = cfg.hidden_size % 2 or cfg.intermediate_size % 2 or (cfg.num_heads * cfg.head_dim) % 2
+    if (odd and weight_dtype(matmul_dtype) == jnp.bfloat16) or cfg.rotary_dim % 2:
         return "an odd matmul input size or rotary dimension"
     return None
 
 
-def machine_unsupported() -> str | None:
-    """Why this machine cannot run the kernel (None: it can): JAX on CPU, x86-64 Linux with AVX-512 BF16, a C++
-    compiler (`$CXX`, else g++)."""
+def machine_unsupported(matmul_dtype=jnp.bfloat16) -> str | None:
+    """Why this machine cannot run the kernel with these matmul operands (None: it can): JAX on CPU, x86-64 Linux
+    with AVX-512 (and AVX-512 BF16 for bf16 operands), a C++ compiler (`$CXX`, else g++)."""
     if jax.default_backend() != "cpu":
         return f"backend {jax.default_backend()} (the kernel is for XLA:CPU)"
-    if platform.machine() not in ("x86_64", "AMD64") or "avx512_bf16" not in _machine_flags():
-        return "no AVX-512 BF16 on this CPU"
+    flags = _machine_flags()
+    if platform.machine() not in ("x86_64", "AMD64") or "avx512f" not in flags:
+        return "no AVX-512 on this CPU"
+    if weight_dtype(matmul_dtype) == jnp.bfloat16 and "avx512_bf16" not in flags:
+        return "no AVX-512 BF16 on this CPU (bfloat16 matmuls)"
     if _compiler() is None:
         return "no C++ compiler (g++, or $CXX)"
     return None
@@ -129,9 +140,10 @@ def register() -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def available() -> bool:
-    """Whether this process can run the kernel: the machine supports it and it builds and loads."""
-    if machine_unsupported() is not None:
+def available(matmul_dtype=jnp.bfloat16) -> bool:
+    """Whether this process can run the kernel with these matmul operands: the machine supports it and it builds
+    and loads."""
+    if machine_unsupported(matmul_dtype) is not None:
         return False
     try:
         register()
@@ -140,45 +152,46 @@ def available() -> bool:
     return True
 
 
-def packed_shape(w: jax.Array, input_major: bool) -> tuple[int, ...]:
+def packed_shape(w: jax.Array, input_major: bool, dtype=jnp.bfloat16) -> tuple[int, ...]:
     *lead, a, b = w.shape
     i, o = (a, b) if input_major else (b, a)
+    if jnp.dtype(dtype) == jnp.float32:
+        return (*lead, -(-o // TILE), i, TILE)
     return (*lead, -(-o // TILE), i // 2, TILE, 2)
 
 
-def pack_native(w: jax.Array, input_major: bool) -> jax.Array:
-    """`pack_io` (`input_major`) or `pack_oi` as a native call on the caller and XLA's pool: 0.31 -> ~0.05 s for
-    SmolLM2-135M's weights (XLA's transposes of 270 MB took most of the time). fp32 denormals round to zero;
+def pack_native(w: jax.Array, input_major: bool, dtype=jnp.bfloat16) -> jax.Array:
+    """`pack_io` (`input_major`) or `pack_oi` as a native call on the caller and XLA's pool: 0.31 -> 0.14 s for
+    SmolLM2-135M's weights in bf16 (XLA's transposes took most of the time). fp32 denormals round to zero in bf16;
     other values are the same bits."""
     register()
-    call = jax.ffi.ffi_call(PACK_TARGET, jax.ShapeDtypeStruct(packed_shape(w, input_major), jnp.bfloat16))
+    call = jax.ffi.ffi_call(PACK_TARGET, jax.ShapeDtypeStruct(packed_shape(w, input_major, dtype), dtype))
     return call(w, input_major=input_major)
 
 
-def pack_oi(w_oi: jax.Array) -> jax.Array:
-    """[..., O, I] weights (out, in) as the kernel's bf16 tiles [..., ceil(O/32), I/2, 32, 2] (zero rows pad O);
-    jnp's reference of `pack_native`."""
-    *lead, o, i = w_oi.shape
-    pad = -o % TILE
-    w = jnp.pad(w_oi.astype(jnp.bfloat16), [(0, 0)] * len(lead) + [(0, pad), (0, 0)])
-    w = w.reshape(*lead, (o + pad) // TILE, TILE, i // 2, 2)
-    return jnp.swapaxes(w, -3, -2)
+def pack_oi(w_oi: jax.Array, dtype=jnp.bfloat16) -> jax.Array:
+    """[..., O, I] weights (out, in) as the kernel's tiles of 32 outputs (zero rows pad O); jnp's reference of
+    `pack_native`. bf16: [..., ceil(O/32), I/2, 32, 2], each pair of inputs holding the 32 outputs' weights as
+    adjacent bf16 pairs; fp32: [..., ceil(O/32), I, 32]."""
+    return pack_io(jnp.swapaxes(w_oi, -1, -2), dtype)
 
 
-def pack_io(w_io: jax.Array) -> jax.Array:
+def pack_io(w_io: jax.Array, dtype=jnp.bfloat16) -> jax.Array:
     """`pack_oi` of [..., I, O] weights (in, out), without materialising the [O, I] transpose first."""
     *lead, i, o = w_io.shape
     pad = -o % TILE
-    w = jnp.pad(w_io.astype(jnp.bfloat16), [(0, 0)] * len(lead) + [(0, 0), (0, pad)])
-    w = w.reshape(*lead, i // 2, 2, (o + pad) // TILE, TILE)
+    w = jnp.pad(w_io.astype(dtype), [(0, 0)] * len(lead) + [(0, 0), (0, pad)])
     n = len(lead)
+    if jnp.dtype(dtype) == jnp.float32:
+        return jnp.swapaxes(w.reshape(*lead, i, (o + pad) // TILE, TILE), n, n + 1)
+    w = w.reshape(*lead, i // 2, 2, (o + pad) // TILE, TILE)
     return w.transpose(*range(n), n + 2, n, n + 3, n + 1)
 
 
 @struct.dataclass
 class DecodeWeights:
     """A Llama-family model's weights as the kernel reads them: norms fp32 [L, D] and [D]; matmul weights in
-    bf16 tiles (`pack_oi`), stacked over layers: q|k|v [L, (H+2K)hd, D], o [L, D, H*hd], gate|up [L, 2F, D],
+    bf16 or fp32 tiles (`pack_oi`), stacked over layers: q|k|v [L, (H+2K)hd, D], o [L, D, H*hd], gate|up [L, 2F, D],
     down [L, D, F], the LM head [V, D]."""
 
     ln1_ld: jax.Array
@@ -192,17 +205,22 @@ class DecodeWeights:
 
 
 def pack_weights(model, native: bool = True) -> DecodeWeights:
-    """`DecodeWeights` of a `CausalLM` (stacked blocks, [in, out] weights), inside the sampler's jit: one pass
-    per rollout, as the XLA step's per-layer copies were. `native`: packed by `pack_native`, else by jnp."""
-    pack_io_ = functools.partial(pack_native, input_major=True) if native else pack_io
-    pack_oi_ = functools.partial(pack_native, input_major=False) if native else pack_oi
+    """`DecodeWeights` of a `CausalLM` (stacked blocks, [in, out] weights) for its matmul dtype (`weight_dtype`),
+    inside the sampler's jit: one pass per rollout, as the XLA step's per-layer copies were. `native`: packed by
+    `pack_native`, else by jnp."""
+    dtype = weight_dtype(model.matmul_dtype)
+    if native:
+        pack_io_ = functools.partial(pack_native, input_major=True, dtype=dtype)
+        pack_oi_ = functools.partial(pack_native, input_major=False, dtype=dtype)
+    else:
+        pack_io_, pack_oi_ = functools.partial(pack_io, dtype=dtype), functools.partial(pack_oi, dtype=dtype)
     blocks = model.blocks
     lyr, d = blocks.wq_dnh[...].shape[:2]
     flat = lambda w: w[...].reshape(lyr, d, -1)  # noqa: E731  [L, D, out]
 
     def pack_concatenated(ws_io):  # the outputs of several [L, I, O_i] weights as one packed matrix
-        if all(w.shape[-1] % TILE == 0 for w in ws_io):  # whole tiles: concatenate the packed bf16 (half the bytes)
-            return jnp.concatenate([pack_io_(w) for w in ws_io], axis=-4)
+        if all(w.shape[-1] % TILE == 0 for w in ws_io):  # whole tiles: concatenate the packed (bf16: half the bytes)
+            return jnp.concatenate([pack_io_(w) for w in ws_io], axis=-4 if dtype == jnp.bfloat16 else -3)
         return pack_io_(jnp.concatenate(ws_io, axis=-1))
 
     head = model.lm_head_vd()

@@ -124,7 +124,7 @@ def use_native_decode(decode_kernel: str, model: CausalLM, cache_dtype, unstack_
     if decode_kernel == "xla":
         return False
     reason = (cpu_decode.model_unsupported(model.cfg, model.dtype, model.matmul_dtype, cache_dtype)
-              or cpu_decode.machine_unsupported())
+              or cpu_decode.machine_unsupported(model.matmul_dtype))
     if reason is None and (not unstack_layers or jax.device_count() > 1):
         reason = "more than one device (the kernel runs the whole batch on one CPU)"
     if decode_kernel == "native":
@@ -132,7 +132,7 @@ def use_native_decode(decode_kernel: str, model: CausalLM, cache_dtype, unstack_
             raise ValueError(f"decode_kernel='native' cannot run here: {reason}; use 'auto' or 'xla'")
         cpu_decode.register()
         return True
-    return reason is None and cpu_decode.available()
+    return reason is None and cpu_decode.available(model.matmul_dtype)
 
 
 def bucket_length(n: int, multiple: int = 32) -> int:
