@@ -1,18 +1,20 @@
-// One decode step of a Llama-family LM on x86 CPUs with AVX-512 BF16, as one XLA FFI custom call.
+// One decode step of a Llama-family LM on x86 CPUs with AVX-512, as one XLA FFI custom call.
 //
 // Why: a token's decode step reads every weight once and does little else, so its floor is the time to
 // stream the weights. XLA:CPU runs it as ~780 thunks, each with a fixed cost, and the step took ~2x the
-// weights' streaming time (docs/performance.md, item 43). Here the whole step (30 layers, the final norm and
-// the LM head) is one call: bf16 x bf16 -> fp32 dot products (vdpbf16ps) on weights packed once per rollout,
-// the rest in fp32, on the caller and helpers borrowed from XLA's thread pool.
+// weights' streaming time (docs/performance.md, item 43). Here the whole step (the layers, the final norm and
+// the LM head) is one call on weights packed once per rollout, on the caller and helpers borrowed from XLA's
+// thread pool. bf16 matmuls: AMX tile products where the CPU has them, else AVX-512 BF16 dot products
+// (vdpbf16ps); fp32 matmuls: AVX-512 FMAs.
 //
-// The arithmetic is the feature-major XLA step's with bf16 matmul operands (`Block.decode_feature_major`):
-// activations rounded to bf16 (round to nearest even) as matmul operands, fp32 accumulation; RMS norms, RoPE,
-// attention over the fp32 cache, softmax and SiLU in fp32. Values differ from XLA's only by summation order.
+// The arithmetic is the feature-major XLA step's (`Block.decode_feature_major`): with bf16 matmuls, activations
+// rounded to bf16 (round to nearest even) as matmul operands, fp32 accumulation; RMS norms, RoPE, attention over
+// the fp32 cache, softmax and SiLU in fp32. Values differ from XLA's only by summation order.
 //
-// Packed weights: a matrix W [O, I] (out, in) is stored as [O/32][I/2][32][2] bf16 (O padded to a multiple of
-// 32 with zero rows, I even): for each tile of 32 outputs, each pair of inputs (2k, 2k+1) holds the 32 outputs'
-// weights as adjacent bf16 pairs, so one 64-byte load feeds 16 outputs and the tile is one contiguous stream.
+// Packed weights: a matrix W [O, I] (out, in) is stored in tiles of 32 outputs (O padded to a multiple of 32 with
+// zero rows). bf16: [O/32][I/2][32][2] (I even), each pair of inputs (2k, 2k+1) holding the 32 outputs' weights
+// as adjacent bf16 pairs, so one 64-byte load feeds 16 outputs; fp32: [O/32][I][32]. Each tile is one contiguous
+// stream.
 
 #include <immintrin.h>
 #include <sys/syscall.h>
@@ -20,12 +22,12 @@
 
 #include <algorithm>
 #include <atomic>
-#include <functional>
-#include <memory>
-#include <thread>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
+#include <memory>
+#include <thread>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -430,7 +432,8 @@ void attend(const Dims& dm, const float* q_gh, const float* k_sh, const float* v
       sum_v = _mm512_add_ps(sum_v, _mm512_maskz_mov_ps(m, e));
     }
     const float sum = _mm512_reduce_add_ps(sum_v);
-    for (int i = 0; i < n_valid; ++i) axpy_hd(scores[i] / sum, v_sh + static_cast<int64_t>(slots_valid[i]) * hd, out, hd);
+    for (int i = 0; i < n_valid; ++i)
+      axpy_hd(scores[i] / sum, v_sh + static_cast<int64_t>(slots_valid[i]) * hd, out, hd);
   }
 }
 
