@@ -201,3 +201,38 @@ def test_xla_matmuls_after_the_kernel_are_right():
         np.testing.assert_allclose(np.asarray(product), expected, rtol=0, atol=1e-3)
         np.testing.assert_allclose(np.asarray(jax.jit(jnp.dot, static_argnames="preferred_element_type")(
             a, b, preferred_element_type=jnp.float32)), expected, rtol=0, atol=1e-3)
+
+
+def test_bad_decode_kernel_setting_is_a_config_error():
+    import importlib.util
+    from pathlib import Path
+
+    from klq_jax import trainer
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "dialogue.py"
+    spec = importlib.util.spec_from_file_location("dialogue", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("")
+    assert config.sampling.decode_kernel == "auto"
+    config.sampling.decode_kernel = "triton"
+    with pytest.raises(trainer.ConfigError, match="sampling.decode_kernel='triton'; accepted: 'auto', 'native', 'xla'"):
+        trainer.build(config)
+
+
+@needs_kernel
+def test_an_unwritable_cache_is_a_clear_error(tmp_path, monkeypatch):
+    """A kernel that cannot be built (here: a cache folder that is a file) is a RuntimeError naming the folder, and
+    "auto" then keeps XLA's step."""
+    blocker = tmp_path / "cache"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("KLQ_JAX_CACHE", str(blocker))
+    cpu_decode.register.cache_clear()
+    cpu_decode.available.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match="could not be built or loaded under .*cache/kernels"):
+            cpu_decode.register()
+        assert not cpu_decode.available(jnp.bfloat16)
+    finally:
+        cpu_decode.register.cache_clear()
+        cpu_decode.available.cache_clear()

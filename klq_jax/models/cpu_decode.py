@@ -133,8 +133,13 @@ def build() -> Path:
 
 @functools.lru_cache(maxsize=None)
 def register() -> None:
-    """Builds (if needed) and loads the kernel, and registers it with XLA:CPU as `klq_decode_step`, once."""
-    library = ctypes.cdll.LoadLibrary(str(build()))
+    """Builds (if needed) and loads the kernel, and registers it with XLA:CPU as `klq_decode_step`, once. A cache
+    folder that cannot be written or a library that does not load is a RuntimeError naming the path."""
+    try:
+        library = ctypes.cdll.LoadLibrary(str(build()))
+    except OSError as err:
+        raise RuntimeError(f"the CPU decode kernel could not be built or loaded under {cache_root() / 'kernels'}: "
+                           f"{err}") from err
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.KlqDecodeStep), platform="cpu")
     jax.ffi.register_ffi_target(PACK_TARGET, jax.ffi.pycapsule(library.KlqPackTiles), platform="cpu")
 
