@@ -1,15 +1,15 @@
-"""The sampler's decode step as one native call on x86 CPUs with AVX-512 BF16 (`kernels/decode_cpu.cc`).
+"""The sampler's decode step as one native call on x86 CPUs with AVX-512 (`kernels/decode_cpu.cc`).
 
 A decode step reads every weight once and does little else. XLA:CPU runs it as ~780 thunks with a fixed cost
 each, and SmolLM2-135M's 8-row bf16 step took ~2x the time to stream its weights (docs/performance.md, item
 43). `decode_step` runs the whole step (layers, final norm, LM head) as one XLA FFI custom call on weights
-packed once per rollout (`pack_weights`), with the arithmetic of the feature-major XLA step with bf16 matmul
-operands: the same values up to summation order.
+packed once per rollout (`pack_weights`), with the arithmetic of the feature-major XLA step for the model's
+matmul operands (bf16: AMX tiles or AVX-512 BF16; fp32: AVX-512 FMAs): the same values up to summation order.
 
 The kernel is compiled from source with the machine's C++ compiler on first use, into the klq_jax cache
 (`cache.cache_root() / "kernels"`), one process at a time (`cache.filling`). Where it cannot run (not x86 with
-AVX-512 BF16, no compiler, not a Llama-family model, fp32 matmuls) `supported` says why and the sampler keeps
-XLA's step.
+AVX-512, or AVX-512 BF16 for bf16 matmuls; no compiler; not a Llama-family model) `model_unsupported` and
+`machine_unsupported` say why, and the sampler keeps XLA's step (`sampler.use_native_decode`).
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ SOURCE = Path(__file__).resolve().parent.parent / "kernels" / "decode_cpu.cc"
 TARGET = "klq_decode_step"
 PACK_TARGET = "klq_pack_tiles"
 TILE = 32  # outputs per packed tile (kTile in the source)
-# Portable across AVX-512 BF16 CPUs (not -march=native: the cache folder may be shared between machines).
-# AMX code runs only where `has_amx` (attribute `amx`).
+# Not -march=native: the cache folder may be shared between machines. BF16 instructions run only with bf16
+# weights, AMX only where `has_amx` (the call's attribute `amx`).
 CXX_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512vl",
              "-mavx512bf16", "-mfma", "-mamx-tile", "-mamx-bf16")
 
