@@ -31,11 +31,16 @@ def bf16_matmul_is_fast(backend: str, flags: set[str]) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def this_bf16_matmul_is_fast() -> bool:
-    """`bf16_matmul_is_fast` for the default JAX backend and, on CPU, this machine's `/proc/cpuinfo`."""
+def this_cpu_flags() -> frozenset[str]:
+    """`cpu_flags` of this machine's `/proc/cpuinfo`; empty where there is none (not Linux)."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = cpu_flags(f.read())
-    except OSError:  # not Linux: no flags, fp32 on CPU
-        flags = set()
-    return bf16_matmul_is_fast(jax.default_backend(), flags)
+            return frozenset(cpu_flags(f.read()))
+    except OSError:
+        return frozenset()
+
+
+@functools.lru_cache(maxsize=None)
+def this_bf16_matmul_is_fast() -> bool:
+    """`bf16_matmul_is_fast` for the default JAX backend and, on CPU, this machine's flags (none off Linux: fp32)."""
+    return bf16_matmul_is_fast(jax.default_backend(), set(this_cpu_flags()))

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from klq_jax.hardware import cpu_flags
+from klq_jax.hardware import this_cpu_flags
 from klq_jax.models.cache import cache_root, filling
 from klq_jax.models.config import ModelConfig
 
@@ -43,20 +43,10 @@ CXX_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-mavx512f", "-mavx512bw",
              "-mavx512bf16", "-mfma", "-mamx-tile", "-mamx-bf16")
 
 
-def _machine_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return cpu_flags(f.read())
-    except OSError:
-        return set()
-
-
-@functools.lru_cache(maxsize=None)
 def has_amx() -> bool:
     """Whether this CPU has AMX with bf16 tiles (Sapphire Rapids and later): the kernel's matmuls then run as tile
     products (the kernel also asks Linux for the tile state, and keeps to AVX-512 BF16 if refused)."""
-    flags = _machine_flags()
-    return {"amx_tile", "amx_bf16"} <= flags
+    return {"amx_tile", "amx_bf16"} <= this_cpu_flags()
 
 
 def weight_dtype(matmul_dtype) -> jnp.dtype | None:
@@ -89,7 +79,7 @@ def machine_unsupported(matmul_dtype=jnp.bfloat16) -> str | None:
     with AVX-512 (and AVX-512 BF16 for bf16 operands), a C++ compiler (`$CXX`, else g++)."""
     if jax.default_backend() != "cpu":
         return f"backend {jax.default_backend()} (the kernel is for XLA:CPU)"
-    flags = _machine_flags()
+    flags = this_cpu_flags()
     if platform.machine() not in ("x86_64", "AMD64") or "avx512f" not in flags:
         return "no AVX-512 on this CPU"
     if weight_dtype(matmul_dtype) == jnp.bfloat16 and "avx512_bf16" not in flags:

@@ -143,7 +143,7 @@ def bucket_length(n: int, multiple: int = 32) -> int:
                                              "cache_dtype", "unstack_layers", "weights_oi", "decode_kernel"))
 def _generate(graphdef, state, prompt_bp, prompt_mask_bp, rng, temperature, top_p, *, max_new_tokens: int,
               top_k: int, eos_ids: tuple[int, ...], pad_id: int, cache_dtype,
-              unstack_layers: bool = True, weights_oi: bool = True, decode_kernel: str = "xla") -> SampleOutput:
+              unstack_layers: bool = True, weights_oi: bool = True, decode_kernel: str = "auto") -> SampleOutput:
     model: CausalLM = nnx.merge(graphdef, state)
     native = use_native_decode(decode_kernel, model, cache_dtype, unstack_layers)
     b, p = prompt_bp.shape
@@ -171,8 +171,8 @@ def _generate(graphdef, state, prompt_bp, prompt_mask_bp, rng, temperature, top_
     decode_cache = out.cache.unstacked() if layers is not None else out.cache
     if weights_oi:  # keys as [.., hd, S]: the feature-major step's score dot reads them in place
         decode_cache = decode_cache.keys_feature_major()
-    # The native step (`cpu_decode`) reads its weights packed into bf16 tiles, once per call, and the prefill's
-    # stacked cache as it is.
+    # The native step (`cpu_decode`) reads its weights packed into tiles (bf16 or fp32, as the matmuls), once per
+    # call, and the prefill's stacked cache as it is.
     packed = cpu_decode.pack_weights(model) if native else None
 
     def model_step(token_b, positions_b, kv_mask_bs, cache, cache_pos):
@@ -185,7 +185,7 @@ def _generate(graphdef, state, prompt_bp, prompt_mask_bp, rng, temperature, top_
                 cos_br = sin_br = jnp.zeros((b, 0), jnp.float32)
             logits_bv, h_bd, k, v = cpu_decode.decode_step(packed, model.cfg, x_bd, cos_br, sin_br, kv_mask_bs,
                                                           cache_pos, cache.k_lbksh, cache.v_lbksh)
-            values_b = h_bd @ model.value_w_d[...] + model.value_b[...] if has_values else None
+            values_b = model.value_head(h_bd) if has_values else None
             return logits_bv, values_b, KVCache(k, v)
         out = model(token_b[:, None], positions_b[:, None], kv_mask_bs, cache=cache, cache_pos=cache_pos,
                     layers=layers, layers_oi=weights_oi, head_vd=head_vd)

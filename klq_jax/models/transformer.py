@@ -886,7 +886,7 @@ class CausalLM(nnx.Module):
                 logits = dense(h_head, self.lm_head_dv[...].astype(dt), self.matmul_dtype, jnp.float32)
         values = None
         if self.value_w_d is not None:
-            values = h.astype(jnp.float32) @ self.value_w_d[...] + self.value_b[...]
+            values = self.value_head(h)
         scores = None
         if self.score_w_d is not None:  # score at the last real token of each row
             last_b = jnp.max(jnp.where(kv_mask_bs[:, :t], jnp.arange(t)[None, :], 0), axis=1)
@@ -910,6 +910,10 @@ class CausalLM(nnx.Module):
         logp = chunked_token_logprobs(out.hidden_btd[:, logits_from:t - 1], self.lm_head_vd().astype(self.dtype),
                                       tokens_bt[:, logits_from + 1:], temperature, matmul_dtype=self.matmul_dtype)
         return (logp, out.values_bt) if with_values else logp
+
+    def value_head(self, h_btd: jax.Array) -> jax.Array:
+        """V(s) in fp32 from final-normed hidden states [..., D] (`__call__`'s values; the native decode's)."""
+        return h_btd.astype(jnp.float32) @ self.value_w_d[...] + self.value_b[...]
 
     def _final_norm(self, x: jax.Array, axis: int = -1) -> jax.Array:
         if self.final_bias is None:
