@@ -65,6 +65,23 @@ void pack_rows(const float* x, int rows, int in, int x_stride, uint32_t* pairs) 
   }
 }
 
+// The first `rows` rows of a tile's accumulators (8 rows x 32 outputs) into y[r, o0..], cut at `out`.
+inline void store_tile(const __m512 (&acc)[kRows][2], float* y, int y_stride, int o0, int out, int rows) {
+  const int n = std::min(kTile, out - o0);
+  for (int r = 0; r < rows; ++r) {
+    float* dst = y + static_cast<int64_t>(r) * y_stride + o0;
+    if (n == kTile) {
+      _mm512_storeu_ps(dst, acc[r][0]);
+      _mm512_storeu_ps(dst + 16, acc[r][1]);
+    } else {
+      alignas(64) float tmp[kTile];
+      _mm512_store_ps(tmp, acc[r][0]);
+      _mm512_store_ps(tmp + 16, acc[r][1]);
+      std::memcpy(dst, tmp, sizeof(float) * n);
+    }
+  }
+}
+
 // y[r, o0 + j] = sum_i x[r, i] * W[o0 + j, i] for the 32 outputs of one tile and kRows rows of pairs.
 inline void tile_dot(const uint16_t* w_tile, const uint32_t* pairs, int in2, float* y, int y_stride, int o0,
                      int out, int rows) {
@@ -82,19 +99,7 @@ inline void tile_dot(const uint16_t* w_tile, const uint32_t* pairs, int in2, flo
       acc[r][1] = _mm512_dpbf16_ps(acc[r][1], (__m512bh)w1, (__m512bh)xb);
     }
   }
-  const int n = std::min(kTile, out - o0);
-  for (int r = 0; r < rows; ++r) {
-    float* dst = y + static_cast<int64_t>(r) * y_stride + o0;
-    if (n == kTile) {
-      _mm512_storeu_ps(dst, acc[r][0]);
-      _mm512_storeu_ps(dst + 16, acc[r][1]);
-    } else {
-      alignas(64) float tmp[kTile];
-      _mm512_store_ps(tmp, acc[r][0]);
-      _mm512_store_ps(tmp + 16, acc[r][1]);
-      std::memcpy(dst, tmp, sizeof(float) * n);
-    }
-  }
+  store_tile(acc, y, y_stride, o0, out, rows);
 }
 
 
@@ -265,24 +270,31 @@ class Team {
   uint64_t amx_call_ = 0;
 };
 
-// y [rows, out] (row stride y_stride) = x W^T with W packed ([ceil(out/32)][in/2][32][2]); the tiles split over
-// the team in chunks of a few tiles. `pairs`: x from `pack_rows`.
+// Runs tile(t, r0) for every tile t of `out` outputs and every group of kRows rows from r0, the tiles split over
+// the team in chunks of a few (few claims for the head's 1536 tiles).
+template <typename TileFn>
+void over_tiles(Team& team, int rows, int out, const TileFn& tile) {
+  const int tiles = (out + kTile - 1) / kTile;
+  const int per_task = std::max(1, std::min(16, tiles / 16));
+  team.parallel_for((tiles + per_task - 1) / per_task, [&](int task) {
+    for (int t = task * per_task; t < std::min(tiles, (task + 1) * per_task); ++t) {
+      for (int r0 = 0; r0 < rows; r0 += kRows) tile(t, r0);
+    }
+  });
+}
+
+// y [rows, out] (row stride y_stride) = x W^T with W packed in bf16 ([ceil(out/32)][in/2][32][2]), on AMX tiles
+// where the team runs them. `pairs`: x from `pack_rows`.
 void matvec(Team& team, const uint16_t* w_packed, const uint32_t* pairs, int rows, int in, int out, float* y,
             int y_stride) {
   const int in2 = in / 2;
-  const int tiles = (out + kTile - 1) / kTile;
   const int64_t tile_elems = static_cast<int64_t>(in2) * 64;
-  const int per_task = std::max(1, std::min(16, tiles / 16));  // few claims for the head's 1536 tiles
   const uint64_t amx_call = team.amx_call();
-  team.parallel_for((tiles + per_task - 1) / per_task, [&](int task) {
+  over_tiles(team, rows, out, [&](int t, int r0) {
     if (amx_call) amx_enter(amx_call);
-    for (int t = task * per_task; t < std::min(tiles, (task + 1) * per_task); ++t) {
-      for (int r0 = 0; r0 < rows; r0 += kRows) {
-        (amx_call ? tile_dot_amx : tile_dot)(w_packed + t * tile_elems, pairs + static_cast<int64_t>(r0) * in2, in2,
-                                             y + static_cast<int64_t>(r0) * y_stride, y_stride, t * kTile, out,
-                                             std::min(kRows, rows - r0));
-      }
-    }
+    (amx_call ? tile_dot_amx : tile_dot)(w_packed + t * tile_elems, pairs + static_cast<int64_t>(r0) * in2, in2,
+                                         y + static_cast<int64_t>(r0) * y_stride, y_stride, t * kTile, out,
+                                         std::min(kRows, rows - r0));
   });
 }
 
@@ -306,28 +318,16 @@ inline void tile_dot_f32(const float* w_tile, const float* x_rows, int in, float
       acc[r][1] = _mm512_fmadd_ps(w1, xb, acc[r][1]);
     }
   }
-  const int n = std::min(kTile, out - o0);
-  for (int r = 0; r < rows; ++r) {
-    alignas(64) float tmp[kTile];
-    _mm512_store_ps(tmp, acc[r][0]);
-    _mm512_store_ps(tmp + 16, acc[r][1]);
-    std::memcpy(y + static_cast<int64_t>(r) * y_stride + o0, tmp, sizeof(float) * n);
-  }
+  store_tile(acc, y, y_stride, o0, out, rows);
 }
 
 // `matvec` on fp32 tiles ([ceil(out/32)][in][32]); `x_rows` from `pack_rows_f32`.
 void matvec_f32(Team& team, const float* w_packed, const float* x_rows, int rows, int in, int out, float* y,
                 int y_stride) {
-  const int tiles = (out + kTile - 1) / kTile;
   const int64_t tile_elems = static_cast<int64_t>(in) * kTile;
-  const int per_task = std::max(1, std::min(16, tiles / 16));
-  team.parallel_for((tiles + per_task - 1) / per_task, [&](int task) {
-    for (int t = task * per_task; t < std::min(tiles, (task + 1) * per_task); ++t) {
-      for (int r0 = 0; r0 < rows; r0 += kRows) {
-        tile_dot_f32(w_packed + t * tile_elems, x_rows + static_cast<int64_t>(r0) * in, in,
-                     y + static_cast<int64_t>(r0) * y_stride, y_stride, t * kTile, out, std::min(kRows, rows - r0));
-      }
-    }
+  over_tiles(team, rows, out, [&](int t, int r0) {
+    tile_dot_f32(w_packed + t * tile_elems, x_rows + static_cast<int64_t>(r0) * in, in,
+                 y + static_cast<int64_t>(r0) * y_stride, y_stride, t * kTile, out, std::min(kRows, rows - r0));
   });
 }
 
