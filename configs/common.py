@@ -42,9 +42,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.sampling.prompt_bucket = 32  # prompts are left-padded to a multiple of this (one compile per bucket)
     c.sampling.policy_stats = True  # old logprobs, values and entropy from the sampler's own steps (the policy
                                     # forward over the rollout is skipped); False: recompute them in one forward
-    c.sampling.decode_kernel = "auto"  # the decode step: "native" (one C++ call per token: x86 CPUs with AVX-512,
-                                       # and AVX-512 BF16 for bf16 matmuls; Llama-family models), "xla", or "auto"
-                                       # (native where it can run; models/cpu_decode.py)
+    c.sampling.decode_kernel = "auto"  # the decode step: "native" (one C++ call per token: x86 CPUs with AVX-512
+                                       # or AVX2, and AVX-512 BF16 for bf16 matmuls; Llama-family models; "native-avx2"
+                                       # or "native-avx512" for one build), "xla", or "auto" (native where it can
+                                       # run; models/cpu_decode.py)
 
     c.reward = ml_collections.ConfigDict()
     c.reward.kind = "similarity"   # "similarity" (embedded MiniLM), "hf" (sequence-classification RM), "callable"

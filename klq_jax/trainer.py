@@ -217,9 +217,9 @@ def build(config) -> Setup:
                       max_new_tokens=config.sampling.max_new_tokens, temperature=config.rl.temperature,
                       bucket=config.sampling.prompt_bucket, cache_dtype=compute_dtype, compile_ahead=True,
                       decode_kernel=decode_kernel)
-    if decode_kernel == "native":  # asked for: say now, not at the first rollout, if it cannot run
+    if decode_kernel.startswith("native"):  # asked for: say now, not at the first rollout, if it cannot run
         try:
-            use_native_decode("native", policy, compute_dtype, unstack_layers=True)
+            use_native_decode(decode_kernel, policy, compute_dtype, unstack_layers=True)
         except (ValueError, RuntimeError) as err:
             raise ConfigError(f"sampling.{err}") from None
     return Setup(policy, graphdef, params, ref_params, ref_graphdef, tokenizer, policy_path, prompts, eval_prompts,

@@ -15,6 +15,14 @@ from klq_jax.models.transformer import CausalLM, KVCache, rope_cos_sin
 needs_kernel = pytest.mark.skipif(cpu_decode.machine_unsupported() is not None,
                                   reason=f"native decode: {cpu_decode.machine_unsupported()}")
 MATMUL_DTYPES = pytest.mark.parametrize("matmul_dtype", [jnp.bfloat16, None], ids=["bf16", "fp32"])
+ISAS = pytest.mark.parametrize("isa", list(cpu_decode.ISAS))
+
+
+def skip_unless_runs(isa, packed_dtype=jnp.float32):
+    if not cpu_decode.isa_runs_here(isa):
+        pytest.skip(f"the {isa} build does not run on this CPU")
+    if isa == "avx512" and packed_dtype == jnp.bfloat16 and "avx512_bf16" not in cpu_decode.this_cpu_flags():
+        pytest.skip("no AVX-512 BF16 on this CPU")
 
 
 def tiny_cfg(**kw) -> ModelConfig:
@@ -53,14 +61,18 @@ def test_pack_layouts():
 
 
 @needs_kernel
+@ISAS
 @pytest.mark.parametrize("packed_dtype", [jnp.bfloat16, jnp.float32], ids=["to_bf16", "to_fp32"])
 @pytest.mark.parametrize("input_major", [True, False])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("shape", [(2, 64, 96), (2, 64, 100), (96, 64), (40, 32)])
-def test_native_pack_equals_jnp_pack(input_major, dtype, shape, packed_dtype):
+def test_native_pack_equals_jnp_pack(input_major, dtype, shape, packed_dtype, isa):
+    """Both builds pack like jnp, to the bit (the AVX2 build's bf16 rounding is scalar code, the AVX-512 build's
+    vcvtneps2bf16)."""
+    skip_unless_runs(isa)
     w = jnp.asarray(np.random.default_rng(1).standard_normal(shape), dtype)
     ref = (cpu_decode.pack_io if input_major else cpu_decode.pack_oi)(w, packed_dtype)
-    got = jax.jit(lambda w: cpu_decode.pack_native(w, input_major, packed_dtype))(w)
+    got = jax.jit(lambda w: cpu_decode.pack_native(w, input_major, packed_dtype, isa=isa))(w)
     assert got.shape == ref.shape and got.dtype == packed_dtype
     bits = np.uint16 if packed_dtype == jnp.bfloat16 else np.uint32
     assert np.array_equal(np.asarray(got).view(bits), np.asarray(ref).view(bits))
@@ -81,18 +93,23 @@ def _prefill_then_step(model, cfg, mask_bp, slots):
 
 @needs_kernel
 @MATMUL_DTYPES
-@pytest.mark.parametrize("amx", [True, False], ids=["amx", "avx512"])
+@pytest.mark.parametrize("path", ["amx", "avx512", "avx2"])
 @pytest.mark.parametrize("tied,head_dim,ffn,native_pack", [(True, 16, 96, True), (False, 8, 80, True),
                                                            (False, 16, 96, False), (True, 16, 112, True)])
-def test_one_step_equals_xla(tied, head_dim, ffn, native_pack, amx, matmul_dtype):
+def test_one_step_equals_xla(tied, head_dim, ffn, native_pack, path, matmul_dtype):
     """Logits, final hidden states (value head) and both caches equal XLA's bf16-matmul step under left padding
     and grouped-query attention, for 9 rows (a full group of 8 and one more); q|k|v and gate|up in whole tiles
     (packed apart, concatenated) and not (head_dim 8: 48 query outputs; 80-wide MLP), packed natively or by jnp;
     with AMX tile products (where the CPU has them) and with AVX-512 BF16 dot products only. The 112-wide MLP's
     down projection has 56 input pairs: AMX's 16-pair tiles leave 8 to the AVX-512 loop. fp32 matmuls: fp32 tiles
-    and FMAs, against XLA's fp32 step (AMX plays no part)."""
+    and FMAs, against XLA's fp32 step (AMX plays no part), in the AVX-512 build and in the AVX2 one (8-lane
+    vectors: its own tile loop, exp, softmax tails and head_dim 8 in one vector)."""
+    amx, isa = path == "amx", "avx2" if path == "avx2" else "avx512"
     if amx and (not cpu_decode.has_amx() or matmul_dtype is None):
         pytest.skip("no AMX on this CPU, or fp32 matmuls")
+    if isa == "avx2" and matmul_dtype is not None:
+        pytest.skip("the AVX2 build runs fp32 matmuls only")
+    skip_unless_runs(isa)
     cfg = tiny_cfg(tie_embeddings=tied, rope_theta=500.0, head_dim=head_dim, rotary_dim=head_dim,
                    intermediate_size=ffn)
     model = tiny_model(cfg, matmul_dtype=matmul_dtype)
@@ -100,10 +117,10 @@ def test_one_step_equals_xla(tied, head_dim, ffn, native_pack, amx, matmul_dtype
     mask_bp[0, :2] = mask_bp[3, :4] = mask_bp[7, :1] = False
     cache, token_b, position_b, kv_mask_bs = _prefill_then_step(model, cfg, jnp.asarray(mask_bp), slots=9)
     ref = model(token_b[:, None], position_b[:, None], kv_mask_bs, cache=cache, cache_pos=5)
-    weights = jax.jit(lambda m: cpu_decode.pack_weights(m, native=native_pack))(model)
+    weights = jax.jit(lambda m: cpu_decode.pack_weights(m, native=native_pack, isa=isa))(model)
     cos_br, sin_br = (c[:, 0] for c in rope_cos_sin(cfg, position_b[:, None]))
     x_bd = jnp.take(model.embed_vd[...], token_b, axis=0)
-    logits, h, k, v = jax.jit(lambda *a: cpu_decode.decode_step(weights, cfg, *a, amx=amx))(
+    logits, h, k, v = jax.jit(lambda *a: cpu_decode.decode_step(weights, cfg, *a, amx=amx, isa=isa))(
         x_bd, cos_br, sin_br, kv_mask_bs, jnp.int32(5), cache.k_lbksh, cache.v_lbksh)
     ref_logits = np.asarray(ref.logits_btv[:, 0])
     # The dots sum their products in another order (the AVX-512 loop pairwise per lane; XLA's and the kernel's AMX
@@ -132,17 +149,21 @@ def test_a_row_with_no_real_token_averages_all_slots_as_xla_does():
 
 
 @needs_kernel
-@MATMUL_DTYPES
-def test_sampler_rollouts_equal_xla(matmul_dtype):
+@pytest.mark.parametrize("matmul_dtype,kernel", [(jnp.bfloat16, "native"), (None, "native"), (None, "native-avx2")],
+                         ids=["bf16", "fp32", "fp32-avx2"])
+def test_sampler_rollouts_equal_xla(matmul_dtype, kernel):
     """Greedy rollouts are the same tokens, and sampled ones the same tokens with the same log-probabilities,
-    values and entropies (to fp32 summation order), on and off the kernel, with bf16 and fp32 matmuls."""
+    values and entropies (to fp32 summation order), on and off the kernel, with bf16 and fp32 matmuls, and on the
+    AVX2 build."""
+    if kernel == "native-avx2":
+        skip_unless_runs("avx2")
     cfg = tiny_cfg(num_layers=3)
     model = tiny_model(cfg, seed=3, matmul_dtype=matmul_dtype)
     model.embed_vd.set_value(model.embed_vd[...] * 4.0)  # sharper logits: greedy choices far from ties
     state = nnx.state(model)
     prompts = [[5, 9, 14], [7, 3, 22, 41, 8, 19, 30], [11], [4, 4, 4, 4]]
     kw = dict(eos_ids=(1,), pad_id=0, max_new_tokens=12, bucket=8)
-    native, xla = (Sampler.for_model(model, decode_kernel=k, **kw) for k in ("native", "xla"))
+    native, xla = (Sampler.for_model(model, decode_kernel=k, **kw) for k in (kernel, "xla"))
     g_native, g_xla = greedy(native, state, prompts), greedy(xla, state, prompts)
     assert np.array_equal(np.asarray(g_native.tokens_bt), np.asarray(g_xla.tokens_bt))
     s_native, s_xla = native(state, prompts, jax.random.key(7)), xla(state, prompts, jax.random.key(7))
@@ -169,8 +190,13 @@ def test_who_may_use_the_kernel():
     with pytest.raises(ValueError, match="decode_kernel='native' cannot run here: activations float32 / cache "
                                          "bfloat16"):
         use_native_decode("native", model, jnp.bfloat16, True)
-    with pytest.raises(ValueError, match="decode_kernel='triton'; accepted: auto, native, xla"):
+    with pytest.raises(ValueError, match="decode_kernel='triton'; accepted: auto, native, native-avx512, "
+                                         "native-avx2, xla"):
         use_native_decode("triton", model, jnp.float32, True)
+    if cpu_decode.kernel_isa(jnp.bfloat16) == "avx512" and cpu_decode.isa_runs_here("avx2"):
+        with pytest.raises(ValueError, match="'native-avx2' cannot run here: the avx2 build has no bfloat16"):
+            use_native_decode("native-avx2", model, jnp.float32, True)
+        assert use_native_decode("native-avx2", tiny_model(cfg, matmul_dtype=None), jnp.float32, True)
     if cpu_decode.machine_unsupported() is None:
         assert use_native_decode("auto", model, jnp.float32, True)
         assert use_native_decode("auto", tiny_model(cfg, matmul_dtype=None), jnp.float32, True)
@@ -216,7 +242,8 @@ def test_bad_decode_kernel_setting_is_a_config_error():
     config = module.get_config("")
     assert config.sampling.decode_kernel == "auto"
     config.sampling.decode_kernel = "triton"
-    with pytest.raises(trainer.ConfigError, match="sampling.decode_kernel='triton'; accepted: 'auto', 'native', 'xla'"):
+    with pytest.raises(trainer.ConfigError, match="sampling.decode_kernel='triton'; accepted: 'auto', 'native', "
+                                                  "'native-avx512', 'native-avx2', 'xla'"):
         trainer.build(config)
 
 
@@ -231,8 +258,26 @@ def test_an_unwritable_cache_is_a_clear_error(tmp_path, monkeypatch):
     cpu_decode.available.cache_clear()
     try:
         with pytest.raises(RuntimeError, match="could not be built or loaded under .*cache/kernels"):
-            cpu_decode.register()
+            cpu_decode.register(cpu_decode.kernel_isa())
         assert not cpu_decode.available(jnp.bfloat16)
     finally:
         cpu_decode.register.cache_clear()
         cpu_decode.available.cache_clear()
+
+
+@pytest.mark.skipif(not cpu_decode.isa_runs_here("avx2"), reason="not an x86-64 CPU with AVX2")
+def test_which_build_a_cpu_runs(monkeypatch):
+    """The AVX-512 build where the CPU has AVX-512 (and AVX-512 BF16 for bf16 matmuls), the AVX2 build for fp32
+    matmuls on CPUs without AVX-512 (most laptops), none below AVX2 + FMA."""
+    def cpu(*flags):
+        monkeypatch.setattr(cpu_decode, "this_cpu_flags", lambda: frozenset(flags))
+
+    cpu("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16")
+    assert cpu_decode.kernel_isa(jnp.bfloat16) == cpu_decode.kernel_isa(None) == "avx512"
+    cpu("avx2", "fma", "avx512f", "avx512bw", "avx512vl")  # Skylake-X, Ice Lake: no bf16 dots
+    assert cpu_decode.kernel_isa(jnp.bfloat16) is None and cpu_decode.kernel_isa(None) == "avx512"
+    cpu("avx2", "fma")  # a laptop
+    assert cpu_decode.kernel_isa(None) == "avx2" and cpu_decode.kernel_isa(jnp.bfloat16) is None
+    assert cpu_decode.machine_unsupported(jnp.bfloat16) == "no AVX-512 BF16 on this CPU (bfloat16 matmuls)"
+    cpu("sse2", "avx")
+    assert cpu_decode.machine_unsupported(None) == "no AVX-512 or AVX2 with FMA on this CPU"

@@ -1,11 +1,14 @@
-// One decode step of a Llama-family LM on x86 CPUs with AVX-512, as one XLA FFI custom call.
+// One decode step of a Llama-family LM on x86 CPUs with AVX-512 or AVX2, as one XLA FFI custom call.
 //
 // Why: a token's decode step reads every weight once and does little else, so its floor is the time to
 // stream the weights. XLA:CPU runs it as ~780 thunks, each with a fixed cost, and the step took ~2x the
 // weights' streaming time (docs/performance.md, item 43). Here the whole step (the layers, the final norm and
 // the LM head) is one call on weights packed once per rollout, on the caller and helpers borrowed from XLA's
 // thread pool. bf16 matmuls: AMX tile products where the CPU has them, else AVX-512 BF16 dot products
-// (vdpbf16ps); fp32 matmuls: AVX-512 FMAs.
+// (vdpbf16ps); fp32 matmuls: AVX-512 FMAs, or AVX2 FMAs in the AVX2 build.
+//
+// Two builds of this file: with AVX-512 (+ BF16, AMX) flags, and with AVX2 + FMA only (`__AVX512F__` undefined),
+// for CPUs without AVX-512 (most laptops); the AVX2 build runs fp32 matmuls only.
 //
 // The arithmetic is the feature-major XLA step's (`Block.decode_feature_major`): with bf16 matmuls, activations
 // rounded to bf16 (round to nearest even) as matmul operands, fp32 accumulation; RMS norms, RoPE, attention over
@@ -40,6 +43,82 @@ constexpr int kTile = 32;  // outputs per packed tile
 constexpr int kRows = 8;   // activation rows per pass over a tile (16 accumulators)
 constexpr int kPrefetch = 16;  // pairs ahead (2 KiB of the tile): 17-19 -> 18-24 GB/s against 8 on a 2-core Xeon
 
+// Vectors of fp32 for the step's elementwise work: 16 lanes (AVX-512) or 8 (AVX2). `*_first(.., n)` touch the
+// first n lanes only (n may exceed the width).
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+using vfloat = __m512;
+inline vfloat vzero() { return _mm512_setzero_ps(); }
+inline vfloat vset(float a) { return _mm512_set1_ps(a); }
+inline vfloat vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, vfloat v) { _mm512_storeu_ps(p, v); }
+inline vfloat vadd(vfloat a, vfloat b) { return _mm512_add_ps(a, b); }
+inline vfloat vsub(vfloat a, vfloat b) { return _mm512_sub_ps(a, b); }
+inline vfloat vmul(vfloat a, vfloat b) { return _mm512_mul_ps(a, b); }
+inline vfloat vdiv(vfloat a, vfloat b) { return _mm512_div_ps(a, b); }
+inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm512_fmadd_ps(a, b, c); }  // a * b + c
+inline vfloat vfnma(vfloat a, vfloat b, vfloat c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a * b
+inline vfloat vclamp(vfloat x, float lo, float hi) {
+  return _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(lo)), _mm512_set1_ps(hi));
+}
+inline float vsum(vfloat v) { return _mm512_reduce_add_ps(v); }
+inline __mmask16 first_lanes(int n) { return n >= 16 ? 0xffff : static_cast<__mmask16>((1u << n) - 1); }
+inline vfloat vload_first(const float* p, int n) { return _mm512_maskz_loadu_ps(first_lanes(n), p); }
+inline void vstore_first(float* p, vfloat v, int n) { _mm512_mask_storeu_ps(p, first_lanes(n), v); }
+inline vfloat vkeep_first(vfloat v, int n) { return _mm512_maskz_mov_ps(first_lanes(n), v); }
+inline vfloat vround(vfloat x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline vfloat vscale2(vfloat p, vfloat n) { return _mm512_scalef_ps(p, n); }  // p * 2^n
+#else
+constexpr int kLanes = 8;
+using vfloat = __m256;
+inline vfloat vzero() { return _mm256_setzero_ps(); }
+inline vfloat vset(float a) { return _mm256_set1_ps(a); }
+inline vfloat vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, vfloat v) { _mm256_storeu_ps(p, v); }
+inline vfloat vadd(vfloat a, vfloat b) { return _mm256_add_ps(a, b); }
+inline vfloat vsub(vfloat a, vfloat b) { return _mm256_sub_ps(a, b); }
+inline vfloat vmul(vfloat a, vfloat b) { return _mm256_mul_ps(a, b); }
+inline vfloat vdiv(vfloat a, vfloat b) { return _mm256_div_ps(a, b); }
+inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm256_fmadd_ps(a, b, c); }
+inline vfloat vfnma(vfloat a, vfloat b, vfloat c) { return _mm256_fnmadd_ps(a, b, c); }
+inline vfloat vclamp(vfloat x, float lo, float hi) {
+  return _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(lo)), _mm256_set1_ps(hi));
+}
+inline float vsum(vfloat v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_hadd_ps(s, s);
+  return _mm_cvtss_f32(_mm_hadd_ps(s, s));
+}
+inline __m256i first_lanes(int n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+inline vfloat vload_first(const float* p, int n) { return _mm256_maskload_ps(p, first_lanes(n)); }
+inline void vstore_first(float* p, vfloat v, int n) { _mm256_maskstore_ps(p, first_lanes(n), v); }
+inline vfloat vkeep_first(vfloat v, int n) { return _mm256_and_ps(v, _mm256_castsi256_ps(first_lanes(n))); }
+inline vfloat vround(vfloat x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+// p * 2^n for whole n in [-126, 127] (a normal float's exponent: vexp's clamp keeps n there).
+inline vfloat vscale2(vfloat p, vfloat n) {
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+#endif
+
+// exp lane by lane (Cephes' expf polynomial, ~1 ulp over the clamped range); inputs below -87.3 give ~0.
+inline vfloat vexp(vfloat x) {
+  x = vclamp(x, -87.3f, 88.3f);
+  const vfloat n = vround(vmul(x, vset(1.44269504088896341f)));
+  vfloat r = vfnma(n, vset(0.693359375f), x);
+  r = vfnma(n, vset(-2.12194440e-4f), r);
+  vfloat p = vset(1.9875691500e-4f);
+  p = vfma(p, r, vset(1.3981999507e-3f));
+  p = vfma(p, r, vset(8.3334519073e-3f));
+  p = vfma(p, r, vset(4.1665795894e-2f));
+  p = vfma(p, r, vset(1.6666665459e-1f));
+  p = vfma(p, r, vset(5.0000001201e-1f));
+  p = vfma(p, vmul(r, r), vadd(r, vset(1.f)));
+  return vscale2(p, n);
+}
+
 inline uint16_t to_bf16(float f) {  // round to nearest even (XLA's f32 -> bf16 convert; no NaN inputs here)
   uint32_t u;
   std::memcpy(&u, &f, 4);
@@ -47,6 +126,8 @@ inline uint16_t to_bf16(float f) {  // round to nearest even (XLA's f32 -> bf16 
   u += 0x7fffu + ((u >> 16) & 1u);
   return static_cast<uint16_t>(u >> 16);
 }
+
+#if defined(__AVX512F__)  // the AVX-512 build: bf16 matmuls on AVX-512 BF16 and AMX
 
 // x [rows, in] fp32 -> pairs [groups of kRows rows][in/2] as uint32 (two bf16), rows past `rows` zero.
 void pack_rows(const float* x, int rows, int in, int x_stride, uint32_t* pairs) {
@@ -184,6 +265,14 @@ inline void tile_dot_amx(const uint16_t* w_tile, const uint32_t* pairs, int in2,
   for (int r = 0; r < rows; ++r) std::memcpy(y + static_cast<int64_t>(r) * y_stride + o0, c[r], sizeof(float) * n);
 }
 
+#else  // the AVX2 build: no bf16 matmuls, no AMX
+
+bool amx_permitted() { return false; }
+inline void amx_enter(uint64_t) {}
+inline void amx_leave(uint64_t) {}
+
+#endif
+
 // The step's parallel loops run on the caller and on helpers borrowed from XLA:CPU's intra-op thread pool (no
 // threads of our own to compete with XLA's). Each loop's tasks are claimed one at a time from a counter that
 // also holds the loop's number and size, so a helper that starts late, or never, only changes who does the
@@ -283,6 +372,7 @@ void over_tiles(Team& team, int rows, int out, const TileFn& tile) {
   });
 }
 
+#if defined(__AVX512F__)
 // y [rows, out] (row stride y_stride) = x W^T with W packed in bf16 ([ceil(out/32)][in/2][32][2]), on AMX tiles
 // where the team runs them. `pairs`: x from `pack_rows`.
 void matvec(Team& team, const uint16_t* w_packed, const uint32_t* pairs, int rows, int in, int out, float* y,
@@ -297,11 +387,13 @@ void matvec(Team& team, const uint16_t* w_packed, const uint32_t* pairs, int row
                                          std::min(kRows, rows - r0));
   });
 }
+#endif
 
 // fp32 weights (fp32 matmuls): a tile is [in][32] fp32, 128 bytes per input, and each row's input is broadcast
 // into 16 FMA accumulators (8 rows x 32 outputs). `x_rows`: kRows rows of `in` floats (zero rows past `rows`).
 constexpr int kF32Prefetch = 24;  // inputs ahead (3 KiB of the tile): 8 x 128 fp32 rollouts 5.3-5.5 -> 5.1 s against 8
 
+#if defined(__AVX512F__)
 inline void tile_dot_f32(const float* w_tile, const float* x_rows, int in, float* y, int y_stride, int o0, int out,
                          int rows) {
   __m512 acc[kRows][2];
@@ -320,6 +412,40 @@ inline void tile_dot_f32(const float* w_tile, const float* x_rows, int in, float
   }
   store_tile(acc, y, y_stride, o0, out, rows);
 }
+#else
+// AVX2 has 16 vector registers, too few for 8 rows x 32 outputs: the tile is read in halves of 16 outputs for
+// groups of 4 rows (8 accumulators), memory once, cache for the other passes. Groups past `rows` are skipped.
+constexpr int kAvx2Rows = 4;
+
+inline void tile_dot_f32(const float* w_tile, const float* x_rows, int in, float* y, int y_stride, int o0, int out,
+                         int rows) {
+  alignas(32) float c[kRows][kTile];
+  for (int r0 = 0; r0 < rows; r0 += kAvx2Rows) {
+    for (int half = 0; half < 2; ++half) {
+      const float* w = w_tile + 16 * half;
+      __m256 acc[kAvx2Rows][2];
+      for (int r = 0; r < kAvx2Rows; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+      for (int i = 0; i < in; ++i) {
+        const __m256 w0 = _mm256_loadu_ps(w + kTile * i);
+        const __m256 w1 = _mm256_loadu_ps(w + kTile * i + 8);
+        _mm_prefetch(reinterpret_cast<const char*>(w + kTile * (i + kF32Prefetch)), _MM_HINT_T0);
+#pragma GCC unroll 4
+        for (int r = 0; r < kAvx2Rows; ++r) {
+          const __m256 xb = _mm256_broadcast_ss(x_rows + (r0 + r) * in + i);
+          acc[r][0] = _mm256_fmadd_ps(w0, xb, acc[r][0]);
+          acc[r][1] = _mm256_fmadd_ps(w1, xb, acc[r][1]);
+        }
+      }
+      for (int r = 0; r < kAvx2Rows; ++r) {
+        _mm256_store_ps(&c[r0 + r][16 * half], acc[r][0]);
+        _mm256_store_ps(&c[r0 + r][16 * half + 8], acc[r][1]);
+      }
+    }
+  }
+  const int n = std::min(kTile, out - o0);
+  for (int r = 0; r < rows; ++r) std::memcpy(y + static_cast<int64_t>(r) * y_stride + o0, c[r], sizeof(float) * n);
+}
+#endif
 
 // `matvec` on fp32 tiles ([ceil(out/32)][in][32]); `x_rows` from `pack_rows_f32`.
 void matvec_f32(Team& team, const float* w_packed, const float* x_rows, int rows, int in, int out, float* y,
@@ -351,23 +477,6 @@ void rms_norm(const float* x, const float* scale, int d, float eps, float* y) {
   for (int i = 0; i < d; ++i) y[i] = x[i] * inv * scale[i];
 }
 
-// exp on 16 lanes (Cephes' expf polynomial, ~1 ulp over the clamped range); inputs below -87.3 give ~0.
-inline __m512 exp16(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(p, n);
-}
-
 // In place: the first `rot` entries of one head rotated by HF's rotate-half RoPE; the rest pass through.
 void rope(float* x, const float* cos, const float* sin, int rot) {
   const int half = rot / 2;
@@ -383,10 +492,10 @@ struct Dims {
 };
 
 inline float dot_hd(const float* a, const float* b, int hd) {
-  if (hd % 16 == 0) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int j = 0; j < hd; j += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + j), _mm512_loadu_ps(b + j), acc);
-    return _mm512_reduce_add_ps(acc);
+  if (hd % kLanes == 0) {
+    vfloat acc = vzero();
+    for (int j = 0; j < hd; j += kLanes) acc = vfma(vload(a + j), vload(b + j), acc);
+    return vsum(acc);
   }
   float dot = 0.f;
   for (int j = 0; j < hd; ++j) dot += a[j] * b[j];
@@ -395,10 +504,9 @@ inline float dot_hd(const float* a, const float* b, int hd) {
 
 // out += p * v over hd entries.
 inline void axpy_hd(float p, const float* v, float* out, int hd) {
-  if (hd % 16 == 0) {
-    const __m512 pv = _mm512_set1_ps(p);
-    for (int j = 0; j < hd; j += 16)
-      _mm512_storeu_ps(out + j, _mm512_fmadd_ps(pv, _mm512_loadu_ps(v + j), _mm512_loadu_ps(out + j)));
+  if (hd % kLanes == 0) {
+    const vfloat pv = vset(p);
+    for (int j = 0; j < hd; j += kLanes) vstore(out + j, vfma(pv, vload(v + j), vload(out + j)));
     return;
   }
   for (int j = 0; j < hd; ++j) out[j] += p * v[j];
@@ -423,15 +531,14 @@ void attend(const Dims& dm, const float* q_gh, const float* k_sh, const float* v
       scores[i] = dot_hd(q, k_sh + static_cast<int64_t>(slots_valid[i]) * hd, hd) / scale;
       mx = std::max(mx, scores[i]);
     }
-    __m512 sum_v = _mm512_setzero_ps();
-    const __m512 mx_v = _mm512_set1_ps(mx);
-    for (int i = 0; i < n_valid; i += 16) {
-      const __mmask16 m = n_valid - i >= 16 ? 0xffff : static_cast<__mmask16>((1u << (n_valid - i)) - 1);
-      const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores + i), mx_v));
-      _mm512_mask_storeu_ps(scores + i, m, e);
-      sum_v = _mm512_add_ps(sum_v, _mm512_maskz_mov_ps(m, e));
+    vfloat sum_v = vzero();
+    const vfloat mx_v = vset(mx);
+    for (int i = 0; i < n_valid; i += kLanes) {
+      const vfloat e = vexp(vsub(vload_first(scores + i, n_valid - i), mx_v));
+      vstore_first(scores + i, e, n_valid - i);
+      sum_v = vadd(sum_v, vkeep_first(e, n_valid - i));
     }
-    const float sum = _mm512_reduce_add_ps(sum_v);
+    const float sum = vsum(sum_v);
     for (int i = 0; i < n_valid; ++i)
       axpy_hd(scores[i] / sum, v_sh + static_cast<int64_t>(slots_valid[i]) * hd, out, hd);
   }
@@ -466,6 +573,9 @@ ffi::Error DecodeStep(ffi::Buffer<ffi::F32> x_nd, ffi::Buffer<ffi::F32> cos_nr, 
       w_gate_up.element_type() != wtype || w_down.element_type() != wtype || w_head.element_type() != wtype)
     return ffi::Error::InvalidArgument("packed weights must be all bfloat16 or all float32");
   const bool f32 = wtype == ffi::F32;
+#if !defined(__AVX512F__)
+  if (!f32) return ffi::Error::InvalidArgument("bfloat16 weights need the AVX-512 build of the kernel");
+#endif
   if ((!f32 && (dm.d % 2 || (dm.heads * dm.hd) % 2 || dm.ffn % 2)) || dm.heads % dm.kv_heads)
     return ffi::Error::InvalidArgument("odd matmul input size or heads not a multiple of kv heads");
 
@@ -511,8 +621,10 @@ ffi::Error DecodeStep(ffi::Buffer<ffi::F32> x_nd, ffi::Buffer<ffi::F32> cos_nr, 
       pack_rows_f32(xs, n, in, x_stride, x_rows.data());
       matvec_f32(*team, reinterpret_cast<const float*>(w), x_rows.data(), n, in, out, y, out);
     } else {
+#if defined(__AVX512F__)
       pack_rows(xs, n, in, x_stride, pairs.data());
       matvec(*team, reinterpret_cast<const uint16_t*>(w), pairs.data(), n, in, out, y, out);
+#endif
     }
   };
 
@@ -541,15 +653,14 @@ ffi::Error DecodeStep(ffi::Buffer<ffi::F32> x_nd, ffi::Buffer<ffi::F32> cos_nr, 
     for (int i = 0; i < n * d; ++i) x[i] += proj[i];
     for (int r = 0; r < n; ++r) rms_norm(&x[r * d], ln2_ld.typed_data() + l * d, d, eps, &h[r * d]);
     project(wgu + l * gu_size * welem, h.data(), d, d, 2 * f, gu.data());
-    for (int r = 0; r < n; ++r) {  // silu(gate) * up, 16 lanes at a time
+    for (int r = 0; r < n; ++r) {  // silu(gate) * up, kLanes at a time
       float* g = &gu[static_cast<int64_t>(r) * 2 * f];
       const float* up = g + f;
       int i = 0;
-      for (; i + 16 <= f; i += 16) {
-        const __m512 gv = _mm512_loadu_ps(g + i);
-        const __m512 one = _mm512_set1_ps(1.f);
-        const __m512 sig = _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
-        _mm512_storeu_ps(g + i, _mm512_mul_ps(_mm512_mul_ps(gv, sig), _mm512_loadu_ps(up + i)));
+      for (; i + kLanes <= f; i += kLanes) {
+        const vfloat gv = vload(g + i);
+        const vfloat sig = vdiv(vset(1.f), vadd(vset(1.f), vexp(vsub(vzero(), gv))));
+        vstore(g + i, vmul(vmul(gv, sig), vload(up + i)));
       }
       for (; i < f; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * up[i];
     }
@@ -616,6 +727,7 @@ ffi::Error PackTiles(ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> packed, bool 
     const int64_t m = task / tiles, t = task % tiles;
     uint32_t* tile = dst + (m * tiles + t) * (tile_elems / 2);
     const int64_t o0 = t * kTile;
+#if defined(__AVX512BF16__)
     if (f32 && input_major && o0 + kTile <= out) {  // rows 2k and 2k+1 of [I, O], 32 outputs: 16 lanes at a time
       const float* base = w32 + m * in * out + o0;
       for (int64_t k = 0; k < in2; ++k) {
@@ -642,6 +754,7 @@ ffi::Error PackTiles(ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> packed, bool 
       }
       return;
     }
+#endif
     for (int64_t j = 0; j < kTile; ++j)
       for (int64_t k = 0; k < in2; ++k)
         tile[k * kTile + j] = at(m, o0 + j, 2 * k) | (at(m, o0 + j, 2 * k + 1) << 16);

@@ -1,15 +1,18 @@
-"""The sampler's decode step as one native call on x86 CPUs with AVX-512 (`kernels/decode_cpu.cc`).
+"""The sampler's decode step as one native call on x86 CPUs with AVX-512 or AVX2 (`kernels/decode_cpu.cc`).
 
 A decode step reads every weight once and does little else. XLA:CPU runs it as ~780 thunks with a fixed cost
 each, and SmolLM2-135M's 8-row bf16 step took ~2x the time to stream its weights (docs/performance.md, item
 43). `decode_step` runs the whole step (layers, final norm, LM head) as one XLA FFI custom call on weights
 packed once per rollout (`pack_weights`), with the arithmetic of the feature-major XLA step for the model's
-matmul operands (bf16: AMX tiles or AVX-512 BF16; fp32: AVX-512 FMAs): the same values up to summation order.
+matmul operands (bf16: AMX tiles or AVX-512 BF16; fp32: AVX-512 or AVX2 FMAs): the same values up to summation
+order.
 
 The kernel is compiled from source with the machine's C++ compiler on first use, into the klq_jax cache
-(`cache.cache_root() / "kernels"`), one process at a time (`cache.filling`). Where it cannot run (not x86 with
-AVX-512, or AVX-512 BF16 for bf16 matmuls; no compiler; not a Llama-family model) `model_unsupported` and
-`machine_unsupported` say why, and the sampler keeps XLA's step (`sampler.use_native_decode`).
+(`cache.cache_root() / "kernels"`), one process at a time (`cache.filling`), in one of two builds (`ISAS`):
+"avx512" (AVX-512, AVX-512 BF16 and AMX instructions; each runs only where the CPU has it) and "avx2" (AVX2 and
+FMA only: CPUs without AVX-512, most laptops; fp32 matmuls only). Where it cannot run (no AVX2; bf16 matmuls
+without AVX-512 BF16; no compiler; not a Llama-family model) `model_unsupported` and `machine_unsupported` say
+why, and the sampler keeps XLA's step (`sampler.use_native_decode`).
 """
 
 from __future__ import annotations
@@ -34,13 +37,36 @@ from klq_jax.models.cache import cache_root, filling
 from klq_jax.models.config import ModelConfig
 
 SOURCE = Path(__file__).resolve().parent.parent / "kernels" / "decode_cpu.cc"
-TARGET = "klq_decode_step"
-PACK_TARGET = "klq_pack_tiles"
 TILE = 32  # outputs per packed tile (kTile in the source)
-# Not -march=native: the cache folder may be shared between machines. BF16 instructions run only with bf16
-# weights, AMX only where `has_amx` (the call's attribute `amx`).
-CXX_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512vl",
-             "-mavx512bf16", "-mfma", "-mamx-tile", "-mamx-bf16")
+CXX_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC")
+# The builds: their instruction-set flags, and the CPU flags (/proc/cpuinfo) a machine needs to run them. Not
+# -march=native: the cache folder may be shared between machines. In the AVX-512 build, BF16 instructions run
+# only with bf16 weights, AMX only where `has_amx` (the call's attribute `amx`).
+ISAS = {
+    "avx512": (("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-mamx-tile", "-mamx-bf16"),
+               frozenset({"avx512f", "avx512bw", "avx512vl", "fma"})),
+    "avx2": (("-mavx2", "-mfma"), frozenset({"avx2", "fma"})),
+}
+
+
+def targets(isa: str) -> tuple[str, str]:
+    """The XLA FFI targets of one build: its decode step and its packing."""
+    return f"klq_decode_step_{isa}", f"klq_pack_tiles_{isa}"
+
+
+def isa_runs_here(isa: str) -> bool:
+    """Whether this CPU can run that build (x86-64 with its instruction sets)."""
+    return platform.machine() in ("x86_64", "AMD64") and ISAS[isa][1] <= this_cpu_flags()
+
+
+def kernel_isa(matmul_dtype=jnp.bfloat16) -> str | None:
+    """The build this CPU runs for these matmul operands: "avx512" where it has AVX-512 (and AVX-512 BF16 for bf16
+    operands), else "avx2" for fp32 operands; None where neither can."""
+    if isa_runs_here("avx512") and (weight_dtype(matmul_dtype) != jnp.bfloat16 or "avx512_bf16" in this_cpu_flags()):
+        return "avx512"
+    if isa_runs_here("avx2") and weight_dtype(matmul_dtype) == jnp.float32:
+        return "avx2"
+    return None
 
 
 def has_amx() -> bool:
@@ -76,14 +102,14 @@ def model_unsupported(cfg: ModelConfig, dtype, matmul_dtype, cache_dtype) -> str
 
 def machine_unsupported(matmul_dtype=jnp.bfloat16) -> str | None:
     """Why this machine cannot run the kernel with these matmul operands (None: it can): JAX on CPU, x86-64 Linux
-    with AVX-512 (and AVX-512 BF16 for bf16 operands), a C++ compiler (`$CXX`, else g++)."""
+    with AVX-512 and AVX-512 BF16 for bf16 operands, AVX-512 or AVX2 for fp32 ones (`kernel_isa`), a C++ compiler
+    (`$CXX`, else g++)."""
     if jax.default_backend() != "cpu":
         return f"backend {jax.default_backend()} (the kernel is for XLA:CPU)"
-    flags = this_cpu_flags()
-    if platform.machine() not in ("x86_64", "AMD64") or "avx512f" not in flags:
-        return "no AVX-512 on this CPU"
-    if weight_dtype(matmul_dtype) == jnp.bfloat16 and "avx512_bf16" not in flags:
-        return "no AVX-512 BF16 on this CPU (bfloat16 matmuls)"
+    if kernel_isa(matmul_dtype) is None:
+        if weight_dtype(matmul_dtype) == jnp.bfloat16:
+            return "no AVX-512 BF16 on this CPU (bfloat16 matmuls)"
+        return "no AVX-512 or AVX2 with FMA on this CPU"
     if _compiler() is None:
         return "no C++ compiler (g++, or $CXX)"
     return None
@@ -93,18 +119,19 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "g++"))
 
 
-def _library_path() -> Path:
+def _library_path(isa: str) -> Path:
     """Where the kernel built from this source with these flags and this JAX's FFI headers lives."""
     digest = hashlib.sha256(SOURCE.read_bytes())
-    digest.update(" ".join(CXX_FLAGS).encode())
+    digest.update(" ".join(CXX_FLAGS + ISAS[isa][0]).encode())
     digest.update(jax.ffi.include_dir().encode())
     digest.update(jax.__version__.encode())
-    return cache_root() / "kernels" / f"decode_cpu-{digest.hexdigest()[:16]}.so"
+    return cache_root() / "kernels" / f"decode_cpu-{isa}-{digest.hexdigest()[:16]}.so"
 
 
-def build() -> Path:
-    """The compiled kernel, built on first use (compiled aside, renamed into place under the cache lock)."""
-    path = _library_path()
+def build(isa: str) -> Path:
+    """The compiled kernel of one build (`ISAS`), built on first use (compiled aside, renamed into place under the
+    cache lock)."""
+    path = _library_path(isa)
     with filling(path):
         if path.exists():
             return path
@@ -113,7 +140,7 @@ def build() -> Path:
             raise RuntimeError("the CPU decode kernel needs a C++ compiler (g++, or $CXX)")
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
             out = Path(tmp) / path.name
-            cmd = [compiler, *CXX_FLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", str(out)]
+            cmd = [compiler, *CXX_FLAGS, *ISAS[isa][0], "-I", jax.ffi.include_dir(), str(SOURCE), "-o", str(out)]
             run = subprocess.run(cmd, capture_output=True, text=True)
             if run.returncode:
                 raise RuntimeError(f"compiling the CPU decode kernel failed ({' '.join(cmd)}):\n{run.stderr}")
@@ -122,26 +149,28 @@ def build() -> Path:
 
 
 @functools.lru_cache(maxsize=None)
-def register() -> None:
-    """Builds (if needed) and loads the kernel, and registers it with XLA:CPU as `klq_decode_step`, once. A cache
-    folder that cannot be written or a library that does not load is a RuntimeError naming the path."""
+def register(isa: str) -> None:
+    """Builds (if needed) and loads one build of the kernel, and registers it with XLA:CPU under `targets(isa)`,
+    once. A cache folder that cannot be written or a library that does not load is a RuntimeError naming the
+    path."""
     try:
-        library = ctypes.cdll.LoadLibrary(str(build()))
+        library = ctypes.cdll.LoadLibrary(str(build(isa)))
     except OSError as err:
         raise RuntimeError(f"the CPU decode kernel could not be built or loaded under {cache_root() / 'kernels'}: "
                            f"{err}") from err
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.KlqDecodeStep), platform="cpu")
-    jax.ffi.register_ffi_target(PACK_TARGET, jax.ffi.pycapsule(library.KlqPackTiles), platform="cpu")
+    step, pack = targets(isa)
+    jax.ffi.register_ffi_target(step, jax.ffi.pycapsule(library.KlqDecodeStep), platform="cpu")
+    jax.ffi.register_ffi_target(pack, jax.ffi.pycapsule(library.KlqPackTiles), platform="cpu")
 
 
 @functools.lru_cache(maxsize=None)
 def available(matmul_dtype=jnp.bfloat16) -> bool:
-    """Whether this process can run the kernel with these matmul operands: the machine supports it and it builds
-    and loads."""
+    """Whether this process can run the kernel with these matmul operands: the machine supports it and its build
+    compiles and loads."""
     if machine_unsupported(matmul_dtype) is not None:
         return False
     try:
-        register()
+        register(kernel_isa(matmul_dtype))
     except (RuntimeError, OSError):
         return False
     return True
@@ -155,12 +184,13 @@ def packed_shape(w: jax.Array, input_major: bool, dtype=jnp.bfloat16) -> tuple[i
     return (*lead, -(-o // TILE), i // 2, TILE, 2)
 
 
-def pack_native(w: jax.Array, input_major: bool, dtype=jnp.bfloat16) -> jax.Array:
+def pack_native(w: jax.Array, input_major: bool, dtype=jnp.bfloat16, isa: str | None = None) -> jax.Array:
     """`pack_io` (`input_major`) or `pack_oi` as a native call on the caller and XLA's pool: 0.31 -> 0.14 s for
-    SmolLM2-135M's weights in bf16 (XLA's transposes took most of the time). fp32 denormals round to zero in bf16;
-    other values are the same bits."""
-    register()
-    call = jax.ffi.ffi_call(PACK_TARGET, jax.ShapeDtypeStruct(packed_shape(w, input_major, dtype), dtype))
+    SmolLM2-135M's weights in bf16 (XLA's transposes took most of the time). fp32 denormals round to zero in bf16
+    in the AVX-512 build; other values are the same bits. `isa`: the build (None: `kernel_isa(dtype)`)."""
+    isa = isa or kernel_isa(dtype)
+    register(isa)
+    call = jax.ffi.ffi_call(targets(isa)[1], jax.ShapeDtypeStruct(packed_shape(w, input_major, dtype), dtype))
     return call(w, input_major=input_major)
 
 
@@ -199,14 +229,14 @@ class DecodeWeights:
     w_head: jax.Array
 
 
-def pack_weights(model, native: bool = True) -> DecodeWeights:
+def pack_weights(model, native: bool = True, isa: str | None = None) -> DecodeWeights:
     """`DecodeWeights` of a `CausalLM` (stacked blocks, [in, out] weights) for its matmul dtype (`weight_dtype`),
     inside the sampler's jit: one pass per rollout, as the XLA step's per-layer copies were. `native`: packed by
-    `pack_native`, else by jnp."""
+    `pack_native` (of build `isa`), else by jnp."""
     dtype = weight_dtype(model.matmul_dtype)
     if native:
-        pack_io_ = functools.partial(pack_native, input_major=True, dtype=dtype)
-        pack_oi_ = functools.partial(pack_native, input_major=False, dtype=dtype)
+        pack_io_ = functools.partial(pack_native, input_major=True, dtype=dtype, isa=isa)
+        pack_oi_ = functools.partial(pack_native, input_major=False, dtype=dtype, isa=isa)
     else:
         pack_io_, pack_oi_ = functools.partial(pack_io, dtype=dtype), functools.partial(pack_oi, dtype=dtype)
     blocks = model.blocks
@@ -230,16 +260,18 @@ def pack_weights(model, native: bool = True) -> DecodeWeights:
 
 def decode_step(weights: DecodeWeights, cfg: ModelConfig, x_nd: jax.Array, cos_nr: jax.Array, sin_nr: jax.Array,
                 kv_mask_ns: jax.Array, cache_pos: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
-                num_threads: int | None = None, amx: bool | None = None):
+                num_threads: int | None = None, amx: bool | None = None, isa: str | None = None):
     """One decode step of N = B rows: `x_nd` the embedded tokens [N, D], `cos_nr`/`sin_nr` their RoPE tables
     [N, rotary_dim], `kv_mask_ns` the cache slots holding real tokens after this step's write at `cache_pos`,
     `k_cache`/`v_cache` [L, B, K, S, hd] float32 (updated in place). Returns `(logits_nv, h_nd, k_cache,
     v_cache)`: float32 logits, the final-normed hidden states (for a value head), the caches. `amx` None: where the
-    CPU has it (`has_amx`); False: AVX-512 BF16 dot products only."""
-    register()
+    CPU has it (`has_amx`); False: AVX-512 BF16 dot products only. `isa`: the build (None: `kernel_isa` of the
+    packed weights' dtype)."""
+    isa = isa or kernel_isa(weights.w_qkv.dtype)
+    register(isa)
     n, _ = x_nd.shape
     call = jax.ffi.ffi_call(
-        TARGET,
+        targets(isa)[0],
         (jax.ShapeDtypeStruct((n, cfg.vocab_size), jnp.float32), jax.ShapeDtypeStruct(x_nd.shape, jnp.float32),
          jax.ShapeDtypeStruct(k_cache.shape, jnp.float32), jax.ShapeDtypeStruct(v_cache.shape, jnp.float32)),
         input_output_aliases={13: 2, 14: 3})

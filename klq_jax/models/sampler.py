@@ -112,27 +112,43 @@ def sample_categorical(key: jax.Array, logits_bv: jax.Array) -> jax.Array:
     return categorical_with_stats(key, logits_bv)[0]
 
 
-DECODE_KERNELS = ("auto", "native", "xla")
+# "native-<isa>": one build of the native step (`cpu_decode.ISAS`) where "native" takes the CPU's best, e.g. the AVX2
+# build on an AVX-512 CPU (tests, benchmarks).
+DECODE_KERNELS = ("auto", "native", *(f"native-{isa}" for isa in cpu_decode.ISAS), "xla")
 
 
-def use_native_decode(decode_kernel: str, model: CausalLM, cache_dtype, unstack_layers: bool) -> bool:
-    """Whether the decode loop's step runs on the native CPU kernel (`cpu_decode`): `"native"` requires it (a
-    clear error naming why it cannot run), `"xla"` never, `"auto"` where the model, the machine and the
-    placement allow it (whole weights on one CPU device) and the kernel builds."""
+def native_decode_isa(decode_kernel: str, model: CausalLM, cache_dtype, unstack_layers: bool) -> str | None:
+    """The build of the native CPU kernel (`cpu_decode`) the decode loop's step runs on, or None for XLA's step:
+    `"native"` requires the kernel (a clear error naming why it cannot run), `"native-<isa>"` that build, `"xla"`
+    never, `"auto"` where the model, the machine and the placement allow it (whole weights on one CPU device) and
+    the kernel builds."""
     if decode_kernel not in DECODE_KERNELS:
         raise ValueError(f"decode_kernel={decode_kernel!r}; accepted: {', '.join(DECODE_KERNELS)}")
     if decode_kernel == "xla":
-        return False
+        return None
     reason = (cpu_decode.model_unsupported(model.cfg, model.dtype, model.matmul_dtype, cache_dtype)
               or cpu_decode.machine_unsupported(model.matmul_dtype))
+    isa = decode_kernel.removeprefix("native-") if decode_kernel.startswith("native-") else None
+    if reason is None and isa is not None and isa != cpu_decode.kernel_isa(model.matmul_dtype):
+        if not cpu_decode.isa_runs_here(isa):
+            reason = f"the {isa} build needs {', '.join(sorted(cpu_decode.ISAS[isa][1]))} on this CPU"
+        elif isa == "avx2" and cpu_decode.weight_dtype(model.matmul_dtype) == jnp.bfloat16:
+            reason = "the avx2 build has no bfloat16 matmuls"
     if reason is None and (not unstack_layers or jax.device_count() > 1):
         reason = "more than one device (the kernel runs the whole batch on one CPU)"
-    if decode_kernel == "native":
+    if decode_kernel != "auto":
         if reason is not None:
-            raise ValueError(f"decode_kernel='native' cannot run here: {reason}; use 'auto' or 'xla'")
-        cpu_decode.register()
-        return True
-    return reason is None and cpu_decode.available(model.matmul_dtype)
+            raise ValueError(f"decode_kernel={decode_kernel!r} cannot run here: {reason}; use 'auto' or 'xla'")
+        isa = isa or cpu_decode.kernel_isa(model.matmul_dtype)
+        cpu_decode.register(isa)
+        return isa
+    return cpu_decode.kernel_isa(model.matmul_dtype) if reason is None and cpu_decode.available(
+        model.matmul_dtype) else None
+
+
+def use_native_decode(decode_kernel: str, model: CausalLM, cache_dtype, unstack_layers: bool) -> bool:
+    """Whether the decode loop's step runs on the native CPU kernel (`native_decode_isa`)."""
+    return native_decode_isa(decode_kernel, model, cache_dtype, unstack_layers) is not None
 
 
 def bucket_length(n: int, multiple: int = 32) -> int:
@@ -145,7 +161,8 @@ def _generate(graphdef, state, prompt_bp, prompt_mask_bp, rng, temperature, top_
               top_k: int, eos_ids: tuple[int, ...], pad_id: int, cache_dtype,
               unstack_layers: bool = True, weights_oi: bool = True, decode_kernel: str = "auto") -> SampleOutput:
     model: CausalLM = nnx.merge(graphdef, state)
-    native = use_native_decode(decode_kernel, model, cache_dtype, unstack_layers)
+    isa = native_decode_isa(decode_kernel, model, cache_dtype, unstack_layers)
+    native = isa is not None
     b, p = prompt_bp.shape
     n = max_new_tokens
     kv_mask_bs = jnp.concatenate([prompt_mask_bp, jnp.zeros((b, n), bool)], axis=1)
@@ -173,7 +190,7 @@ def _generate(graphdef, state, prompt_bp, prompt_mask_bp, rng, temperature, top_
         decode_cache = decode_cache.keys_feature_major()
     # The native step (`cpu_decode`) reads its weights packed into tiles (bf16 or fp32, as the matmuls), once per
     # call, and the prefill's stacked cache as it is.
-    packed = cpu_decode.pack_weights(model) if native else None
+    packed = cpu_decode.pack_weights(model, isa=isa) if native else None
 
     def model_step(token_b, positions_b, kv_mask_bs, cache, cache_pos):
         """(logits_bv, values_b or None, cache) of one decode step."""
@@ -184,7 +201,7 @@ def _generate(graphdef, state, prompt_bp, prompt_mask_bp, rng, temperature, top_
             else:
                 cos_br = sin_br = jnp.zeros((b, 0), jnp.float32)
             logits_bv, h_bd, k, v = cpu_decode.decode_step(packed, model.cfg, x_bd, cos_br, sin_br, kv_mask_bs,
-                                                          cache_pos, cache.k_lbksh, cache.v_lbksh)
+                                                          cache_pos, cache.k_lbksh, cache.v_lbksh, isa=isa)
             values_b = model.value_head(h_bd) if has_values else None
             return logits_bv, values_b, KVCache(k, v)
         out = model(token_b[:, None], positions_b[:, None], kv_mask_bs, cache=cache, cache_pos=cache_pos,
@@ -266,8 +283,8 @@ class Sampler:
     weights_oi: bool = True  # those copies as [out, in] matrices, for the feature-major decode step (faster
                              # 8-row dots on XLA:CPU; same memory)
     compile_ahead: bool = False  # each new shape compiled on its own first, its freed memory released (`generate`)
-    decode_kernel: str = "auto"  # the decode step: "native" (one CPU kernel call, `cpu_decode`), "xla", or "auto"
-                                 # (native where it can run: `use_native_decode`)
+    decode_kernel: str = "auto"  # the decode step: "native" (one CPU kernel call, `cpu_decode`; "native-avx2" etc.
+                                 # for one build), "xla", or "auto" (native where it can run: `native_decode_isa`)
 
     @classmethod
     def for_model(cls, model: CausalLM, **kwargs) -> "Sampler":
