@@ -413,35 +413,36 @@ inline void tile_dot_f32(const float* w_tile, const float* x_rows, int in, float
   store_tile(acc, y, y_stride, o0, out, rows);
 }
 #else
-// AVX2 has 16 vector registers, too few for 8 rows x 32 outputs: the tile is read in halves of 16 outputs for
-// groups of 4 rows (8 accumulators), memory once, cache for the other passes. Groups past `rows` are skipped.
-constexpr int kAvx2Rows = 4;
+// AVX2 has 16 vector registers, too few for 8 rows x 32 outputs: the tile is read once per group of 3 rows (12
+// accumulators, a weight vector, 3 broadcasts), memory once, cache for the other groups.
+template <int NR>
+inline void rows_dot_f32(const float* w_tile, const float* x, int in, float (*c)[kTile]) {
+  __m256 acc[NR][4];
+  for (int r = 0; r < NR; ++r)
+    for (int q = 0; q < 4; ++q) acc[r][q] = _mm256_setzero_ps();
+  for (int i = 0; i < in; ++i) {
+    const float* w = w_tile + kTile * i;
+    _mm_prefetch(reinterpret_cast<const char*>(w + kTile * kF32Prefetch), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + kTile * kF32Prefetch + 16), _MM_HINT_T0);
+    __m256 xb[NR];
+    for (int r = 0; r < NR; ++r) xb[r] = _mm256_broadcast_ss(x + r * in + i);
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) {
+      const __m256 wq = _mm256_loadu_ps(w + 8 * q);
+      for (int r = 0; r < NR; ++r) acc[r][q] = _mm256_fmadd_ps(wq, xb[r], acc[r][q]);
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int q = 0; q < 4; ++q) _mm256_store_ps(&c[r][8 * q], acc[r][q]);
+}
 
 inline void tile_dot_f32(const float* w_tile, const float* x_rows, int in, float* y, int y_stride, int o0, int out,
                          int rows) {
   alignas(32) float c[kRows][kTile];
-  for (int r0 = 0; r0 < rows; r0 += kAvx2Rows) {
-    for (int half = 0; half < 2; ++half) {
-      const float* w = w_tile + 16 * half;
-      __m256 acc[kAvx2Rows][2];
-      for (int r = 0; r < kAvx2Rows; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-      for (int i = 0; i < in; ++i) {
-        const __m256 w0 = _mm256_loadu_ps(w + kTile * i);
-        const __m256 w1 = _mm256_loadu_ps(w + kTile * i + 8);
-        _mm_prefetch(reinterpret_cast<const char*>(w + kTile * (i + kF32Prefetch)), _MM_HINT_T0);
-#pragma GCC unroll 4
-        for (int r = 0; r < kAvx2Rows; ++r) {
-          const __m256 xb = _mm256_broadcast_ss(x_rows + (r0 + r) * in + i);
-          acc[r][0] = _mm256_fmadd_ps(w0, xb, acc[r][0]);
-          acc[r][1] = _mm256_fmadd_ps(w1, xb, acc[r][1]);
-        }
-      }
-      for (int r = 0; r < kAvx2Rows; ++r) {
-        _mm256_store_ps(&c[r0 + r][16 * half], acc[r][0]);
-        _mm256_store_ps(&c[r0 + r][16 * half + 8], acc[r][1]);
-      }
-    }
-  }
+  int r0 = 0;
+  for (; r0 + 3 <= rows; r0 += 3) rows_dot_f32<3>(w_tile, x_rows + r0 * in, in, c + r0);
+  if (rows - r0 == 2) rows_dot_f32<2>(w_tile, x_rows + r0 * in, in, c + r0);
+  if (rows - r0 == 1) rows_dot_f32<1>(w_tile, x_rows + r0 * in, in, c + r0);
   const int n = std::min(kTile, out - o0);
   for (int r = 0; r < rows; ++r) std::memcpy(y + static_cast<int64_t>(r) * y_stride + o0, c[r], sizeof(float) * n);
 }
