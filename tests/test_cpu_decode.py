@@ -281,3 +281,7 @@ def test_which_build_a_cpu_runs(monkeypatch):
     assert cpu_decode.machine_unsupported(jnp.bfloat16) == "no AVX-512 BF16 on this CPU (bfloat16 matmuls)"
     cpu("sse2", "avx")
     assert cpu_decode.machine_unsupported(None) == "no AVX-512 or AVX2 with FMA on this CPU"
+    with pytest.raises(ValueError, match="the CPU decode kernel cannot run here: no AVX-512 or AVX2 with FMA"):
+        cpu_decode.pack_native(jnp.zeros((64, 32)), True, jnp.float32)
+    with pytest.raises(ValueError, match="isa='neon'; accepted: 'avx512', 'avx2'"):
+        cpu_decode.pack_native(jnp.zeros((64, 32)), True, jnp.float32, isa="neon")

@@ -49,6 +49,18 @@ ISAS = {
 }
 
 
+def _build_for(isa: str | None, matmul_dtype) -> str:
+    """`isa`, or where None the build this CPU runs for these matmul operands; a ValueError naming what is
+    accepted, or why none runs here."""
+    if isa is None:
+        isa = kernel_isa(matmul_dtype)
+        if isa is None:
+            raise ValueError(f"the CPU decode kernel cannot run here: {machine_unsupported(matmul_dtype)}")
+    if isa not in ISAS:
+        raise ValueError(f"isa={isa!r}; accepted: {', '.join(map(repr, ISAS))}")
+    return isa
+
+
 def targets(isa: str) -> tuple[str, str]:
     """The XLA FFI targets of one build: its decode step and its packing."""
     return f"klq_decode_step_{isa}", f"klq_pack_tiles_{isa}"
@@ -188,7 +200,7 @@ def pack_native(w: jax.Array, input_major: bool, dtype=jnp.bfloat16, isa: str | 
     """`pack_io` (`input_major`) or `pack_oi` as a native call on the caller and XLA's pool: 0.31 -> 0.14 s for
     SmolLM2-135M's weights in bf16 (XLA's transposes took most of the time). fp32 denormals round to zero in bf16
     in the AVX-512 build; other values are the same bits. `isa`: the build (None: `kernel_isa(dtype)`)."""
-    isa = isa or kernel_isa(dtype)
+    isa = _build_for(isa, dtype)
     register(isa)
     call = jax.ffi.ffi_call(targets(isa)[1], jax.ShapeDtypeStruct(packed_shape(w, input_major, dtype), dtype))
     return call(w, input_major=input_major)
@@ -267,7 +279,7 @@ def decode_step(weights: DecodeWeights, cfg: ModelConfig, x_nd: jax.Array, cos_n
     v_cache)`: float32 logits, the final-normed hidden states (for a value head), the caches. `amx` None: where the
     CPU has it (`has_amx`); False: AVX-512 BF16 dot products only. `isa`: the build (None: `kernel_isa` of the
     packed weights' dtype)."""
-    isa = isa or kernel_isa(weights.w_qkv.dtype)
+    isa = _build_for(isa, weights.w_qkv.dtype)
     register(isa)
     n, _ = x_nd.shape
     call = jax.ffi.ffi_call(
