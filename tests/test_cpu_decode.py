@@ -12,10 +12,18 @@ from klq_jax.models.config import ModelConfig
 from klq_jax.models.sampler import Sampler, greedy, use_native_decode
 from klq_jax.models.transformer import CausalLM, KVCache, rope_cos_sin
 
-needs_kernel = pytest.mark.skipif(cpu_decode.machine_unsupported() is not None,
-                                  reason=f"native decode: {cpu_decode.machine_unsupported()}")
+# The kernel with fp32 matmuls (AVX-512 or AVX2); bf16 matmuls also need AVX-512 BF16 (`skip_without_bf16`).
+needs_kernel = pytest.mark.skipif(cpu_decode.machine_unsupported(None) is not None,
+                                  reason=f"native decode: {cpu_decode.machine_unsupported(None)}")
+# The matmul operands of the tests that are not about them: bf16 where the kernel runs them, else fp32.
+SOME_MATMULS = jnp.bfloat16 if cpu_decode.machine_unsupported(jnp.bfloat16) is None else None
 MATMUL_DTYPES = pytest.mark.parametrize("matmul_dtype", [jnp.bfloat16, None], ids=["bf16", "fp32"])
 ISAS = pytest.mark.parametrize("isa", list(cpu_decode.ISAS))
+
+
+def skip_without_bf16(matmul_dtype):
+    if matmul_dtype is not None and cpu_decode.machine_unsupported(matmul_dtype) is not None:
+        pytest.skip(f"native decode: {cpu_decode.machine_unsupported(matmul_dtype)}")
 
 
 def skip_unless_runs(isa, packed_dtype=jnp.float32):
@@ -69,7 +77,7 @@ def test_pack_layouts():
 def test_native_pack_equals_jnp_pack(input_major, dtype, shape, packed_dtype, isa):
     """Both builds pack like jnp, to the bit (the AVX2 build's bf16 rounding is scalar code, the AVX-512 build's
     vcvtneps2bf16)."""
-    skip_unless_runs(isa)
+    skip_unless_runs(isa, packed_dtype)
     w = jnp.asarray(np.random.default_rng(1).standard_normal(shape), dtype)
     ref = (cpu_decode.pack_io if input_major else cpu_decode.pack_oi)(w, packed_dtype)
     got = jax.jit(lambda w: cpu_decode.pack_native(w, input_major, packed_dtype, isa=isa))(w)
@@ -109,7 +117,7 @@ def test_one_step_equals_xla(tied, head_dim, ffn, native_pack, path, matmul_dtyp
         pytest.skip("no AMX on this CPU, or fp32 matmuls")
     if isa == "avx2" and matmul_dtype is not None:
         pytest.skip("the AVX2 build runs fp32 matmuls only")
-    skip_unless_runs(isa)
+    skip_unless_runs(isa, matmul_dtype or jnp.float32)
     cfg = tiny_cfg(tie_embeddings=tied, rope_theta=500.0, head_dim=head_dim, rotary_dim=head_dim,
                    intermediate_size=ffn)
     model = tiny_model(cfg, matmul_dtype=matmul_dtype)
@@ -135,7 +143,7 @@ def test_one_step_equals_xla(tied, head_dim, ffn, native_pack, path, matmul_dtyp
 @needs_kernel
 def test_a_row_with_no_real_token_averages_all_slots_as_xla_does():
     cfg = tiny_cfg()
-    model = tiny_model(cfg)
+    model = tiny_model(cfg, matmul_dtype=SOME_MATMULS)
     cache, token_b, position_b, kv_mask_bs = _prefill_then_step(model, cfg, jnp.ones((2, 4), bool), slots=6)
     kv_mask_bs = kv_mask_bs.at[1].set(False)  # row 1 sees no key at all
     ref = model(token_b[:, None], position_b[:, None], kv_mask_bs, cache=cache, cache_pos=4)
@@ -155,6 +163,7 @@ def test_sampler_rollouts_equal_xla(matmul_dtype, kernel):
     """Greedy rollouts are the same tokens, and sampled ones the same tokens with the same log-probabilities,
     values and entropies (to fp32 summation order), on and off the kernel, with bf16 and fp32 matmuls, and on the
     AVX2 build."""
+    skip_without_bf16(matmul_dtype)
     if kernel == "native-avx2":
         skip_unless_runs("avx2")
     cfg = tiny_cfg(num_layers=3)
@@ -207,6 +216,7 @@ def test_who_may_use_the_kernel():
 def test_xla_matmuls_after_the_kernel_are_right():
     """The kernel's threads put back the AMX tile configuration they found: XLA:CPU's own bf16 dots (AMX tiles
     on CPUs that have them) on the same threads, right after a step, still compute the product."""
+    skip_without_bf16(jnp.bfloat16)
     cfg = tiny_cfg()
     model = tiny_model(cfg)
     cache, token_b, position_b, kv_mask_bs = _prefill_then_step(model, cfg, jnp.ones((8, 4), bool), slots=6)
@@ -258,8 +268,8 @@ def test_an_unwritable_cache_is_a_clear_error(tmp_path, monkeypatch):
     cpu_decode.available.cache_clear()
     try:
         with pytest.raises(RuntimeError, match="could not be built or loaded under .*cache/kernels"):
-            cpu_decode.register(cpu_decode.kernel_isa())
-        assert not cpu_decode.available(jnp.bfloat16)
+            cpu_decode.register(cpu_decode.kernel_isa(None))
+        assert not cpu_decode.available(None)
     finally:
         cpu_decode.register.cache_clear()
         cpu_decode.available.cache_clear()
