@@ -127,6 +127,12 @@ inline uint16_t to_bf16(float f) {  // round to nearest even (XLA's f32 -> bf16 
   return static_cast<uint16_t>(u >> 16);
 }
 
+// The first `rows` rows of a tile's results c [kRows][32] into y[r, o0..], cut at `out`.
+inline void store_rows(const float (*c)[kTile], float* y, int y_stride, int o0, int out, int rows) {
+  const int n = std::min(kTile, out - o0);
+  for (int r = 0; r < rows; ++r) std::memcpy(y + static_cast<int64_t>(r) * y_stride + o0, c[r], sizeof(float) * n);
+}
+
 #if defined(__AVX512F__)  // the AVX-512 build: bf16 matmuls on AVX-512 BF16 and AMX
 
 // x [rows, in] fp32 -> pairs [groups of kRows rows][in/2] as uint32 (two bf16), rows past `rows` zero.
@@ -261,8 +267,7 @@ inline void tile_dot_amx(const uint16_t* w_tile, const uint32_t* pairs, int in2,
       _mm512_store_ps(&c[r][16], _mm512_dpbf16_ps(_mm512_load_ps(&c[r][16]), (__m512bh)w1, (__m512bh)xb));
     }
   }
-  const int n = std::min(kTile, out - o0);
-  for (int r = 0; r < rows; ++r) std::memcpy(y + static_cast<int64_t>(r) * y_stride + o0, c[r], sizeof(float) * n);
+  store_rows(c, y, y_stride, o0, out, rows);
 }
 
 #else  // the AVX2 build: no bf16 matmuls, no AMX
@@ -443,8 +448,7 @@ inline void tile_dot_f32(const float* w_tile, const float* x_rows, int in, float
   for (; r0 + 3 <= rows; r0 += 3) rows_dot_f32<3>(w_tile, x_rows + r0 * in, in, c + r0);
   if (rows - r0 == 2) rows_dot_f32<2>(w_tile, x_rows + r0 * in, in, c + r0);
   if (rows - r0 == 1) rows_dot_f32<1>(w_tile, x_rows + r0 * in, in, c + r0);
-  const int n = std::min(kTile, out - o0);
-  for (int r = 0; r < rows; ++r) std::memcpy(y + static_cast<int64_t>(r) * y_stride + o0, c[r], sizeof(float) * n);
+  store_rows(c, y, y_stride, o0, out, rows);
 }
 #endif
 
