@@ -12,7 +12,7 @@ from flax import nnx
 
 from klq_jax.models.hf import load_model, resolve_checkpoint
 from klq_jax.models.sampler import bucket_length
-from klq_jax.models.transformer import positions_from_mask
+from klq_jax.models.transformer import pack_frozen, positions_from_mask
 from klq_jax.rewards import Reward, RewardError
 
 
@@ -33,13 +33,19 @@ class HFRewardModel(Reward):
     name = "hf-reward-model"
 
     def __init__(self, path: str, *, chat: bool | None = None, max_length: int = 1024, batch_size: int = 16,
-                 param_dtype=jnp.float32, dtype=None, matmul_dtype=None, mesh=None):
+                 param_dtype=jnp.float32, dtype=None, matmul_dtype=None, matmul_kernel: str = "auto", mesh=None):
         from klq_jax.tokenizer import load_tokenizer
 
         folder = resolve_checkpoint(path)
         # Stored in `param_dtype`, computing in `dtype` (default: the same), matmul operands in `matmul_dtype`
         # (default: `dtype`); bf16 storage with fp32 compute widens one layer at a time (models/transformer.py).
         model = load_model(folder, score_head=True, param_dtype=param_dtype, dtype=dtype, matmul_dtype=matmul_dtype)
+        # `matmul_kernel` (config `model.frozen_matmul_kernel`): the layers' bf16 matmuls as native AMX tile products
+        # on weights packed once ("auto": where they run; `transformer.pack_frozen`).
+        try:
+            pack_frozen(model, matmul_kernel, devices=1 if mesh is None else mesh.size)
+        except ValueError as err:
+            raise RewardError(f"reward model {path!r}: {err}") from None
         self.cfg = model.cfg
         self.graphdef, self.state = nnx.split(model)  # the state alone holds the weights (no second copy)
         if mesh is not None:  # weights split over this host's devices by the parameter rules (FSDP/tensor)

@@ -19,7 +19,7 @@ from klq_jax.allocator import release_freed_memory
 from klq_jax.data.datasets import DataError, PromptExample, PromptStream, load_prompts, to_messages, to_text
 from klq_jax.models.hf import CheckpointError, export_model, load_model, resolve_checkpoint
 from klq_jax.models.sampler import DECODE_KERNELS, Sampler, bucket_length, use_native_decode
-from klq_jax.models.transformer import CausalLM, positions_from_mask
+from klq_jax.models.transformer import CausalLM, pack_frozen, positions_from_mask
 from klq_jax.rewards import Reward, make_reward
 from klq_jax.rl import loop as rl_loop
 from klq_jax.rl.train_step import Rollout, make_optimizer
@@ -139,7 +139,8 @@ def build_reward(config) -> Reward:
                              batch_size=max(config.batch_size // jax.process_count(), 1),
                              param_dtype=_dtype(storage, "reward.dtype"),
                              dtype=_dtype(config.model.compute_dtype, "model.compute_dtype"),
-                             matmul_dtype=_reward_matmul_dtype(config), mesh=mesh)
+                             matmul_dtype=_reward_matmul_dtype(config),
+                             matmul_kernel=config.model.get("frozen_matmul_kernel", "auto"), mesh=mesh)
     raise ConfigError(f"reward.kind={kind!r}; accepted: 'similarity', 'hf', 'callable'")
 
 
@@ -186,6 +187,13 @@ def build(config) -> Setup:
     # With 16-bit matmuls the reference's matmul-only weights are stored in that dtype: the same log-probabilities
     # (every use rounds them so), 0.2 GiB less for SmolLM2-135M and no rounding at every call.
     reference.store_matmul_weights()
+    # ... and with bf16 matmuls on a CPU with AMX, packed once into the native matmul's tiles (the same bytes):
+    # each reference forward 0.54 -> 0.47 s for SmolLM2-135M, 8 x 176 tokens (docs/performance.md, item 45).
+    frozen_kernel = config.model.get("frozen_matmul_kernel", "auto")
+    try:
+        pack_frozen(reference, frozen_kernel, devices=jax.device_count())
+    except ValueError as err:
+        raise ConfigError(f"model.{err}") from None
     if reference.cfg.vocab_size != policy.cfg.vocab_size:
         raise CheckpointError(f"reference vocabulary {reference.cfg.vocab_size} differs from the policy's "
                               f"{policy.cfg.vocab_size}; accepted: a reference with the policy's tokenizer")

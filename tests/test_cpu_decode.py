@@ -239,17 +239,22 @@ def test_xla_matmuls_after_the_kernel_are_right():
             a, b, preferred_element_type=jnp.float32)), expected, rtol=0, atol=1e-3)
 
 
-def test_bad_decode_kernel_setting_is_a_config_error():
+def dialogue_config():
+    """`configs/dialogue.py`'s `get_config("")`."""
     import importlib.util
     from pathlib import Path
-
-    from klq_jax import trainer
 
     path = Path(__file__).resolve().parents[1] / "configs" / "dialogue.py"
     spec = importlib.util.spec_from_file_location("dialogue", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = module.get_config("")
+    return module.get_config("")
+
+
+def test_bad_decode_kernel_setting_is_a_config_error():
+    from klq_jax import trainer
+
+    config = dialogue_config()
     assert config.sampling.decode_kernel == "auto"
     config.sampling.decode_kernel = "triton"
     with pytest.raises(trainer.ConfigError, match="sampling.decode_kernel='triton'; accepted: 'auto', 'native', "

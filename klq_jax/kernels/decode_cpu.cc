@@ -218,14 +218,22 @@ struct AmxThreadState {
 };
 thread_local AmxThreadState amx_state;
 
-inline void amx_enter(uint64_t call) {
+// `gemm`: the tiles of `gemm_block` (8 tiles of 16 rows), else those of `tile_dot_amx`.
+inline void amx_enter(uint64_t call, bool gemm = false) {
   if (amx_state.call == call) return;
   _tile_storeconfig(&amx_state.saved);
   TileConfig cfg;
   cfg.palette = 1;
-  for (int t = 0; t < 5; ++t) cfg.colsb[t] = 64;
-  cfg.rows[0] = cfg.rows[1] = cfg.rows[2] = kRows;
-  cfg.rows[3] = cfg.rows[4] = 16;
+  if (gemm) {
+    for (int t = 0; t < 8; ++t) {
+      cfg.colsb[t] = 64;
+      cfg.rows[t] = 16;
+    }
+  } else {
+    for (int t = 0; t < 5; ++t) cfg.colsb[t] = 64;
+    cfg.rows[0] = cfg.rows[1] = cfg.rows[2] = kRows;
+    cfg.rows[3] = cfg.rows[4] = 16;
+  }
   _tile_loadconfig(&cfg);
   amx_state.call = call;
 }
@@ -270,10 +278,48 @@ inline void tile_dot_amx(const uint16_t* w_tile, const uint32_t* pairs, int in2,
   store_rows(c, y, y_stride, o0, out, rows);
 }
 
+// C [32 x 32] (fp32, row stride c_stride floats) = 32 rows of x (bf16, row stride k) times one packed tile of W
+// (32 outputs, k2 = k/2 input pairs), on AMX: tiles C0-C3 (2 x 2 blocks of 16 rows x 16 outputs), A0, A1 (16 rows
+// x 16 pairs each), B0, B1 (16 pairs x 16 outputs). The pairs past the last whole 16 (k2 % 16) are added by
+// AVX-512 BF16 dot products.
+inline void gemm_block(const uint16_t* x, int64_t k, const uint16_t* w_tile, int k2, float* c, int64_t c_stride) {
+  const int k2_tiles = k2 - k2 % 16;
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int p = 0; p < k2_tiles; p += 16) {
+    _tile_loadd(4, x + 2 * p, k * 2);
+    _tile_loadd(5, x + 16 * k + 2 * p, k * 2);
+    _tile_loadd(6, w_tile + 64 * p, 128);
+    _tile_loadd(7, w_tile + 64 * p + 32, 128);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, c, c_stride * 4);
+  _tile_stored(1, c + 16, c_stride * 4);
+  _tile_stored(2, c + 16 * c_stride, c_stride * 4);
+  _tile_stored(3, c + 16 * c_stride + 16, c_stride * 4);
+  for (int p = k2_tiles; p < k2; ++p) {
+    const __m512i w0 = _mm512_loadu_si512(w_tile + 64 * p);
+    const __m512i w1 = _mm512_loadu_si512(w_tile + 64 * p + 32);
+    for (int r = 0; r < 32; ++r) {
+      uint32_t pair;
+      std::memcpy(&pair, x + r * k + 2 * p, 4);
+      const __m512i xb = _mm512_set1_epi32(static_cast<int>(pair));
+      float* row = c + r * c_stride;
+      _mm512_storeu_ps(row, _mm512_dpbf16_ps(_mm512_loadu_ps(row), (__m512bh)w0, (__m512bh)xb));
+      _mm512_storeu_ps(row + 16, _mm512_dpbf16_ps(_mm512_loadu_ps(row + 16), (__m512bh)w1, (__m512bh)xb));
+    }
+  }
+}
+
 #else  // the AVX2 build: no bf16 matmuls, no AMX
 
 bool amx_permitted() { return false; }
-inline void amx_enter(uint64_t) {}
+inline void amx_enter(uint64_t, bool = false) {}
 inline void amx_leave(uint64_t) {}
 
 #endif
@@ -678,6 +724,63 @@ ffi::Error DecodeStep(ffi::Buffer<ffi::F32> x_nd, ffi::Buffer<ffi::F32> cos_nr, 
   return ffi::Error::Success();
 }
 
+// y [M, N] fp32 = x [M, K] (bf16, row-major) W^T for W packed in bf16 tiles ([ceil(N/32)][K/2][32][2], as the
+// decode step's), on AMX tile products (the caller checks the CPU has them): the matmuls of a forward on weights
+// packed once (a frozen model's). Blocks of 32 rows x 32 outputs; a task is a group of up to 8 row blocks (their
+// 32K bf16 activations stay in L2) times a few tiles (each read from memory once per group). A block cut by M or
+// N goes through a zero-padded copy.
+ffi::Error PackedMatmul(ffi::Buffer<ffi::BF16> x_mk, ffi::Buffer<ffi::BF16> w_packed, ffi::ResultBuffer<ffi::F32> y_mn,
+                        ffi::ThreadPool thread_pool) {
+#if defined(__AVX512F__)
+  const auto xd = x_mk.dimensions(), wd = w_packed.dimensions(), yd = y_mn->dimensions();
+  if (xd.size() != 2 || wd.size() != 4 || yd.size() != 2 || wd[2] != kTile || wd[3] != 2)
+    return ffi::Error::InvalidArgument("packed matmul: expected x [M, K], w [N/32, K/2, 32, 2], y [M, N]");
+  const int64_t m = xd[0], k = xd[1], n = yd[1], tiles = wd[0], k2 = wd[1];
+  if (yd[0] != m || k % 2 || k2 * 2 != k || tiles != (n + kTile - 1) / kTile)
+    return ffi::Error::InvalidArgument("packed matmul: shapes of x, w and y disagree");
+  if (!amx_permitted()) return ffi::Error::Internal("packed matmul: Linux refused the AMX tile state");
+  const auto* x = reinterpret_cast<const uint16_t*>(x_mk.untyped_data());
+  const auto* w = reinterpret_cast<const uint16_t*>(w_packed.untyped_data());
+  float* y = y_mn->typed_data();
+  constexpr int64_t kBlockRows = 32, kGroupBlocks = 8;
+  const int64_t blocks = (m + kBlockRows - 1) / kBlockRows, groups = (blocks + kGroupBlocks - 1) / kGroupBlocks;
+  const int64_t per_task = std::max<int64_t>(1, std::min<int64_t>(8, tiles / 4));
+  const int64_t tile_tasks = (tiles + per_task - 1) / per_task;
+  if (m == 0 || n == 0) return ffi::Error::Success();
+  auto team = Team::Gather(thread_pool, thread_pool.num_threads(), true);
+  const uint64_t call = team->amx_call();
+  team->parallel_for(static_cast<int>(groups * tile_tasks), [&](int task) {
+    amx_enter(call, /*gemm=*/true);
+    const int64_t g = task / tile_tasks, t0 = task % tile_tasks * per_task;
+    std::vector<uint16_t> x_pad;  // a cut row block, zero rows after M
+    alignas(64) float c[kBlockRows][kTile];
+    for (int64_t t = t0; t < std::min(tiles, t0 + per_task); ++t) {
+      const uint16_t* w_tile = w + t * k2 * 64;
+      const int64_t o0 = t * kTile, cols = std::min<int64_t>(kTile, n - o0);
+      for (int64_t b = g * kGroupBlocks; b < std::min(blocks, (g + 1) * kGroupBlocks); ++b) {
+        const int64_t r0 = b * kBlockRows, rows = std::min(kBlockRows, m - r0);
+        const uint16_t* xb = x + r0 * k;
+        if (rows < kBlockRows) {
+          x_pad.assign(kBlockRows * k, 0);
+          std::memcpy(x_pad.data(), xb, sizeof(uint16_t) * rows * k);
+          xb = x_pad.data();
+        }
+        if (rows == kBlockRows && cols == kTile) {
+          gemm_block(xb, k, w_tile, static_cast<int>(k2), y + r0 * n + o0, n);
+          continue;
+        }
+        gemm_block(xb, k, w_tile, static_cast<int>(k2), &c[0][0], kTile);
+        for (int64_t r = 0; r < rows; ++r) std::memcpy(y + (r0 + r) * n + o0, c[r], sizeof(float) * cols);
+      }
+    }
+  });
+  team->Finish();
+  return ffi::Error::Success();
+#else
+  return ffi::Error::InvalidArgument("packed matmul: needs the AVX-512 build of the kernel (AMX)");
+#endif
+}
+
 // Packs weights into the step's tiles: [..., I, O] (`input_major`, the model's [in, out] storage) or [..., O, I],
 // fp32 or bf16, -> bf16 [..., ceil(O/32), I/2, 32, 2] or fp32 [..., ceil(O/32), I, 32] (the result's type; zero
 // rows pad O), on the caller and XLA's pool. fp32 -> bf16 rounds to nearest even (vcvtneps2bf16, which reads fp32
@@ -777,6 +880,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KlqPackTiles, PackTiles,
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<bool>("input_major")
+                                  .Ctx<ffi::ThreadPool>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KlqPackedMatmul, PackedMatmul,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // x_mk
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // w_packed
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // y_mn
                                   .Ctx<ffi::ThreadPool>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KlqDecodeStep, DecodeStep,

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from klq_jax.models import cpu_decode
 from klq_jax.models.config import ModelConfig
 from klq_jax.sharding import shard
 
@@ -395,6 +396,36 @@ def _chunked_token_logprobs_bwd(matmul_dtype, rows, residuals, g_bt):
 _chunked_token_logprobs.defvjp(_chunked_token_logprobs_fwd, _chunked_token_logprobs_bwd)
 
 
+FROZEN_MATMUL_KERNELS = ("auto", "native", "xla")
+
+
+def pack_frozen(model: "CausalLM", kernel: str, devices: int = 1) -> bool:
+    """Packs a frozen model's layer matmuls for the native kernel as `kernel` asks (config
+    `model.frozen_matmul_kernel`): "native" packs them or raises the ValueError saying why it cannot, "auto" packs
+    them where it can, "xla" never; returns whether they are packed. `devices`: how many devices the model's
+    weights are placed on (the packed matmul runs on one)."""
+    if kernel not in FROZEN_MATMUL_KERNELS:
+        raise ValueError(f"frozen_matmul_kernel={kernel!r}; accepted: {', '.join(map(repr, FROZEN_MATMUL_KERNELS))}")
+    if kernel == "xla":
+        return False
+    try:
+        if devices > 1:
+            raise ValueError(f"frozen_matmul_kernel={kernel!r}: the packed matmul runs on one device, not {devices}")
+        model.pack_frozen_matmul_weights()
+    except ValueError:
+        if kernel == "native":
+            raise
+        return False
+    return True
+
+
+class PackedWeight(nnx.Variable):
+    """A frozen model's matmul weight as `cpu_decode.packed_matmul`'s bf16 tiles ([.., ceil(O/32), I/2, 32, 2]),
+    held as their int16 bit patterns: XLA:CPU passes int16 layer-scan inputs through as they are (bf16 ones it
+    widens to fp32 before the loop, the whole stack at once), and `_widen_bf16_bits` leaves them alone. Set by
+    `CausalLM.pack_frozen_matmul_weights`; read by `Block._project`."""
+
+
 def _bf16_bits(x: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype == jnp.bfloat16 else x
 
@@ -471,6 +502,21 @@ class Block(nnx.Module):
         self.b_up_f = _zeros((f,), p) if cfg.mlp_bias else None
         self.b_down_d = _zeros((d,), p) if cfg.mlp_bias else None
 
+    def _project(self, x_bti, name: str, out_features: int, matmul_dtype=None):
+        """`x @ w` for the layer's weight `name` ([in, ...], its trailing axes the outputs), or where it is a
+        `PackedWeight` its tiles' native matmul (bf16 operands, fp32 accumulation: the same values up to
+        summation order); returned in `x`'s dtype."""
+        w = getattr(self, name)
+        if isinstance(w, PackedWeight):
+            w_packed = jax.lax.bitcast_convert_type(w[...], jnp.bfloat16)
+            return cpu_decode.packed_matmul(x_bti, w_packed, out_features).astype(x_bti.dtype)
+        return dense(x_bti, w[...].reshape(x_bti.shape[-1], -1).astype(x_bti.dtype), matmul_dtype)
+
+    @property
+    def packed(self) -> bool:
+        """Whether the layer's matmul weights are `PackedWeight`s (`CausalLM.pack_frozen_matmul_weights`)."""
+        return isinstance(self.wq_dnh, PackedWeight)
+
     def _norm(self, x, scale, bias):
         if bias is None:
             return rms_norm(x, scale[...], self.cfg.norm_eps)
@@ -523,13 +569,13 @@ class Block(nnx.Module):
         cfg, dt = self.cfg, x_btd.dtype
         h, k_heads, g, hd = cfg.num_heads, cfg.num_kv_heads, cfg.num_groups, cfg.head_dim
         b, t, d = x_btd.shape
-        if fuse_projections:
+        if fuse_projections and not self.packed:
             wq, wk, wv = (w[...].reshape(d, -1) for w in (self.wq_dnh, self.wk_dkh, self.wv_dkh))
             qkv = dense(x_btd, jnp.concatenate([wq, wk, wv], axis=1).astype(dt), matmul_dtype)
             q, k, v = jnp.split(qkv, [h * hd, (h + k_heads) * hd], axis=-1)
         else:
-            q, k, v = (dense(x_btd, w[...].reshape(d, -1).astype(dt), matmul_dtype)
-                       for w in (self.wq_dnh, self.wk_dkh, self.wv_dkh))
+            q, k, v = (self._project(x_btd, name, out, matmul_dtype)
+                       for name, out in (("wq_dnh", h * hd), ("wk_dkh", k_heads * hd), ("wv_dkh", k_heads * hd)))
         q, k, v = q.reshape(b, t, h, hd), k.reshape(b, t, k_heads, hd), v.reshape(b, t, k_heads, hd)
         if self.bq_nh is not None:
             q, k, v = q + self.bq_nh[...].astype(dt), k + self.bk_kh[...].astype(dt), v + self.bv_kh[...].astype(dt)
@@ -543,27 +589,27 @@ class Block(nnx.Module):
         out_btf, cache_kv = self._attend(q_bkgth, k_bksh, v_bksh, mask_bts, cache_kv, cache_pos,
                                          matmul_dtype if cache_kv is None else None)
         # the output projection as one [H*hd, D] matrix (a free reshape of [H, hd, D])
-        out = dense(out_btf, self.wo_nhd[...].astype(dt).reshape(h * hd, d), matmul_dtype)
+        out = self._project(out_btf, "wo_nhd", d, matmul_dtype)
         if self.bo_d is not None:
             out = out + self.bo_d[...].astype(dt)
         return out, cache_kv
 
     def _mlp(self, x_btd, fuse_projections=False, matmul_dtype=None):
-        dt = x_btd.dtype
-        if fuse_projections and self.w_gate_df is not None:
+        dt, f = x_btd.dtype, self.cfg.intermediate_size
+        if fuse_projections and self.w_gate_df is not None and not self.packed:
             gate_up = dense(x_btd, jnp.concatenate([self.w_gate_df[...], self.w_up_df[...]], axis=1).astype(dt),
                             matmul_dtype)
             gate, up = jnp.split(gate_up, 2, axis=-1)
         else:
-            gate = None if self.w_gate_df is None else dense(x_btd, self.w_gate_df[...].astype(dt), matmul_dtype)
-            up = dense(x_btd, self.w_up_df[...].astype(dt), matmul_dtype)
+            gate = None if self.w_gate_df is None else self._project(x_btd, "w_gate_df", f, matmul_dtype)
+            up = self._project(x_btd, "w_up_df", f, matmul_dtype)
         if self.b_up_f is not None:
             up = up + self.b_up_f[...].astype(dt)
         if gate is not None:
             hidden = jax.nn.silu(gate) * up
         else:
             hidden = activation(self.cfg.activation, up)
-        out = dense(hidden, self.w_down_fd[...].astype(dt), matmul_dtype)
+        out = self._project(hidden, "w_down_fd", self.cfg.hidden_size, matmul_dtype)
         if self.b_down_d is not None:
             out = out + self.b_down_d[...].astype(dt)
         return out
@@ -743,6 +789,35 @@ class CausalLM(nnx.Module):
                     saved += value.nbytes - value.size * mdt.itemsize
                     param.set_value(value.astype(mdt))
         return saved
+
+    # The layers' matmul weights, as `pack_frozen_matmul_weights` packs them.
+    BLOCK_MATMUL_WEIGHTS = ("wq_dnh", "wk_dkh", "wv_dkh", "wo_nhd", "w_gate_df", "w_up_df", "w_down_fd")
+
+    def pack_frozen_matmul_weights(self) -> int:
+        """Stores the layers' matmul weights as `PackedWeight`s, in place, for a frozen model (the reference, an
+        HF reward model) with bf16 matmuls on a CPU with AMX: its forwards then run those matmuls as native AMX
+        tile products (`cpu_decode.packed_matmul`) on tiles packed once here, the same bytes as the bf16 weights
+        (`store_matmul_weights`). Same outputs up to summation order. Returns the number of weights packed; raises a
+        ValueError naming why where it cannot (`packed_matmul_unsupported`: not bf16 matmuls, no AMX, an odd
+        input size). Such a model no longer trains, decodes unrolled (`unstack_layers`) or shards its layers."""
+        reason = cpu_decode.packed_matmul_unsupported()
+        if self.matmul_dtype != jnp.dtype(jnp.bfloat16):
+            reason = f"matmul dtype {self.matmul_dtype} (the packed matmul takes bfloat16 operands)"
+        cfg = self.cfg
+        if cfg.hidden_size % 2 or cfg.intermediate_size % 2 or (cfg.num_heads * cfg.head_dim) % 2:
+            reason = "an odd matmul input size"
+        if reason is not None:
+            raise ValueError(f"frozen_matmul_kernel='native' cannot run here: {reason}")
+        pack = jax.jit(lambda w: jax.lax.bitcast_convert_type(cpu_decode.pack_io(w, jnp.bfloat16), jnp.int16))
+        lyr = cfg.num_layers
+        for name in self.BLOCK_MATMUL_WEIGHTS:
+            w = getattr(self.blocks, name, None)
+            if w is None or isinstance(w, PackedWeight):
+                continue
+            value = w.get_value()
+            in_features = value.shape[1] * (value.shape[2] if name == "wo_nhd" else 1)
+            setattr(self.blocks, name, PackedWeight(pack(value.reshape(lyr, in_features, -1))))
+        return sum(isinstance(getattr(self.blocks, n, None), PackedWeight) for n in self.BLOCK_MATMUL_WEIGHTS)
 
     def unstack_layers(self, weights_oi: bool = False) -> tuple[nnx.State, ...]:
         """The blocks' parameters as one state per layer, for `__call__(..., layers=...)`.
