@@ -102,16 +102,19 @@ def _prefill_then_step(model, cfg, mask_bp, slots):
 @needs_kernel
 @MATMUL_DTYPES
 @pytest.mark.parametrize("path", ["amx", "avx512", "avx2"])
-@pytest.mark.parametrize("tied,head_dim,ffn,native_pack", [(True, 16, 96, True), (False, 8, 80, True),
-                                                           (False, 16, 96, False), (True, 16, 112, True)])
-def test_one_step_equals_xla(tied, head_dim, ffn, native_pack, path, matmul_dtype):
+@pytest.mark.parametrize("tied,head_dim,ffn,native_pack,kv_heads", [
+    (True, 16, 96, True, 2), (False, 8, 80, True, 2), (False, 16, 96, False, 2), (True, 16, 112, True, 2),
+    (True, 16, 96, True, 1)])
+def test_one_step_equals_xla(tied, head_dim, ffn, native_pack, kv_heads, path, matmul_dtype):
     """Logits, final hidden states (value head) and both caches equal XLA's bf16-matmul step under left padding
     and grouped-query attention, for 9 rows (a full group of 8 and one more); q|k|v and gate|up in whole tiles
     (packed apart, concatenated) and not (head_dim 8: 48 query outputs; 80-wide MLP), packed natively or by jnp;
     with AMX tile products (where the CPU has them) and with AVX-512 BF16 dot products only. The 112-wide MLP's
     down projection has 56 input pairs: AMX's 16-pair tiles leave 8 to the AVX-512 loop. fp32 matmuls: fp32 tiles
     and FMAs, against XLA's fp32 step (AMX plays no part), in the AVX-512 build and in the AVX2 one (8-lane
-    vectors: its own tile loop, exp, softmax tails and head_dim 8 in one vector)."""
+    vectors: its own tile loop, exp, softmax tails and head_dim 8 in one vector). The attention: 3 query heads per KV
+    head (their outputs in registers; with head_dim 8 in the AVX-512 build, the per-head loop) and 6 (one KV head:
+    the per-head loop)."""
     amx, isa = path == "amx", "avx2" if path == "avx2" else "avx512"
     if amx and (not cpu_decode.has_amx() or matmul_dtype is None):
         pytest.skip("no AMX on this CPU, or fp32 matmuls")
@@ -119,7 +122,7 @@ def test_one_step_equals_xla(tied, head_dim, ffn, native_pack, path, matmul_dtyp
         pytest.skip("the AVX2 build runs fp32 matmuls only")
     skip_unless_runs(isa, matmul_dtype or jnp.float32)
     cfg = tiny_cfg(tie_embeddings=tied, rope_theta=500.0, head_dim=head_dim, rotary_dim=head_dim,
-                   intermediate_size=ffn)
+                   intermediate_size=ffn, num_kv_heads=kv_heads)
     model = tiny_model(cfg, matmul_dtype=matmul_dtype)
     mask_bp = np.ones((9, 5), bool)
     mask_bp[0, :2] = mask_bp[3, :4] = mask_bp[7, :1] = False
