@@ -24,7 +24,8 @@ def base_config() -> ml_collections.ConfigDict:
                                    # faster on CPUs with AVX-512 BF16 (docs/performance.md, items 24-25, 33)
     c.model.frozen_matmul_kernel = "auto"  # the reference's and an HF reward model's layer matmuls with bf16
                                    # operands: "native" (AMX tile products on weights packed once: x86 CPUs with
-                                   # AMX, one device), "xla", or "auto" (native where it runs; 0.86x the forward)
+                                   # AMX, one device), "xla", or "auto" (native where it runs; 0.82-0.85x the
+                                   # time of those forwards, docs/performance.md, item 45)
     c.model.remat = "full"         # "none", "full", "dots": full keeps one activation per layer (-2.6 GiB
                                    # for 8 x 176 tokens on SmolLM2-135M) at no measured CPU cost
 

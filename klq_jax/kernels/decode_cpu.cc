@@ -7,6 +7,9 @@
 // thread pool. bf16 matmuls: AMX tile products where the CPU has them, else AVX-512 BF16 dot products
 // (vdpbf16ps); fp32 matmuls: AVX-512 FMAs, or AVX2 FMAs in the AVX2 build.
 //
+// `PackedMatmul` (AVX-512 build, AMX): x W^T for weights packed once in the same tiles, the layer matmuls of a frozen
+// model's forward (the reference, a reward model).
+//
 // Two builds of this file: with AVX-512 (+ BF16, AMX) flags, and with AVX2 + FMA only (`__AVX512F__` undefined),
 // for CPUs without AVX-512 (most laptops); the AVX2 build runs fp32 matmuls only.
 //
@@ -618,7 +621,8 @@ void attend(const Dims& dm, const float* q_gh, const float* k_sh, const float* v
   if (n_valid == 0) {  // every key masked (no real token): XLA's finite mask gives the mean over all slots
     std::fill(out_gh, out_gh + g_heads * hd, 0.f);
     for (int g = 0; g < g_heads; ++g)
-      for (int s = 0; s < dm.slots; ++s) axpy_hd(1.f / dm.slots, v_sh + static_cast<int64_t>(s) * hd, out_gh + g * hd, hd);
+      for (int s = 0; s < dm.slots; ++s)
+        axpy_hd(1.f / dm.slots, v_sh + static_cast<int64_t>(s) * hd, out_gh + g * hd, hd);
     return;
   }
   const int stride = (n_valid + 15) / 16 * 16;

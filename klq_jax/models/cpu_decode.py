@@ -13,6 +13,9 @@ The kernel is compiled from source with the machine's C++ compiler on first use,
 FMA only: CPUs without AVX-512, most laptops; fp32 matmuls only). Where it cannot run (no AVX2; bf16 matmuls
 without AVX-512 BF16; no compiler; not a Llama-family model) `model_unsupported` and `machine_unsupported` say
 why, and the sampler keeps XLA's step (`sampler.use_native_decode`).
+
+The AVX-512 build also holds `packed_matmul`: `x @ W^T` on AMX tile products for weights packed once in the same
+tiles, the layer matmuls of frozen models (`transformer.pack_frozen`; config `model.frozen_matmul_kernel`).
 """
 
 from __future__ import annotations
@@ -312,9 +315,9 @@ def packed_matmul(x: jax.Array, w_packed: jax.Array, out_features: int) -> jax.A
     (`pack_io` / `pack_native`: [ceil(out/32), K/2, 32, 2]), `x` rounded to bf16 (round to nearest even),
     accumulated in fp32 on AMX tile products (`packed_matmul_unsupported` says where they run): the bf16 x bf16 ->
     fp32 dot up to summation order. Forward only (no derivative): the matmuls of frozen models, whose weights are
-    packed once (`transformer.CausalLM.pack_frozen_matmul_weights`). On SmolLM2-135M's shapes (1408 rows) 1.3-1.8
-    TFLOP/s on a 2-core Xeon VM where XLA:CPU's bf16 dots of the same shapes ran 0.6-0.95 (docs/performance.md,
-    item 45)."""
+    packed once (`transformer.CausalLM.pack_frozen_matmul_weights`). On SmolLM2-135M's forward shapes (1408 rows) on
+    a 2-core Xeon VM: 1.1-1.4x the throughput of XLA:CPU's bf16 dots, 0.82-0.85x the time of the frozen forwards
+    (`benchmarks/frozen_matmuls.py`; docs/performance.md, item 45)."""
     *lead, k = x.shape
     tiles, k2, tile, two = w_packed.shape
     if (tile, two) != (TILE, 2) or w_packed.dtype != jnp.bfloat16 or k2 * 2 != k or tiles != -(-out_features // TILE):
