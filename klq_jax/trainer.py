@@ -19,7 +19,7 @@ from klq_jax.allocator import release_freed_memory
 from klq_jax.data.datasets import DataError, PromptExample, PromptStream, load_prompts, to_messages, to_text
 from klq_jax.models.hf import CheckpointError, export_model, load_model, resolve_checkpoint
 from klq_jax.models.sampler import DECODE_KERNELS, Sampler, bucket_length, use_native_decode
-from klq_jax.models.transformer import CausalLM, pack_frozen, positions_from_mask
+from klq_jax.models.transformer import FROZEN_MATMUL_KERNELS, CausalLM, pack_frozen, positions_from_mask
 from klq_jax.rewards import Reward, make_reward
 from klq_jax.rl import loop as rl_loop
 from klq_jax.rl.train_step import Rollout, make_optimizer
@@ -171,6 +171,10 @@ def build(config) -> Setup:
     if decode_kernel not in DECODE_KERNELS:
         raise ConfigError(f"sampling.decode_kernel={decode_kernel!r}; accepted: "
                           + ", ".join(map(repr, DECODE_KERNELS)))
+    frozen_kernel = config.model.get("frozen_matmul_kernel", "auto")
+    if frozen_kernel not in FROZEN_MATMUL_KERNELS:
+        raise ConfigError(f"model.frozen_matmul_kernel={frozen_kernel!r}; accepted: "
+                          + ", ".join(map(repr, FROZEN_MATMUL_KERNELS)))
     param_dtype = _dtype(config.model.param_dtype, "model.param_dtype")
     compute_dtype = _dtype(config.model.compute_dtype, "model.compute_dtype")
     policy_path = resolve_model_path(config.model.policy)
@@ -189,7 +193,6 @@ def build(config) -> Setup:
     reference.store_matmul_weights()
     # ... and with bf16 matmuls on a CPU with AMX, packed once into the native matmul's tiles (the same bytes):
     # each reference forward 0.54 -> 0.47 s for SmolLM2-135M, 8 x 176 tokens (docs/performance.md, item 45).
-    frozen_kernel = config.model.get("frozen_matmul_kernel", "auto")
     try:
         pack_frozen(reference, frozen_kernel, devices=jax.device_count())
     except ValueError as err:
