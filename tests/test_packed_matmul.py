@@ -61,12 +61,23 @@ def _inputs(b=3, t=12, vocab=101):
     return tokens, positions_from_mask(mask), mask
 
 
+FAMILIES = {
+    "llama": dict(intermediate_size=80),  # 80 outputs: a cut tile
+    # biases, LayerNorm, an ungated GELU MLP; parallel residual and partial rotary (GPT-NeoX), learned positions (GPT-2)
+    "gpt_neox": dict(family="gpt_neox", num_kv_heads=6, attention_bias=True, output_bias=True, mlp_bias=True,
+                     activation="gelu", rotary_dim=8, parallel_residual=True),
+    "gpt2": dict(family="gpt2", num_kv_heads=6, attention_bias=True, output_bias=True, mlp_bias=True,
+                 activation="gelu_new", rotary_dim=0),
+}
+
+
 @needs_amx
+@pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("stored", ["float32", "bfloat16"])
-def test_a_packed_frozen_model_computes_what_it_did(stored):
+def test_a_packed_frozen_model_computes_what_it_did(stored, family):
     """A frozen model's log-probabilities (the reference's) and scores (a reward model's) before and after packing:
-    the same up to summation order, whether its weights were stored in fp32 or bf16."""
-    cfg = tiny_cfg(intermediate_size=80)  # 80 outputs: a cut tile
+    the same up to summation order, whether its weights were stored in fp32 or bf16, in each family."""
+    cfg = tiny_cfg(**FAMILIES[family])
     model = CausalLM(cfg, matmul_dtype=jnp.bfloat16, score_head=True, rngs=nnx.Rngs(3))
     if stored == "bfloat16":
         model.store_matmul_weights()
@@ -84,8 +95,10 @@ def test_a_packed_frozen_model_computes_what_it_did(stored):
 
     before = outputs(model)
     assert pack_frozen(model, "native")
-    assert all(isinstance(getattr(model.blocks, n), PackedWeight) for n in model.BLOCK_MATMUL_WEIGHTS)
-    assert model.blocks.w_gate_df.get_value().shape == (cfg.num_layers, 3, cfg.hidden_size // 2, 32, 2)
+    weights = [getattr(model.blocks, n) for n in model.BLOCK_MATMUL_WEIGHTS]
+    assert all(isinstance(w, PackedWeight) for w in weights if w is not None)  # GPT-2 and GPT-NeoX: no gate
+    up_tiles = -(-cfg.intermediate_size // 32)
+    assert model.blocks.w_up_df.get_value().shape == (cfg.num_layers, up_tiles, cfg.hidden_size // 2, 32, 2)
     after = outputs(model)
     for a, b in zip(after, before):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
