@@ -503,9 +503,9 @@ class Block(nnx.Module):
         self.b_down_d = _zeros((d,), p) if cfg.mlp_bias else None
 
     def _project(self, x_bti, name: str, out_features: int, matmul_dtype=None):
-        """`x @ w` for the layer's weight `name` ([in, ...], its trailing axes the outputs), or where it is a
-        `PackedWeight` its tiles' native matmul (bf16 operands, fp32 accumulation: the same values up to
-        summation order); returned in `x`'s dtype."""
+        """`x @ w` for the layer's weight `name` (viewed as [x's features, `out_features`]: `wo_nhd`'s [H, hd, D]
+        as [H*hd, D]), or where it is a `PackedWeight` its tiles' native matmul (bf16 operands, fp32 accumulation:
+        the same values up to summation order); returned in `x`'s dtype."""
         w = getattr(self, name)
         if isinstance(w, PackedWeight):
             w_packed = jax.lax.bitcast_convert_type(w[...], jnp.bfloat16)
