@@ -19,7 +19,7 @@ from klq_jax.allocator import release_freed_memory
 from klq_jax.data.datasets import DataError, PromptExample, PromptStream, load_prompts, to_messages, to_text
 from klq_jax.models.hf import CheckpointError, export_model, load_model, resolve_checkpoint
 from klq_jax.models.sampler import DECODE_KERNELS, Sampler, bucket_length, use_native_decode
-from klq_jax.models.transformer import FROZEN_MATMUL_KERNELS, CausalLM, pack_frozen, positions_from_mask
+from klq_jax.models.transformer import CausalLM, check_frozen_matmul_kernel, pack_frozen, positions_from_mask
 from klq_jax.rewards import Reward, make_reward
 from klq_jax.rl import loop as rl_loop
 from klq_jax.rl.train_step import Rollout, make_optimizer
@@ -171,10 +171,10 @@ def build(config) -> Setup:
     if decode_kernel not in DECODE_KERNELS:
         raise ConfigError(f"sampling.decode_kernel={decode_kernel!r}; accepted: "
                           + ", ".join(map(repr, DECODE_KERNELS)))
-    frozen_kernel = config.model.get("frozen_matmul_kernel", "auto")
-    if frozen_kernel not in FROZEN_MATMUL_KERNELS:
-        raise ConfigError(f"model.frozen_matmul_kernel={frozen_kernel!r}; accepted: "
-                          + ", ".join(map(repr, FROZEN_MATMUL_KERNELS)))
+    try:  # before any model loads
+        frozen_kernel = check_frozen_matmul_kernel(config.model.get("frozen_matmul_kernel", "auto"))
+    except ValueError as err:
+        raise ConfigError(f"model.{err}") from None
     param_dtype = _dtype(config.model.param_dtype, "model.param_dtype")
     compute_dtype = _dtype(config.model.compute_dtype, "model.compute_dtype")
     policy_path = resolve_model_path(config.model.policy)

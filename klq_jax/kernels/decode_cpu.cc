@@ -655,7 +655,7 @@ void attend(const Dims& dm, const float* q_gh, const float* k_sh, const float* v
     const float* k = k_sh + static_cast<int64_t>(slots_valid[i]) * hd;
     for (int g = 0; g < g_heads; ++g) scores[g * stride + i] = dot_hd(q_gh + g * hd, k, hd) / scale;
   }
-  float sums[8];
+  float sums[4];  // the register path's heads (at most 4)
   const bool vectors = hd % kLanes == 0 && g_heads <= 4;
   for (int g = 0; g < g_heads; ++g) {
     float* sc = scores + g * stride;
@@ -861,7 +861,8 @@ ffi::Error PackedMatmul(ffi::Buffer<ffi::BF16> x_mk, ffi::Buffer<ffi::BF16> w_pa
           continue;
         }
         gemm_block(xb, k, w_tile, static_cast<int>(k2), &c[0][0], kTile);
-        for (int64_t r = 0; r < rows; ++r) std::memcpy(y + (r0 + r) * n + o0, c[r], sizeof(float) * cols);
+        store_rows(c, y + r0 * n, static_cast<int>(n), static_cast<int>(o0), static_cast<int>(n),
+                   static_cast<int>(rows));
       }
     }
   });

@@ -300,14 +300,12 @@ def decode_step(weights: DecodeWeights, cfg: ModelConfig, x_nd: jax.Array, cos_n
 
 
 def packed_matmul_unsupported() -> str | None:
-    """Why `packed_matmul` cannot run here (None: it can): it needs the AVX-512 build and AMX's bf16 tiles."""
-    if jax.default_backend() != "cpu":
-        return f"backend {jax.default_backend()} (the kernel is for XLA:CPU)"
-    if kernel_isa(jnp.bfloat16) != "avx512" or not has_amx():
-        return "no AMX bf16 tiles on this CPU"
-    if _compiler() is None:
-        return "no C++ compiler (g++, or $CXX)"
-    return None
+    """Why `packed_matmul` cannot run here (None: it can): it needs what the bf16 decode kernel needs
+    (`machine_unsupported`) and AMX's bf16 tiles."""
+    reason = machine_unsupported(jnp.bfloat16)
+    if reason is None and not has_amx():
+        reason = "no AMX bf16 tiles on this CPU"
+    return reason
 
 
 def packed_matmul(x: jax.Array, w_packed: jax.Array, out_features: int) -> jax.Array:

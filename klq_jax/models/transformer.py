@@ -399,14 +399,19 @@ _chunked_token_logprobs.defvjp(_chunked_token_logprobs_fwd, _chunked_token_logpr
 FROZEN_MATMUL_KERNELS = ("auto", "native", "xla")
 
 
+def check_frozen_matmul_kernel(kernel: str) -> str:
+    """`kernel` if it is one of `FROZEN_MATMUL_KERNELS`, else a ValueError naming it and what is accepted."""
+    if kernel not in FROZEN_MATMUL_KERNELS:
+        raise ValueError(f"frozen_matmul_kernel={kernel!r}; accepted: {', '.join(map(repr, FROZEN_MATMUL_KERNELS))}")
+    return kernel
+
+
 def pack_frozen(model: "CausalLM", kernel: str, devices: int = 1) -> bool:
     """Packs a frozen model's layer matmuls for the native kernel as `kernel` asks (config
     `model.frozen_matmul_kernel`): "native" packs them or raises the ValueError saying why it cannot, "auto" packs
     them where it can, "xla" never; returns whether they are packed. `devices`: how many devices the model's
     weights are placed on (the packed matmul runs on one)."""
-    if kernel not in FROZEN_MATMUL_KERNELS:
-        raise ValueError(f"frozen_matmul_kernel={kernel!r}; accepted: {', '.join(map(repr, FROZEN_MATMUL_KERNELS))}")
-    if kernel == "xla":
+    if check_frozen_matmul_kernel(kernel) == "xla":
         return False
     try:
         if devices > 1:
