@@ -239,6 +239,35 @@ def test_chunked_token_logprobs_never_make_the_logits():
     np.testing.assert_allclose(np.asarray(fn(h, head_vd, targets, 1.0)), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
+def test_chunked_token_logprobs_backward_keeps_the_bf16_head(monkeypatch):
+    """With bf16 matmuls the backward's vocabulary-block loops take the rounded head as it is: XLA:CPU widens a bf16
+    loop input to fp32 before the loop, so the blocks go in as their bits, and each loop's only fp32 array of a
+    half's blocks is the head's gradient. The two halves are separate loops."""
+    import re
+
+    from klq_jax.models import transformer
+
+    monkeypatch.setattr(transformer, "LOGPROB_VOCAB_BLOCK", 1024)
+    b, t, d, v = 4, 32, 64, 8192  # 8 blocks: two loops of 4
+    g = np.random.default_rng(0)
+    h = jnp.asarray(g.normal(size=(b, t, d)), jnp.float32)
+    head_vd = jnp.asarray(g.normal(size=(v, d)) / 8, jnp.float32)
+    targets = jnp.asarray(g.integers(0, v, (b, t)), jnp.int32)
+    grad = jax.jit(jax.grad(lambda h, w: transformer.chunked_token_logprobs(h, w, targets, 1.0,
+                                                                            matmul_dtype=jnp.bfloat16).sum(), (0, 1)))
+    hlo = grad.lower(h, head_vd).compile().as_text()
+    half = 4 * 1024 * d
+    loops = []
+    for line in hlo.splitlines():
+        if " while(" not in line:
+            continue
+        carried = re.findall(r"\b(f32|bf16|u16)\[([\d,]+)\]", line.split(" while(")[0])
+        blocks = [dtype for dtype, dims in carried if np.prod([int(x) for x in dims.split(",")]) == half]
+        if blocks:
+            loops.append(sorted(blocks))
+    assert loops == [["f32", "u16", "u16"]] * 2, loops
+
+
 @pytest.mark.parametrize("matmul_dtype", [None, jnp.bfloat16])
 def test_chunked_token_logprobs_gradients(monkeypatch, matmul_dtype):
     """The backward by vocabulary blocks (the last one padded) gives autodiff's gradients of the plain

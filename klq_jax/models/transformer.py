@@ -357,11 +357,14 @@ def _chunked_token_logprobs_fwd(h_btd, head_vd, targets_bt, temperature, matmul_
 
     logp_nr, lse_nr = jax.lax.map(chunk, (_position_chunks(h_btd, per_chunk), _position_chunks(targets_bt, per_chunk)))
     lse_bt = _from_position_chunks(lse_nr, b, t)
-    return _from_position_chunks(logp_nr, b, t), (h_btd, head_vd, targets_bt, temperature, lse_bt)
+    # The rounded head, not the head, for the backward: rounded once (a [V, D] conversion on one thread, 20-30 ms
+    # for SmolLM2), held only from the head's forward to its backward, which follow each other.
+    return _from_position_chunks(logp_nr, b, t), (h_btd, head, targets_bt, temperature, lse_bt,
+                                                 jnp.zeros((0,), head_vd.dtype))
 
 
 def _chunked_token_logprobs_bwd(matmul_dtype, rows, residuals, g_bt):
-    h_btd, head_vd, targets_bt, temperature, lse_bt = residuals
+    h_btd, head_vd, targets_bt, temperature, lse_bt, head_dtype_ = residuals  # head_vd in the matmuls' dtype
     b, t, d = h_btd.shape
     v = head_vd.shape[0]
     mdt = jnp.dtype(matmul_dtype or h_btd.dtype)
@@ -372,14 +375,14 @@ def _chunked_token_logprobs_bwd(matmul_dtype, rows, residuals, g_bt):
     block = min(LOGPROB_VOCAB_BLOCK, v)
     blocks = -(-v // block)
     head_pad = jnp.pad(head_vd, ((0, blocks * block - v), (0, 0)))
-    head_kvd = head_pad.astype(mdt).reshape(blocks, block, d)
-    # [D, V] for the hidden states' gradient (the head as the left operand of its dot): transposed while rounded,
-    # a row-major copy (`_row_major_transpose`'s barrier).
-    head_dv = jax.lax.optimization_barrier(head_pad.T.astype(mdt).reshape(-1)).reshape(d, blocks * block)
+    head_kvd = head_pad.reshape(blocks, block, d)
+    # [D, V] for the hidden states' gradient (the head as the left operand of its dot): a row-major copy
+    # (`_row_major_transpose`'s barrier).
+    head_dv = jax.lax.optimization_barrier(head_pad.T.reshape(-1)).reshape(d, blocks * block)
     head_kdv = head_dv.reshape(d, blocks, block).swapaxes(0, 1)
 
     def vocab_block(dh_dn, args):
-        k, w_vd, w_dv = args
+        k, w_vd, w_dv = (args[0], *(_from_bf16_bits(w) for w in args[1:]))
         logits_vn = weight_left_matmul(w_vd, h_dn, mdt, jnp.float32) / temperature
         probs_vn = jnp.exp(logits_vn - lse_n[None])
         onehot = jax.lax.broadcasted_iota(jnp.int32, probs_vn.shape, 0) + k * block == targets_n[None]
@@ -387,10 +390,17 @@ def _chunked_token_logprobs_bwd(matmul_dtype, rows, residuals, g_bt):
         dhead_vd = matmul(dlogits_vn, h_nd, "vn,nd->vd", mdt, jnp.float32)
         return dh_dn + weight_left_matmul(w_dv, dlogits_vn, mdt, jnp.float32), dhead_vd
 
-    dh_dn, dhead_kvd = jax.lax.scan(vocab_block, jnp.zeros((d, b * t), jnp.float32),
-                                    (jnp.arange(blocks), head_kvd, head_kdv))
-    dhead_vd = dhead_kvd.reshape(blocks * block, d)[:v]
-    return dh_dn.T.reshape(b, t, d).astype(h_btd.dtype), dhead_vd.astype(head_vd.dtype), None, None
+    # The blocks go in as bf16 bit patterns: XLA:CPU widens bf16 loop inputs to fp32 before the loop (the two
+    # copies of SmolLM2's head: 4 x 113 MB written, on one thread, and rounded again block by block). Two scans
+    # over halves of the blocks, independent until their sums of dh meet: XLA:CPU runs each thunk of a loop
+    # body on one thread, and one scan's chain (logits, softmax, cotangent) left the other core idle.
+    halves = [(0, blocks // 2), (blocks // 2, blocks)] if blocks > 1 else [(0, blocks)]
+    head_kvd, head_kdv = _bf16_bits(head_kvd), _bf16_bits(head_kdv)
+    parts = [jax.lax.scan(vocab_block, jnp.zeros((d, b * t), jnp.float32),
+                          (jnp.arange(lo, hi), head_kvd[lo:hi], head_kdv[lo:hi])) for lo, hi in halves]
+    dh_dn = sum(dh for dh, _ in parts)
+    dhead_vd = jnp.concatenate([dhead for _, dhead in parts]).reshape(blocks * block, d)[:v]
+    return dh_dn.T.reshape(b, t, d).astype(h_btd.dtype), dhead_vd.astype(head_dtype_.dtype), None, None
 
 
 _chunked_token_logprobs.defvjp(_chunked_token_logprobs_fwd, _chunked_token_logprobs_bwd)
@@ -433,6 +443,11 @@ class PackedWeight(nnx.Variable):
 
 def _bf16_bits(x: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype == jnp.bfloat16 else x
+
+
+def _from_bf16_bits(x: jax.Array) -> jax.Array:
+    """The bf16 array `_bf16_bits` was made from (anything else as it is)."""
+    return jax.lax.bitcast_convert_type(x, jnp.bfloat16) if x.dtype == jnp.uint16 else x
 
 
 def _widen_bf16_bits(x: jax.Array) -> jax.Array:
