@@ -30,7 +30,7 @@ every machine).
 
     python benchmarks/iteration.py [--new_tokens 128] [--epochs 1] [--iterations 3] [--sides klq,ppo,trl]
         [--compute_dtype bfloat16] [--matmul_dtype bfloat16] [--trl_python /work/venv-bench/bin/python] [--policy HF_FOLDER]
-        [--decode_kernel auto|native|xla] [--frozen_matmul_kernel auto|native|xla]
+        [--decode_kernel auto|native|xla] [--frozen_matmul_kernel auto|native|xla] [--cache_dtype auto|float32|bfloat16]
 
 Prints a table and a last line `RESULT speedup_vs_trl=... rss_ratio=... ...` (speedup: TRL's iteration
 time over ours, KLQ; rss_ratio: our peak RSS over TRL's, KLQ).
@@ -101,6 +101,7 @@ def make_config(args, algo: str, reward_path: str):
     c.sampling.policy_stats = not args.policy_forward
     c.sampling.decode_kernel = args.decode_kernel
     c.model.frozen_matmul_kernel = args.frozen_matmul_kernel
+    c.sampling.cache_dtype = args.cache_dtype
     return c
 
 
@@ -417,6 +418,8 @@ def main():
     parser.add_argument("--frozen_matmul_kernel", default="auto", help="config model.frozen_matmul_kernel: auto, "
                         "native (the reference's and reward model's layer matmuls as AMX tile products on weights "
                         "packed once, cpu_decode.packed_matmul), xla")
+    parser.add_argument("--cache_dtype", default="auto", help="config sampling.cache_dtype: auto (bfloat16 where the "
+                        "native decode step runs with bf16 matmuls), float32, bfloat16")
     parser.add_argument("--sides", default="klq,ppo,trl")
     parser.add_argument("--policy", help="an HF folder of a Llama-family LM used as policy, reference and (with a "
                         "fresh score head) reward model on both sides; default: the embedded SmolLM2-135M-Instruct")
@@ -460,7 +463,8 @@ def main():
                            "--ref_dtype", args.ref_dtype, "--reward_dtype", args.reward_dtype,
                            *(["--reward_matmul_dtype", args.reward_matmul_dtype] if args.reward_matmul_dtype is not None else []),
                            "--remat", args.remat, "--reward_path", str(reward_path), "--policy", args.policy,
-                           "--decode_kernel", args.decode_kernel, "--frozen_matmul_kernel", args.frozen_matmul_kernel]
+                           "--decode_kernel", args.decode_kernel, "--frozen_matmul_kernel", args.frozen_matmul_kernel,
+                           "--cache_dtype", args.cache_dtype]
     ours_flags += ["--policy_forward"] if args.policy_forward else []
     results = {}
     for side in args.sides.split(","):
@@ -488,7 +492,7 @@ def main():
           f"1 minibatch; {policy_path.name} policy/reference/reward (TRL: + value model); "
           f"params {args.param_dtype}, compute {args.compute_dtype}, matmuls {args.matmul_dtype or args.compute_dtype}, "
           f"reference {effective.model.reference_dtype}, decode {args.decode_kernel}, "
-          f"frozen matmuls {args.frozen_matmul_kernel}, "
+          f"frozen matmuls {args.frozen_matmul_kernel}, KV cache {args.cache_dtype}, "
           f"reward {effective.reward.dtype} (matmuls {_reward_matmuls(effective)}); "
           + (f"TRL {'bf16 autocast matmuls, fp32 weights' if args.trl_bf16 else 'fp32'}; " if "trl" in results else "")
           + f"{cpu}, {os.cpu_count()} cores")

@@ -50,6 +50,8 @@ def base_config() -> ml_collections.ConfigDict:
                                        # or AVX2, and AVX-512 BF16 for bf16 matmuls; Llama-family models; "native-avx2"
                                        # or "native-avx512" for one build), "xla", or "auto" (native where it can
                                        # run; models/cpu_decode.py)
+    c.sampling.cache_dtype = "auto"  # the rollouts' KV cache: "auto" (model.compute_dtype), "float32" or
+                                     # "bfloat16" (half the memory; keys and values rounded as they are cached)
 
     c.reward = ml_collections.ConfigDict()
     c.reward.kind = "similarity"   # "similarity" (embedded MiniLM), "hf" (sequence-classification RM), "callable"

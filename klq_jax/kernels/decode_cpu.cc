@@ -15,7 +15,8 @@
 //
 // The arithmetic is the feature-major XLA step's (`Block.decode_feature_major`): with bf16 matmuls, activations
 // rounded to bf16 (round to nearest even) as matmul operands, fp32 accumulation; RMS norms, RoPE, attention over
-// the fp32 cache, softmax and SiLU in fp32. Values differ from XLA's only by summation order.
+// the cache (fp32, or bf16 widened as it is read), softmax and SiLU in fp32. Values differ from XLA's only by
+// summation order.
 //
 // Packed weights: a matrix W [O, I] (out, in) is stored in tiles of 32 outputs (O padded to a multiple of 32 with
 // zero rows). bf16: [O/32][I/2][32][2] (I even), each pair of inputs (2k, 2k+1) holding the 32 outputs' weights
@@ -556,25 +557,51 @@ struct Dims {
   int layers, batch, d, heads, kv_heads, hd, rot, ffn, vocab, slots, qkv_out;
 };
 
-inline float dot_hd(const float* a, const float* b, int hd) {
+// The KV cache holds fp32 or bf16 (uint16_t bit patterns, widened exactly as they are read; this step's keys and
+// values rounded to nearest even as they are written: XLA's convert).
+inline float widen(float x) { return x; }
+inline float widen(uint16_t x) {
+  const uint32_t u = static_cast<uint32_t>(x) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline vfloat vload_row(const float* p) { return vload(p); }
+inline vfloat vload_row(const uint16_t* p) {
+#if defined(__AVX512F__)
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+#else
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+#endif
+}
+inline void store_row(float* dst, const float* src, int n) { std::memcpy(dst, src, sizeof(float) * n); }
+inline void store_row(uint16_t* dst, const float* src, int n) {
+  for (int j = 0; j < n; ++j) dst[j] = to_bf16(src[j]);
+}
+
+template <typename T>
+inline float dot_hd(const float* a, const T* b, int hd) {
   if (hd % kLanes == 0) {
     vfloat acc = vzero();
-    for (int j = 0; j < hd; j += kLanes) acc = vfma(vload(a + j), vload(b + j), acc);
+    for (int j = 0; j < hd; j += kLanes) acc = vfma(vload(a + j), vload_row(b + j), acc);
     return vsum(acc);
   }
   float dot = 0.f;
-  for (int j = 0; j < hd; ++j) dot += a[j] * b[j];
+  for (int j = 0; j < hd; ++j) dot += a[j] * widen(b[j]);
   return dot;
 }
 
 // out += p * v over hd entries.
-inline void axpy_hd(float p, const float* v, float* out, int hd) {
+template <typename T>
+inline void axpy_hd(float p, const T* v, float* out, int hd) {
   if (hd % kLanes == 0) {
     const vfloat pv = vset(p);
-    for (int j = 0; j < hd; j += kLanes) vstore(out + j, vfma(pv, vload(v + j), vload(out + j)));
+    for (int j = 0; j < hd; j += kLanes) vstore(out + j, vfma(pv, vload_row(v + j), vload(out + j)));
     return;
   }
-  for (int j = 0; j < hd; ++j) out[j] += p * v[j];
+  for (int j = 0; j < hd; ++j) out[j] += p * widen(v[j]);
 }
 
 // probs [G][n_valid] (each head's softmax numerators) -> out [G][hd] = sum_i probs[g][i] / sum[g] * V[slot_i], with the
@@ -584,12 +611,14 @@ constexpr int kAttVecs = kLanes == 16 ? 4 : 2;  // AVX-512: 4 x G <= 16 accumula
 
 constexpr int kAttPrefetch = 4;  // key rows ahead
 
-inline void prefetch_row(const float* row, int n) {
-  for (int j = 0; j < n; j += 16) _mm_prefetch(reinterpret_cast<const char*>(row + j), _MM_HINT_T0);
+template <typename T>
+inline void prefetch_row(const T* row, int n) {
+  for (int j = 0; j < n; j += 64 / static_cast<int>(sizeof(T)))
+    _mm_prefetch(reinterpret_cast<const char*>(row + j), _MM_HINT_T0);
 }
 
-template <int G>
-void weighted_values(const float* probs, int stride, const float* sums, const float* v_sh, const int* slots_valid,
+template <int G, typename T>
+void weighted_values(const float* probs, int stride, const float* sums, const T* v_sh, const int* slots_valid,
                      int n_valid, int hd, float* out_gh) {
   for (int c0 = 0; c0 < hd; c0 += kAttVecs * kLanes) {
     const int nc = std::min(kAttVecs, (hd - c0) / kLanes);
@@ -597,12 +626,12 @@ void weighted_values(const float* probs, int stride, const float* sums, const fl
     for (int g = 0; g < G; ++g)
       for (int c = 0; c < kAttVecs; ++c) acc[g][c] = vzero();
     for (int i = 0; i < n_valid; ++i) {
-      const float* v = v_sh + static_cast<int64_t>(slots_valid[i]) * hd + c0;
+      const T* v = v_sh + static_cast<int64_t>(slots_valid[i]) * hd + c0;
       vfloat p[G];
       for (int g = 0; g < G; ++g) p[g] = vset(probs[g * stride + i] / sums[g]);
       for (int c = 0; c < kAttVecs; ++c) {
         if (c >= nc) break;
-        const vfloat vv = vload(v + c * kLanes);
+        const vfloat vv = vload_row(v + c * kLanes);
         for (int g = 0; g < G; ++g) acc[g][c] = vfma(p[g], vv, acc[g][c]);
       }
     }
@@ -611,10 +640,11 @@ void weighted_values(const float* probs, int stride, const float* sums, const fl
   }
 }
 
-// Softmax attention of one row's G query heads of KV head `kh` over its valid cache slots (fp32). `slots_valid`
-// lists the valid slots (n_valid of them); `scores` has room for G x (n_valid padded to 16) floats. Each key row is
-// read once for the G heads.
-void attend(const Dims& dm, const float* q_gh, const float* k_sh, const float* v_sh, const int* slots_valid,
+// Softmax attention of one row's G query heads of KV head `kh` over its valid cache slots (fp32 arithmetic on
+// an fp32 or bf16 cache). `slots_valid` lists the valid slots (n_valid of them); `scores` has room for G x (n_valid
+// padded to 16) floats. Each key row is read once for the G heads.
+template <typename T>
+void attend(const Dims& dm, const float* q_gh, const T* k_sh, const T* v_sh, const int* slots_valid,
             int n_valid, float* out_gh, float* scores) {
   const int g_heads = dm.heads / dm.kv_heads, hd = dm.hd;
   const float scale = std::sqrt(static_cast<float>(hd));
@@ -630,7 +660,7 @@ void attend(const Dims& dm, const float* q_gh, const float* k_sh, const float* v
   if (hd % kLanes == 0) {  // 4 slots at a time: 4 independent dot products per head, summed in one tree
     const __m128 scale4 = _mm_set1_ps(scale);
     for (; i + 4 <= n_valid; i += 4) {
-      const float* k[4];
+      const T* k[4];
       for (int j = 0; j < 4; ++j) {
         k[j] = k_sh + static_cast<int64_t>(slots_valid[i + j]) * hd;
         // the cache rows are short streams (n_valid x hd floats): ask for the keys a few slots ahead, and for
@@ -644,7 +674,7 @@ void attend(const Dims& dm, const float* q_gh, const float* k_sh, const float* v
         vfloat acc[4] = {vzero(), vzero(), vzero(), vzero()};
         for (int c = 0; c < hd; c += kLanes) {
           const vfloat qc = vload(q + c);
-          for (int j = 0; j < 4; ++j) acc[j] = vfma(qc, vload(k[j] + c), acc[j]);
+          for (int j = 0; j < 4; ++j) acc[j] = vfma(qc, vload_row(k[j] + c), acc[j]);
         }
         _mm_storeu_ps(scores + g * stride + i, _mm_div_ps(vsum4(acc[0], acc[1], acc[2], acc[3]), scale4));
       }
@@ -652,7 +682,7 @@ void attend(const Dims& dm, const float* q_gh, const float* k_sh, const float* v
   }
   for (; i < n_valid; ++i) {
     prefetch_row(v_sh + static_cast<int64_t>(slots_valid[i]) * hd, hd);
-    const float* k = k_sh + static_cast<int64_t>(slots_valid[i]) * hd;
+    const T* k = k_sh + static_cast<int64_t>(slots_valid[i]) * hd;
     for (int g = 0; g < g_heads; ++g) scores[g * stride + i] = dot_hd(q_gh + g * hd, k, hd) / scale;
   }
   float sums[4];  // the register path's heads (at most 4)
@@ -679,10 +709,10 @@ void attend(const Dims& dm, const float* q_gh, const float* k_sh, const float* v
   }
   if (!vectors) return;
   switch (g_heads) {
-    case 1: return weighted_values<1>(scores, stride, sums, v_sh, slots_valid, n_valid, hd, out_gh);
-    case 2: return weighted_values<2>(scores, stride, sums, v_sh, slots_valid, n_valid, hd, out_gh);
-    case 3: return weighted_values<3>(scores, stride, sums, v_sh, slots_valid, n_valid, hd, out_gh);
-    default: return weighted_values<4>(scores, stride, sums, v_sh, slots_valid, n_valid, hd, out_gh);
+    case 1: return weighted_values<1, T>(scores, stride, sums, v_sh, slots_valid, n_valid, hd, out_gh);
+    case 2: return weighted_values<2, T>(scores, stride, sums, v_sh, slots_valid, n_valid, hd, out_gh);
+    case 3: return weighted_values<3, T>(scores, stride, sums, v_sh, slots_valid, n_valid, hd, out_gh);
+    default: return weighted_values<4, T>(scores, stride, sums, v_sh, slots_valid, n_valid, hd, out_gh);
   }
 }
 
@@ -690,9 +720,9 @@ ffi::Error DecodeStep(ffi::Buffer<ffi::F32> x_nd, ffi::Buffer<ffi::F32> cos_nr, 
                       ffi::Buffer<ffi::PRED> kv_mask_ns, ffi::Buffer<ffi::S32> cache_pos,
                       ffi::Buffer<ffi::F32> ln1_ld, ffi::Buffer<ffi::F32> ln2_ld, ffi::Buffer<ffi::F32> final_d,
                       ffi::AnyBuffer w_qkv, ffi::AnyBuffer w_o, ffi::AnyBuffer w_gate_up, ffi::AnyBuffer w_down,
-                      ffi::AnyBuffer w_head, ffi::Buffer<ffi::F32> k_cache_in, ffi::Buffer<ffi::F32> v_cache_in,
+                      ffi::AnyBuffer w_head, ffi::AnyBuffer k_cache_in, ffi::AnyBuffer v_cache_in,
                       ffi::ResultBuffer<ffi::F32> logits_nv, ffi::ResultBuffer<ffi::F32> h_nd,
-                      ffi::ResultBuffer<ffi::F32> k_cache, ffi::ResultBuffer<ffi::F32> v_cache, float eps,
+                      ffi::Result<ffi::AnyBuffer> k_cache, ffi::Result<ffi::AnyBuffer> v_cache, float eps,
                       int64_t num_heads, int64_t rotary_dim, int64_t num_threads, bool amx,
                       ffi::ThreadPool thread_pool) {
   const auto kdims = k_cache->dimensions();  // [L, B, K, S, hd]
@@ -725,10 +755,16 @@ ffi::Error DecodeStep(ffi::Buffer<ffi::F32> x_nd, ffi::Buffer<ffi::F32> cos_nr, 
   const int pos = cache_pos.typed_data()[0];
   if (pos < 0 || pos >= dm.slots) return ffi::Error::InvalidArgument("cache_pos outside the cache");
   const int64_t cache_elems = static_cast<int64_t>(dm.layers) * n * dm.kv_heads * dm.slots * dm.hd;
-  float* kc = k_cache->typed_data();
-  float* vc = v_cache->typed_data();
-  if (kc != k_cache_in.typed_data()) std::memcpy(kc, k_cache_in.typed_data(), sizeof(float) * cache_elems);
-  if (vc != v_cache_in.typed_data()) std::memcpy(vc, v_cache_in.typed_data(), sizeof(float) * cache_elems);
+  const auto ctype = k_cache->element_type();
+  if ((ctype != ffi::F32 && ctype != ffi::BF16) || v_cache->element_type() != ctype ||
+      k_cache_in.element_type() != ctype || v_cache_in.element_type() != ctype)
+    return ffi::Error::InvalidArgument("the KV cache must be all float32 or all bfloat16");
+  const bool cache_bf16 = ctype == ffi::BF16;
+  const size_t cache_bytes = (cache_bf16 ? 2 : 4) * static_cast<size_t>(cache_elems);
+  void* kc = k_cache->untyped_data();
+  void* vc = v_cache->untyped_data();
+  if (kc != k_cache_in.untyped_data()) std::memcpy(kc, k_cache_in.untyped_data(), cache_bytes);
+  if (vc != v_cache_in.untyped_data()) std::memcpy(vc, v_cache_in.untyped_data(), cache_bytes);
 
   const auto* wqkv = static_cast<const char*>(w_qkv.untyped_data());
   const auto* wo = static_cast<const char*>(w_o.untyped_data());
@@ -780,16 +816,28 @@ ffi::Error DecodeStep(ffi::Buffer<ffi::F32> x_nd, ffi::Buffer<ffi::F32> cos_nr, 
       for (int hh = 0; hh < dm.heads + dm.kv_heads; ++hh) rope(row + hh * dm.hd, c, s, dm.rot);
       for (int kh = 0; kh < dm.kv_heads; ++kh) {  // this step's keys and values into slot `pos`
         const int64_t at = ((((static_cast<int64_t>(l) * n + r) * dm.kv_heads + kh) * dm.slots) + pos) * dm.hd;
-        std::memcpy(kc + at, row + hf + kh * dm.hd, sizeof(float) * dm.hd);
-        std::memcpy(vc + at, row + hf + kvf + kh * dm.hd, sizeof(float) * dm.hd);
+        if (cache_bf16) {
+          store_row(static_cast<uint16_t*>(kc) + at, row + hf + kh * dm.hd, dm.hd);
+          store_row(static_cast<uint16_t*>(vc) + at, row + hf + kvf + kh * dm.hd, dm.hd);
+        } else {
+          store_row(static_cast<float*>(kc) + at, row + hf + kh * dm.hd, dm.hd);
+          store_row(static_cast<float*>(vc) + at, row + hf + kvf + kh * dm.hd, dm.hd);
+        }
       }
     }
     team->parallel_for(n * dm.kv_heads, [&](int task) {
       const int r = task / dm.kv_heads, kh = task % dm.kv_heads, g = dm.heads / dm.kv_heads;
       const int64_t base = (((static_cast<int64_t>(l) * n + r) * dm.kv_heads + kh) * dm.slots) * dm.hd;
-      attend(dm, &qkv[static_cast<int64_t>(r) * dm.qkv_out + kh * g * dm.hd], kc + base, vc + base,
-             &valid[static_cast<size_t>(r) * dm.slots], n_valid[r], &att[static_cast<int64_t>(r) * hf + kh * g * dm.hd],
-             &scores[static_cast<size_t>(task) * g * (dm.slots + 16)]);
+      const float* q = &qkv[static_cast<int64_t>(r) * dm.qkv_out + kh * g * dm.hd];
+      float* out = &att[static_cast<int64_t>(r) * hf + kh * g * dm.hd];
+      float* sc = &scores[static_cast<size_t>(task) * g * (dm.slots + 16)];
+      const int* slots = &valid[static_cast<size_t>(r) * dm.slots];
+      if (cache_bf16)
+        attend(dm, q, static_cast<const uint16_t*>(kc) + base, static_cast<const uint16_t*>(vc) + base, slots,
+               n_valid[r], out, sc);
+      else
+        attend(dm, q, static_cast<const float*>(kc) + base, static_cast<const float*>(vc) + base, slots, n_valid[r],
+               out, sc);
     });
     project(wo + l * o_size * welem, att.data(), hf, hf, d, proj.data());
     for (int i = 0; i < n * d; ++i) x[i] += proj[i];
@@ -996,12 +1044,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KlqDecodeStep, DecodeStep,
                                   .Arg<ffi::AnyBuffer>()          // w_gate_up
                                   .Arg<ffi::AnyBuffer>()          // w_down
                                   .Arg<ffi::AnyBuffer>()          // w_head
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // k_cache_in
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // v_cache_in
+                                  .Arg<ffi::AnyBuffer>()          // k_cache_in (float32 or bfloat16)
+                                  .Arg<ffi::AnyBuffer>()          // v_cache_in
                                   .Ret<ffi::Buffer<ffi::F32>>()   // logits_nv
                                   .Ret<ffi::Buffer<ffi::F32>>()   // h_nd
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // k_cache
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // v_cache
+                                  .Ret<ffi::AnyBuffer>()          // k_cache
+                                  .Ret<ffi::AnyBuffer>()          // v_cache
                                   .Attr<float>("eps")
                                   .Attr<int64_t>("num_heads")
                                   .Attr<int64_t>("rotary_dim")

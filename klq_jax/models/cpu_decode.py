@@ -100,13 +100,15 @@ def weight_dtype(matmul_dtype) -> jnp.dtype | None:
 def model_unsupported(cfg: ModelConfig, dtype, matmul_dtype, cache_dtype) -> str | None:
     """Why this model's decode cannot run on the kernel (None: it can): the kernel is the Llama family's step
     (RMSNorm, gated SiLU MLP, RoPE, no biases, sequential residual) with bf16 or fp32 matmul operands, fp32
-    activations and an fp32 cache."""
+    activations and an fp32 or bf16 cache."""
     if cfg.family != "llama" or cfg.parallel_residual or cfg.activation != "silu":
         return f"family {cfg.family!r} (the kernel runs Llama-family models)"
     if cfg.attention_bias or cfg.output_bias or cfg.mlp_bias:
         return "biases in the attention or MLP"
-    if jnp.dtype(dtype) != jnp.float32 or jnp.dtype(cache_dtype) != jnp.float32:
-        return f"activations {jnp.dtype(dtype)} / cache {jnp.dtype(cache_dtype)} (the kernel keeps both in float32)"
+    if jnp.dtype(dtype) != jnp.float32:
+        return f"activations {jnp.dtype(dtype)} (the kernel keeps them in float32)"
+    if jnp.dtype(cache_dtype) not in (jnp.float32, jnp.bfloat16):
+        return f"cache {jnp.dtype(cache_dtype)} (the kernel's cache is float32 or bfloat16)"
     if weight_dtype(matmul_dtype) is None:
         return f"matmul dtype {jnp.dtype(matmul_dtype)} (the kernel's dots take bfloat16 or float32 operands)"
     odd = cfg.hidden_size % 2 or cfg.intermediate_size % 2 or (cfg.num_heads * cfg.head_dim) % 2
@@ -279,7 +281,8 @@ def decode_step(weights: DecodeWeights, cfg: ModelConfig, x_nd: jax.Array, cos_n
                 num_threads: int | None = None, amx: bool | None = None, isa: str | None = None):
     """One decode step of N = B rows: `x_nd` the embedded tokens [N, D], `cos_nr`/`sin_nr` their RoPE tables
     [N, rotary_dim], `kv_mask_ns` the cache slots holding real tokens after this step's write at `cache_pos`,
-    `k_cache`/`v_cache` [L, B, K, S, hd] float32 (updated in place). Returns `(logits_nv, h_nd, k_cache,
+    `k_cache`/`v_cache` [L, B, K, S, hd] float32 or bfloat16 (updated in place; bf16: this step's keys and values
+    rounded to nearest even, the cache widened exactly as the attention reads it). Returns `(logits_nv, h_nd, k_cache,
     v_cache)`: float32 logits, the final-normed hidden states (for a value head), the caches. `amx` None: where the
     CPU has it (`has_amx`); False: AVX-512 BF16 dot products only. `isa`: the build (None: `kernel_isa` of the
     packed weights' dtype)."""
@@ -289,7 +292,7 @@ def decode_step(weights: DecodeWeights, cfg: ModelConfig, x_nd: jax.Array, cos_n
     call = jax.ffi.ffi_call(
         targets(isa)[0],
         (jax.ShapeDtypeStruct((n, cfg.vocab_size), jnp.float32), jax.ShapeDtypeStruct(x_nd.shape, jnp.float32),
-         jax.ShapeDtypeStruct(k_cache.shape, jnp.float32), jax.ShapeDtypeStruct(v_cache.shape, jnp.float32)),
+         jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype), jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)),
         input_output_aliases={13: 2, 14: 3})
     return call(x_nd.astype(jnp.float32), cos_nr, sin_nr, kv_mask_ns, jnp.asarray(cache_pos, jnp.int32),
                 weights.ln1_ld, weights.ln2_ld, weights.final_d, weights.w_qkv, weights.w_o, weights.w_gate_up,
