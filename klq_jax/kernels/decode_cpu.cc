@@ -270,8 +270,10 @@ inline void tile_dot_amx(const uint16_t* w_tile, const uint32_t* pairs, int in2,
   _tile_zero(0);
   _tile_zero(1);
   for (int k = 0; k < in2_tiles; k += 16) {
-    for (int q = 0; q < 16; ++q)
-      _mm_prefetch(reinterpret_cast<const char*>(w_tile + 64 * (k + kAmxPrefetch + q)), _MM_HINT_T0);
+    // every 64-byte line of the 16 pairs 48 ahead (2 KiB: a pair is 128 bytes; one prefetch per pair, every other
+    // line, left the rest to the hardware: 8 x 128-token bf16 rollouts 2.16-2.27 s against 2.02-2.10 now)
+    for (int q = 0; q < 32; ++q)
+      _mm_prefetch(reinterpret_cast<const char*>(w_tile + 64 * (k + kAmxPrefetch) + 32 * q), _MM_HINT_T0);
     _tile_loadd(2, pairs + k, in2 * 4);
     _tile_loadd(3, w_tile + 64 * k, 128);
     _tile_loadd(4, w_tile + 64 * k + 32, 128);
