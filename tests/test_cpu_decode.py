@@ -300,17 +300,6 @@ def dialogue_config():
     return module.get_config("")
 
 
-def test_bad_cache_dtype_setting_is_a_config_error():
-    from klq_jax import trainer
-
-    config = dialogue_config()
-    assert config.sampling.cache_dtype == "auto"
-    config.sampling.cache_dtype = "float16"
-    with pytest.raises(trainer.ConfigError, match="sampling.cache_dtype='float16'; accepted: 'auto', 'bfloat16', "
-                                                  "'float32'"):
-        trainer.build(config)
-
-
 def test_cache_dtype_setting():
     """"auto": the compute dtype; a named dtype as it is."""
     from klq_jax import trainer
@@ -322,14 +311,20 @@ def test_cache_dtype_setting():
     assert trainer._cache_dtype(config, jnp.float32) == jnp.bfloat16
 
 
-def test_bad_decode_kernel_setting_is_a_config_error():
+@pytest.mark.parametrize("key,bad,accepted", [
+    ("sampling.decode_kernel", "triton", "'auto', 'native', 'native-avx512', 'native-avx2', 'xla'"),
+    ("sampling.cache_dtype", "float16", "'auto', 'bfloat16', 'float32'"),
+    ("model.frozen_matmul_kernel", "onednn", "'auto', 'native', 'xla'")])
+def test_bad_kernel_setting_is_a_config_error(key, bad, accepted):
+    """Each setting of the native kernels (auto by default) refuses a bad value with one line, before any model
+    loads."""
     from klq_jax import trainer
 
     config = dialogue_config()
-    assert config.sampling.decode_kernel == "auto"
-    config.sampling.decode_kernel = "triton"
-    with pytest.raises(trainer.ConfigError, match="sampling.decode_kernel='triton'; accepted: 'auto', 'native', "
-                                                  "'native-avx512', 'native-avx2', 'xla'"):
+    section, name = key.split(".")
+    assert config[section][name] == "auto"
+    config[section][name] = bad
+    with pytest.raises(trainer.ConfigError, match=f"{key}='{bad}'; accepted: {accepted}$"):
         trainer.build(config)
 
 

@@ -10,7 +10,7 @@ from flax import nnx
 
 from klq_jax.models import cpu_decode
 from klq_jax.models.transformer import FROZEN_MATMUL_KERNELS, CausalLM, PackedWeight, pack_frozen, positions_from_mask
-from tests.test_cpu_decode import dialogue_config, tiny_cfg, tiny_model
+from tests.test_cpu_decode import tiny_cfg, tiny_model
 
 UNSUPPORTED = cpu_decode.packed_matmul_unsupported()
 needs_amx = pytest.mark.skipif(UNSUPPORTED is not None, reason=f"packed matmul: {UNSUPPORTED}")
@@ -119,14 +119,3 @@ def test_who_may_pack():
         pack_frozen(model, "native", devices=8)
     assert not pack_frozen(model, "auto", devices=8)
     assert pack_frozen(model, "auto") == (UNSUPPORTED is None)
-
-
-def test_bad_frozen_matmul_kernel_setting_is_a_config_error():
-    from klq_jax import trainer
-
-    config = dialogue_config()
-    assert config.model.frozen_matmul_kernel == "auto"
-    config.model.frozen_matmul_kernel = "onednn"
-    with pytest.raises(trainer.ConfigError, match="model.frozen_matmul_kernel='onednn'; accepted: 'auto', 'native', "
-                                                  "'xla'"):
-        trainer.build(config)
