@@ -359,12 +359,12 @@ def _chunked_token_logprobs_fwd(h_btd, head_vd, targets_bt, temperature, matmul_
     lse_bt = _from_position_chunks(lse_nr, b, t)
     # The rounded head, not the head, for the backward: rounded once (a [V, D] conversion on one thread, 20-30 ms
     # for SmolLM2), held only from the head's forward to its backward, which follow each other.
-    return _from_position_chunks(logp_nr, b, t), (h_btd, head, targets_bt, temperature, lse_bt,
-                                                 jnp.zeros((0,), head_vd.dtype))
+    empty_like_head = jnp.zeros((0,), head_vd.dtype)  # carries the head's dtype for its gradient
+    return _from_position_chunks(logp_nr, b, t), (h_btd, head, targets_bt, temperature, lse_bt, empty_like_head)
 
 
 def _chunked_token_logprobs_bwd(matmul_dtype, rows, residuals, g_bt):
-    h_btd, head_vd, targets_bt, temperature, lse_bt, head_dtype_ = residuals  # head_vd in the matmuls' dtype
+    h_btd, head_vd, targets_bt, temperature, lse_bt, empty_like_head = residuals  # head_vd: the matmuls' dtype
     b, t, d = h_btd.shape
     v = head_vd.shape[0]
     mdt = jnp.dtype(matmul_dtype or h_btd.dtype)
@@ -390,8 +390,8 @@ def _chunked_token_logprobs_bwd(matmul_dtype, rows, residuals, g_bt):
         dhead_vd = matmul(dlogits_vn, h_nd, "vn,nd->vd", mdt, jnp.float32)
         return dh_dn + weight_left_matmul(w_dv, dlogits_vn, mdt, jnp.float32), dhead_vd
 
-    # The blocks go in as bf16 bit patterns: XLA:CPU widens bf16 loop inputs to fp32 before the loop (the two
-    # copies of SmolLM2's head: 4 x 113 MB written, on one thread, and rounded again block by block). Two scans
+    # The blocks go in as bf16 bit patterns: XLA:CPU widens bf16 loop inputs to fp32 before the loop (SmolLM2's
+    # head and its transpose: fp32 copies of 113 MB, written on one thread, rounded again block by block). Two scans
     # over halves of the blocks, independent until their sums of dh meet: XLA:CPU runs each thunk of a loop
     # body on one thread, and one scan's chain (logits, softmax, cotangent) left the other core idle.
     halves = [(0, blocks // 2), (blocks // 2, blocks)] if blocks > 1 else [(0, blocks)]
@@ -400,7 +400,7 @@ def _chunked_token_logprobs_bwd(matmul_dtype, rows, residuals, g_bt):
                           (jnp.arange(lo, hi), head_kvd[lo:hi], head_kdv[lo:hi])) for lo, hi in halves]
     dh_dn = sum(dh for dh, _ in parts)
     dhead_vd = jnp.concatenate([dhead for _, dhead in parts]).reshape(blocks * block, d)[:v]
-    return dh_dn.T.reshape(b, t, d).astype(h_btd.dtype), dhead_vd.astype(head_dtype_.dtype), None, None
+    return dh_dn.T.reshape(b, t, d).astype(h_btd.dtype), dhead_vd.astype(empty_like_head.dtype), None, None
 
 
 _chunked_token_logprobs.defvjp(_chunked_token_logprobs_fwd, _chunked_token_logprobs_bwd)
