@@ -179,14 +179,13 @@ def build(config) -> Setup:
     if decode_kernel not in DECODE_KERNELS:
         raise ConfigError(f"sampling.decode_kernel={decode_kernel!r}; accepted: "
                           + ", ".join(map(repr, DECODE_KERNELS)))
-    if config.sampling.get("cache_dtype", "auto") != "auto":  # before any model loads
-        _dtype(config.sampling.cache_dtype, "sampling.cache_dtype", also=("'auto'",))
     try:
         frozen_kernel = check_frozen_matmul_kernel(config.model.get("frozen_matmul_kernel", "auto"))
     except ValueError as err:
         raise ConfigError(f"model.{err}") from None
     param_dtype = _dtype(config.model.param_dtype, "model.param_dtype")
     compute_dtype = _dtype(config.model.compute_dtype, "model.compute_dtype")
+    cache_dtype = _cache_dtype(config, compute_dtype)  # before any model loads
     policy_path = resolve_model_path(config.model.policy)
     # `model.matmul_dtype` applies to the policy, the reference and an HF reward model alike: the KL's two
     # log-probabilities are then computed the same way (equal while the policy equals the reference).
@@ -236,12 +235,12 @@ def build(config) -> Setup:
     ref_graphdef, ref_params = nnx.split(reference)
     if decode_kernel.startswith("native"):  # asked for: say now, not at the first rollout, if it cannot run
         try:
-            use_native_decode(decode_kernel, policy, _cache_dtype(config, compute_dtype), unstack_layers=True)
+            use_native_decode(decode_kernel, policy, cache_dtype, unstack_layers=True)
         except (ValueError, RuntimeError) as err:
             raise ConfigError(f"sampling.{err}") from None
     sampler = Sampler(graphdef=graphdef, eos_ids=tuple(sorted(eos_ids)), pad_id=pad_id,
                       max_new_tokens=config.sampling.max_new_tokens, temperature=config.rl.temperature,
-                      bucket=config.sampling.prompt_bucket, cache_dtype=_cache_dtype(config, compute_dtype),
+                      bucket=config.sampling.prompt_bucket, cache_dtype=cache_dtype,
                       compile_ahead=True, decode_kernel=decode_kernel)
     return Setup(policy, graphdef, params, ref_params, ref_graphdef, tokenizer, policy_path, prompts, eval_prompts,
                  sampler, build_reward(config), prompt_length, _matmul_dtype(config))

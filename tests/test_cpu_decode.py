@@ -99,6 +99,34 @@ def _prefill_then_step(model, cfg, mask_bp, slots, cache_dtype=jnp.float32):
     return prefill.cache, token_b, position_b, kv_mask_bs
 
 
+def _kernel_path(path, matmul_dtype):
+    """`(amx, isa)` of a test's kernel path ("amx", "avx512" or "avx2"); skips the cases this CPU or build cannot run."""
+    amx, isa = path == "amx", "avx2" if path == "avx2" else "avx512"
+    if amx and (not cpu_decode.has_amx() or matmul_dtype is None):
+        pytest.skip("no AMX on this CPU, or fp32 matmuls")
+    if isa == "avx2" and matmul_dtype is not None:
+        pytest.skip("the AVX2 build runs fp32 matmuls only")
+    skip_unless_runs(isa, matmul_dtype or jnp.float32)
+    return amx, isa
+
+
+def _step_and_xla_step(model, cfg, amx, isa, native_pack=True, cache_dtype=jnp.float32):
+    """One decode step of 9 left-padded rows (a full group of 8 and one more) after a 5-token prefill into a cache
+    of `cache_dtype`, on the kernel and on XLA: `(kernel (logits, h, k, v), XLA's model output)`."""
+    mask_bp = np.ones((9, 5), bool)
+    mask_bp[0, :2] = mask_bp[3, :4] = mask_bp[7, :1] = False
+    cache, token_b, position_b, kv_mask_bs = _prefill_then_step(model, cfg, jnp.asarray(mask_bp), slots=9,
+                                                                cache_dtype=cache_dtype)
+    assert cache.k_lbksh.dtype == cache_dtype
+    ref = model(token_b[:, None], position_b[:, None], kv_mask_bs, cache=cache, cache_pos=5)
+    weights = jax.jit(lambda m: cpu_decode.pack_weights(m, native=native_pack, isa=isa))(model)
+    cos_br, sin_br = (c[:, 0] for c in rope_cos_sin(cfg, position_b[:, None]))
+    x_bd = jnp.take(model.embed_vd[...], token_b, axis=0)
+    out = jax.jit(lambda *a: cpu_decode.decode_step(weights, cfg, *a, amx=amx, isa=isa))(
+        x_bd, cos_br, sin_br, kv_mask_bs, jnp.int32(5), cache.k_lbksh, cache.v_lbksh)
+    return out, ref
+
+
 @needs_kernel
 @MATMUL_DTYPES
 @pytest.mark.parametrize("path", ["amx", "avx512", "avx2"])
@@ -115,24 +143,11 @@ def test_one_step_equals_xla(tied, head_dim, ffn, native_pack, kv_heads, path, m
     vectors: its own tile loop, exp, softmax tails and head_dim 8 in one vector). The attention: 3 query heads per KV
     head (their outputs in registers; with head_dim 8 in the AVX-512 build, the per-head loop) and 6 (one KV head:
     the per-head loop)."""
-    amx, isa = path == "amx", "avx2" if path == "avx2" else "avx512"
-    if amx and (not cpu_decode.has_amx() or matmul_dtype is None):
-        pytest.skip("no AMX on this CPU, or fp32 matmuls")
-    if isa == "avx2" and matmul_dtype is not None:
-        pytest.skip("the AVX2 build runs fp32 matmuls only")
-    skip_unless_runs(isa, matmul_dtype or jnp.float32)
+    amx, isa = _kernel_path(path, matmul_dtype)
     cfg = tiny_cfg(tie_embeddings=tied, rope_theta=500.0, head_dim=head_dim, rotary_dim=head_dim,
                    intermediate_size=ffn, num_kv_heads=kv_heads)
     model = tiny_model(cfg, matmul_dtype=matmul_dtype)
-    mask_bp = np.ones((9, 5), bool)
-    mask_bp[0, :2] = mask_bp[3, :4] = mask_bp[7, :1] = False
-    cache, token_b, position_b, kv_mask_bs = _prefill_then_step(model, cfg, jnp.asarray(mask_bp), slots=9)
-    ref = model(token_b[:, None], position_b[:, None], kv_mask_bs, cache=cache, cache_pos=5)
-    weights = jax.jit(lambda m: cpu_decode.pack_weights(m, native=native_pack, isa=isa))(model)
-    cos_br, sin_br = (c[:, 0] for c in rope_cos_sin(cfg, position_b[:, None]))
-    x_bd = jnp.take(model.embed_vd[...], token_b, axis=0)
-    logits, h, k, v = jax.jit(lambda *a: cpu_decode.decode_step(weights, cfg, *a, amx=amx, isa=isa))(
-        x_bd, cos_br, sin_br, kv_mask_bs, jnp.int32(5), cache.k_lbksh, cache.v_lbksh)
+    (logits, h, k, v), ref = _step_and_xla_step(model, cfg, amx, isa, native_pack=native_pack)
     ref_logits = np.asarray(ref.logits_btv[:, 0])
     # The dots sum their products in another order (the AVX-512 loop pairwise per lane; XLA's and the kernel's AMX
     # tiles agree to the bit here): 2.2e-5 of the logits' scale at most on these models. A wrong weight, norm or
@@ -152,25 +167,10 @@ def test_one_step_on_a_bf16_cache_equals_xla(head_dim, kv_heads, path, matmul_dt
     writes this step's rounded to nearest even, and its logits, hidden states and caches equal XLA's step on the
     same bf16 cache: the register path (3 query heads per KV head), head_dim 8 (AVX-512: the per-slot loop) and
     one KV head for 6 query heads, in each build."""
-    amx, isa = path == "amx", "avx2" if path == "avx2" else "avx512"
-    if amx and (not cpu_decode.has_amx() or matmul_dtype is None):
-        pytest.skip("no AMX on this CPU, or fp32 matmuls")
-    if isa == "avx2" and matmul_dtype is not None:
-        pytest.skip("the AVX2 build runs fp32 matmuls only")
-    skip_unless_runs(isa, matmul_dtype or jnp.float32)
+    amx, isa = _kernel_path(path, matmul_dtype)
     cfg = tiny_cfg(rope_theta=500.0, head_dim=head_dim, rotary_dim=head_dim, num_kv_heads=kv_heads)
     model = tiny_model(cfg, matmul_dtype=matmul_dtype)
-    mask_bp = np.ones((9, 5), bool)
-    mask_bp[0, :2] = mask_bp[3, :4] = mask_bp[7, :1] = False
-    cache, token_b, position_b, kv_mask_bs = _prefill_then_step(model, cfg, jnp.asarray(mask_bp), slots=9,
-                                                                cache_dtype=jnp.bfloat16)
-    assert cache.k_lbksh.dtype == jnp.bfloat16
-    ref = model(token_b[:, None], position_b[:, None], kv_mask_bs, cache=cache, cache_pos=5)
-    weights = jax.jit(lambda m: cpu_decode.pack_weights(m, isa=isa))(model)
-    cos_br, sin_br = (c[:, 0] for c in rope_cos_sin(cfg, position_b[:, None]))
-    x_bd = jnp.take(model.embed_vd[...], token_b, axis=0)
-    logits, h, k, v = jax.jit(lambda *a: cpu_decode.decode_step(weights, cfg, *a, amx=amx, isa=isa))(
-        x_bd, cos_br, sin_br, kv_mask_bs, jnp.int32(5), cache.k_lbksh, cache.v_lbksh)
+    (logits, h, k, v), ref = _step_and_xla_step(model, cfg, amx, isa, cache_dtype=jnp.bfloat16)
     assert k.dtype == v.dtype == jnp.bfloat16
     ref_logits = np.asarray(ref.logits_btv[:, 0])
     np.testing.assert_allclose(np.asarray(logits), ref_logits, rtol=0, atol=5e-5 * np.abs(ref_logits).max())
