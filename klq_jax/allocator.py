@@ -19,8 +19,8 @@ JAX starts its threads, as `klq_jax.main` does. `KLQ_JAX_MALLOC=default` in the 
 What one-off work frees (checkpoint conversion at start-up, XLA's compilation of each program in the first
 iteration) would then stay resident for the whole run, under the later phases' buffers. `release_freed_memory()`
 (`malloc_trim`) hands those pages back; the trainer calls it after building and after each phase of the first
-iteration, and `HeapGrowthGuard` after any later iteration that grew the process, so the steady-state
-iterations still reuse their pages without faults.
+iteration, and `HeapGrowthGuard` after any later iteration that grew the process (which includes one that touched
+again what the previous release handed back).
 """
 
 from __future__ import annotations
@@ -78,8 +78,14 @@ class HeapGrowthGuard:
     resident, and the RSS creeps up from one iteration to the next (SmolLM2 benchmark, 6 iterations: peak
     4.48 GiB without this guard, 3.75 with it; 10 iterations: 3.78 and 4.23). `after_iteration()` compares the
     RSS with the previous iteration's end and calls `release_freed_memory()` when it grew by more than
-    `slack_bytes`: iterations that reuse their blocks (the steady state) pay nothing, one that grew pays a
-    page fault per released page it touches again.
+    `slack_bytes`: iterations that reuse their blocks pay nothing, one that grew pays a page fault per released
+    page it touches again.
+
+    The previous end is measured after that iteration's release, so an iteration whose blocks were handed back
+    and are touched again counts as growth too. In the trainer (SmolLM2, bf16 matmuls) the update's block is one,
+    and the guard releases after every iteration. Comparing with the end before the release instead (measured
+    with XLA's programs run on the calling thread) left the steady state without page faults, but made no
+    iteration faster and raised the peak by 0.07 GiB (docs/performance.md, stop 26), so the release stays.
     """
 
     def __init__(self, slack_bytes: int = 64 * 2**20):

@@ -649,11 +649,14 @@ def test_bf16_stored_layers_are_widened_one_at_a_time(tiny_checkpoint):
     assert temp_bytes(stored) < temp_bytes(rounded) + 0.75 * layer_bytes_f32
 
 
-def test_bf16_remat_checkpoints_round_less_than_the_bf16_matmuls(tiny_checkpoint):
+def test_bf16_remat_checkpoints_round_less_than_the_bf16_matmuls(tiny_checkpoint, monkeypatch):
     """With bf16 matmuls, remat="full" keeps each layer's input in bf16 for an RMS-normed model (as its raw bits, so
     that XLA:CPU does not widen the whole stack before the backward loop): the forward is unchanged, and the
     gradients move from those of fp32 checkpoints (remat none, bf16 matmuls) by less than the bf16 matmuls move
-    them from fp32's. LayerNorm models keep fp32 checkpoints (the same gradients as remat none)."""
+    them from fp32's. LayerNorm models keep fp32 checkpoints (the same gradients as remat none). One row group
+    (`update_row_groups`; the groups' own test compares them with one)."""
+    from klq_jax.models import transformer
+    monkeypatch.setattr(transformer, "update_row_groups", lambda rows: 1)
     _, path, _ = tiny_checkpoint
     rms = load_model(path).final_bias is None
     ids, mask = _batch()
@@ -689,9 +692,12 @@ def test_bf16_remat_checkpoints_round_less_than_the_bf16_matmuls(tiny_checkpoint
 
 
 @pytest.mark.parametrize("remat", ["full", "dots"])
-def test_remat_keeps_values_and_gradients(tiny_checkpoint, remat):
+def test_remat_keeps_values_and_gradients(tiny_checkpoint, remat, monkeypatch):
     """Rematerialised layers (remat="full": `remat_layer_scan`, the written-out backward; "dots":
-    `jax.checkpoint`) give the plain model's logits and parameter gradients."""
+    `jax.checkpoint`) give the plain model's logits and parameter gradients. One row group (`update_row_groups`;
+    the groups' own test compares them with one)."""
+    from klq_jax.models import transformer
+    monkeypatch.setattr(transformer, "update_row_groups", lambda rows: 1)
     _, path, _ = tiny_checkpoint
     ids, mask = _batch()
     mask_np = mask.numpy().astype(bool)
@@ -714,6 +720,46 @@ def test_remat_keeps_values_and_gradients(tiny_checkpoint, remat):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(b))))
 
 
+@pytest.mark.parametrize("groups", [2, 3])
+def test_update_row_groups_keep_values_and_gradients(tiny_checkpoint, monkeypatch, groups):
+    """remat="full" with the layers run in row groups (`in_row_groups`; 3 rows in 2 groups: 1 + 2, in 3: one
+    each) gives one group's logits and gradients, up to the order of fp32 sums: a weight's gradient is the sum of
+    one dot per group."""
+    from klq_jax.models import transformer
+    _, path, _ = tiny_checkpoint
+    ids, mask = _batch()
+    mask_np = mask.numpy().astype(bool)
+    args = (jnp.asarray(ids.numpy()), positions_from_mask(jnp.asarray(mask_np)), jnp.asarray(mask_np))
+    weights = jnp.asarray(np.random.default_rng(0).normal(size=(3, 9, VOCAB)), jnp.float32)
+
+    def loss_and_grads(row_groups):
+        monkeypatch.setattr(transformer, "update_row_groups", lambda rows: row_groups)
+        graphdef, params = nnx.split(load_model(path, remat="full"))
+
+        def loss(p):
+            logits = nnx.merge(graphdef, p)(*args).logits_btv
+            return jnp.sum(weights * jnp.tanh(logits)), logits
+        fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
+        return fn(params), fn.lower(params).as_text()
+
+    ((one_loss, one_logits), one_grads), _ = loss_and_grads(1)
+    ((loss, logits), grads), text = loss_and_grads(groups)
+    np.testing.assert_array_equal(logits, one_logits)  # the forward: each row's ops as before
+    np.testing.assert_allclose(loss, one_loss, rtol=1e-6)
+    largest = max(float(jnp.max(jnp.abs(b))) for b in jax.tree.leaves(one_grads))
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(one_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7 * largest)
+    assert text.count("concatenate") > loss_and_grads(1)[1].count("concatenate")  # the groups are in the program
+
+
+def test_update_row_groups_where():
+    """Two row groups on one CPU device without a mesh (and at least two rows); one under a mesh."""
+    from klq_jax.models.transformer import update_row_groups
+    assert update_row_groups(8) == 2 and update_row_groups(1) == 1
+    with jax.set_mesh(jax.make_mesh((1,), ("data",))):
+        assert update_row_groups(8) == 1
+
+
 def test_causal_query_blocks():
     from klq_jax.models.transformer import causal_query_blocks
     assert causal_query_blocks(100) == [0, 100]  # under two blocks of 64 rows: one block
@@ -725,8 +771,10 @@ def test_causal_query_blocks():
 def test_blocked_causal_attention_matches_transformers_and_keeps_gradients(tiny_checkpoint, monkeypatch):
     """Query blocks that skip the keys after them (`causal_query_blocks`): transformers' logits at every real
     position, under left padding, and the one-block model's logits and gradients (those of a loss over the
-    real positions: a fully masked query's output, which no real position reads, may differ)."""
+    real positions: a fully masked query's output, which no real position reads, may differ). One row group
+    (`update_row_groups`; the groups' own test compares them with one)."""
     from klq_jax.models import transformer
+    monkeypatch.setattr(transformer, "update_row_groups", lambda rows: 1)
     _, path, torch_model = tiny_checkpoint
     ids, mask = _batch(padded=True)
     mask_np = mask.numpy().astype(bool)
