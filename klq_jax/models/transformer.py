@@ -702,7 +702,8 @@ class Block(nnx.Module):
 
 def update_row_groups(rows: int) -> int:
     """Row groups (`in_row_groups`) for the rematerialised layers of an update: 2 on one CPU device without a
-    mesh (SmolLM2-135M KLQ update, 8 x 176 tokens, bf16 matmuls, 2-core Xeon: 2.03-2.23 -> 1.96-2.02 s), else 1.
+    mesh (SmolLM2-135M KLQ update, 8 x 176 tokens, 2-core Xeon: bf16 matmuls 2.06-2.08 -> 1.96-2.05 s, fp32
+    5.25-5.49 -> 5.00-5.16 s; docs/performance.md, item 50), else 1.
     On a GPU or TPU half-size kernels would only queue one after the other; under a mesh the rows are already
     split over the devices."""
     mesh = jax.sharding.get_abstract_mesh()
