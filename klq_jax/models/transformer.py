@@ -701,14 +701,15 @@ class Block(nnx.Module):
 
 
 def update_row_groups(rows: int) -> int:
-    """Row groups (`in_row_groups`) for the rematerialised layers of an update: 2 on one CPU device without a
-    mesh (SmolLM2-135M KLQ update, 8 x 176 tokens, 2-core Xeon: bf16 matmuls 2.06-2.08 -> 1.96-2.05 s, fp32
-    5.25-5.49 -> 5.00-5.16 s; docs/performance.md, item 50), else 1.
-    On a GPU or TPU half-size kernels would only queue one after the other; under a mesh the rows are already
-    split over the devices."""
+    """Row groups (`in_row_groups`) for the rematerialised layers of an update: 2 where the update runs on one
+    CPU device (no mesh, or a one-device mesh, as the trainer's on a laptop) and rows >= 2, else 1. SmolLM2-135M
+    KLQ update, 8 x 176 tokens, bf16 matmuls, 2-core Xeon, five alternating pairs: 2.52-2.61 -> 2.39-2.64 s
+    (medians 2.54 -> 2.44; docs/performance.md, item 50).
+    On a GPU or TPU half-size kernels would only queue one after the other; on a mesh of several devices the rows
+    are already split over them."""
     mesh = jax.sharding.get_abstract_mesh()
-    single_cpu = jax.default_backend() == "cpu" and jax.device_count() == 1 and (mesh is None or mesh.empty)
-    return 2 if single_cpu and rows >= 2 else 1
+    devices = jax.device_count() if mesh is None or mesh.empty else mesh.size
+    return 2 if jax.default_backend() == "cpu" and devices == 1 and rows >= 2 else 1
 
 
 REMAT_POLICIES = {
