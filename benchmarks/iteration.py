@@ -418,8 +418,8 @@ def main():
     parser.add_argument("--frozen_matmul_kernel", default="auto", help="config model.frozen_matmul_kernel: auto, "
                         "native (the reference's and reward model's layer matmuls as AMX tile products on weights "
                         "packed once, cpu_decode.packed_matmul), xla")
-    parser.add_argument("--cache_dtype", default="auto", help="config sampling.cache_dtype: auto (bfloat16 where the "
-                        "native decode step runs with bf16 matmuls), float32, bfloat16")
+    parser.add_argument("--cache_dtype", default="auto", help="config sampling.cache_dtype: auto (the compute dtype), "
+                        "float32, bfloat16")
     parser.add_argument("--sides", default="klq,ppo,trl")
     parser.add_argument("--policy", help="an HF folder of a Llama-family LM used as policy, reference and (with a "
                         "fresh score head) reward model on both sides; default: the embedded SmolLM2-135M-Instruct")
