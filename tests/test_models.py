@@ -691,6 +691,22 @@ def test_bf16_remat_checkpoints_round_less_than_the_bf16_matmuls(tiny_checkpoint
         assert checkpoint_error < 1e-5 * matmul_error and f"u16{stack}" not in text
 
 
+def _tanh_loss_and_grads(model):
+    """`sum(w * tanh(logits))` over `_batch()` (fixed random `w`): ((loss, logits), parameter gradients) from
+    `jax.jit(jax.value_and_grad(...))`, and the program's StableHLO text."""
+    ids, mask = _batch()
+    mask_np = mask.numpy().astype(bool)
+    args = (jnp.asarray(ids.numpy()), positions_from_mask(jnp.asarray(mask_np)), jnp.asarray(mask_np))
+    weights = jnp.asarray(np.random.default_rng(0).normal(size=(3, 9, VOCAB)), jnp.float32)
+    graphdef, params = nnx.split(model)
+
+    def loss(p):
+        logits = nnx.merge(graphdef, p)(*args).logits_btv
+        return jnp.sum(weights * jnp.tanh(logits)), logits
+    fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    return fn(params), fn.lower(params).as_text()
+
+
 @pytest.mark.parametrize("remat", ["full", "dots"])
 def test_remat_keeps_values_and_gradients(tiny_checkpoint, remat, monkeypatch):
     """Rematerialised layers (remat="full": `remat_layer_scan`, the written-out backward; "dots":
@@ -699,21 +715,8 @@ def test_remat_keeps_values_and_gradients(tiny_checkpoint, remat, monkeypatch):
     from klq_jax.models import transformer
     monkeypatch.setattr(transformer, "update_row_groups", lambda rows: 1)
     _, path, _ = tiny_checkpoint
-    ids, mask = _batch()
-    mask_np = mask.numpy().astype(bool)
-    args = (jnp.asarray(ids.numpy()), positions_from_mask(jnp.asarray(mask_np)), jnp.asarray(mask_np))
-    weights = jnp.asarray(np.random.default_rng(0).normal(size=(3, 9, VOCAB)), jnp.float32)
-
-    def loss_and_grads(model):
-        graphdef, params = nnx.split(model)
-
-        def loss(p):
-            logits = nnx.merge(graphdef, p)(*args).logits_btv
-            return jnp.sum(weights * jnp.tanh(logits)), logits
-        return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
-
-    (plain_loss, plain_logits), plain_grads = loss_and_grads(load_model(path))
-    (loss, logits), grads = loss_and_grads(load_model(path, remat=remat))
+    (plain_loss, plain_logits), plain_grads = _tanh_loss_and_grads(load_model(path))[0]
+    (loss, logits), grads = _tanh_loss_and_grads(load_model(path, remat=remat))[0]
     np.testing.assert_allclose(logits, plain_logits, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(loss, plain_loss, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(plain_grads)):
@@ -727,29 +730,19 @@ def test_update_row_groups_keep_values_and_gradients(tiny_checkpoint, monkeypatc
     one dot per group."""
     from klq_jax.models import transformer
     _, path, _ = tiny_checkpoint
-    ids, mask = _batch()
-    mask_np = mask.numpy().astype(bool)
-    args = (jnp.asarray(ids.numpy()), positions_from_mask(jnp.asarray(mask_np)), jnp.asarray(mask_np))
-    weights = jnp.asarray(np.random.default_rng(0).normal(size=(3, 9, VOCAB)), jnp.float32)
 
     def loss_and_grads(row_groups):
         monkeypatch.setattr(transformer, "update_row_groups", lambda rows: row_groups)
-        graphdef, params = nnx.split(load_model(path, remat="full"))
+        return _tanh_loss_and_grads(load_model(path, remat="full"))
 
-        def loss(p):
-            logits = nnx.merge(graphdef, p)(*args).logits_btv
-            return jnp.sum(weights * jnp.tanh(logits)), logits
-        fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
-        return fn(params), fn.lower(params).as_text()
-
-    ((one_loss, one_logits), one_grads), _ = loss_and_grads(1)
+    ((one_loss, one_logits), one_grads), one_text = loss_and_grads(1)
     ((loss, logits), grads), text = loss_and_grads(groups)
     np.testing.assert_array_equal(logits, one_logits)  # the forward: each row's ops as before
     np.testing.assert_allclose(loss, one_loss, rtol=1e-6)
     largest = max(float(jnp.max(jnp.abs(b))) for b in jax.tree.leaves(one_grads))
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(one_grads)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7 * largest)
-    assert text.count("concatenate") > loss_and_grads(1)[1].count("concatenate")  # the groups are in the program
+    assert text.count("concatenate") > one_text.count("concatenate")  # the groups are in the program
 
 
 def test_update_row_groups_where():
