@@ -748,9 +748,10 @@ def test_update_row_groups_keep_values_and_gradients(tiny_checkpoint, monkeypatc
 def test_update_row_groups_where():
     """Two row groups on one CPU device, with or without a mesh (the trainer runs under a one-device mesh), for
     at least two rows; one on a mesh of several devices (an abstract one: this process has one device)."""
+    from klq_jax import sharding
     from klq_jax.models.transformer import update_row_groups
     assert update_row_groups(8) == 2 and update_row_groups(1) == 1
-    with jax.set_mesh(jax.make_mesh((1,), ("data",))):
+    with jax.set_mesh(sharding.make_mesh()):  # the trainer's mesh from the default config.mesh, on this one device
         assert update_row_groups(8) == 2
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((2,), ("data",))):
         assert update_row_groups(8) == 1
