@@ -733,7 +733,9 @@ def in_row_groups(layer_fn: Callable, groups: int) -> Callable:
     def grouped(x, params, aux):
         bounds = [round(i * x.shape[0] / groups) for i in range(1, groups)]
         x_parts = jnp.split(x, bounds, axis=0)
-        aux_parts = [jax.tree.map(lambda a, i=i: jnp.split(a, bounds, axis=0)[i], aux) for i in range(groups)]
+        aux_leaves, aux_def = jax.tree.flatten(aux)
+        aux_split = [jnp.split(a, bounds, axis=0) for a in aux_leaves]
+        aux_parts = [aux_def.unflatten([parts[g] for parts in aux_split]) for g in range(groups)]
         return jnp.concatenate([layer_fn(x_g, params, aux_g) for x_g, aux_g in zip(x_parts, aux_parts)], axis=0)
     return grouped
 
