@@ -649,6 +649,21 @@ def test_bf16_stored_layers_are_widened_one_at_a_time(tiny_checkpoint):
     assert temp_bytes(stored) < temp_bytes(rounded) + 0.75 * layer_bytes_f32
 
 
+def _tanh_loss_grad_fn(model):
+    """(fn, params): `fn(params)` = ((loss, logits), parameter gradients) of `sum(w * tanh(logits))` over
+    `_batch()` (fixed random `w`), jitted, so callers can also lower it to read the program."""
+    ids, mask = _batch()
+    mask_np = mask.numpy().astype(bool)
+    args = (jnp.asarray(ids.numpy()), positions_from_mask(jnp.asarray(mask_np)), jnp.asarray(mask_np))
+    weights = jnp.asarray(np.random.default_rng(0).normal(size=(3, 9, VOCAB)), jnp.float32)
+    graphdef, params = nnx.split(model)
+
+    def loss(p):
+        logits = nnx.merge(graphdef, p)(*args).logits_btv
+        return jnp.sum(weights * jnp.tanh(logits)), logits
+    return jax.jit(jax.value_and_grad(loss, has_aux=True)), params
+
+
 def test_bf16_remat_checkpoints_round_less_than_the_bf16_matmuls(tiny_checkpoint, monkeypatch):
     """With bf16 matmuls, remat="full" keeps each layer's input in bf16 for an RMS-normed model (as its raw bits, so
     that XLA:CPU does not widen the whole stack before the backward loop): the forward is unchanged, and the
@@ -659,52 +674,30 @@ def test_bf16_remat_checkpoints_round_less_than_the_bf16_matmuls(tiny_checkpoint
     monkeypatch.setattr(transformer, "update_row_groups", lambda rows: 1)
     _, path, _ = tiny_checkpoint
     rms = load_model(path).final_bias is None
-    ids, mask = _batch()
-    mask_np = mask.numpy().astype(bool)
-    args = (jnp.asarray(ids.numpy()), positions_from_mask(jnp.asarray(mask_np)), jnp.asarray(mask_np))
-    weights = jnp.asarray(np.random.default_rng(0).normal(size=(3, 9, VOCAB)), jnp.float32)
 
-    def loss_and_grads(model, lower=False):
-        graphdef, params = nnx.split(model)
-
-        def loss(p):
-            return jnp.sum(weights * jnp.tanh(nnx.merge(graphdef, p)(*args).logits_btv))
-        fn = jax.jit(jax.value_and_grad(loss))
-        return fn.lower(params).compile() if lower else fn(params)
+    def loss_and_grads(model):
+        fn, params = _tanh_loss_grad_fn(model)
+        (loss, _), grads = fn(params)
+        return loss, grads
 
     fp32_loss, fp32_grads = loss_and_grads(load_model(path))
     plain_loss, plain_grads = loss_and_grads(load_model(path, matmul_dtype=jnp.bfloat16))
-    remat_loss, remat_grads = loss_and_grads(load_model(path, matmul_dtype=jnp.bfloat16, remat="full"))
+    model = load_model(path, matmul_dtype=jnp.bfloat16, remat="full")
+    remat_fn, remat_params = _tanh_loss_grad_fn(model)
+    (remat_loss, _), remat_grads = remat_fn(remat_params)
     np.testing.assert_allclose(remat_loss, plain_loss, rtol=1e-6)
 
     def error(grads, ref):  # relative to each leaf's largest gradient, the largest over all leaves
         return max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
                    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref)))
     checkpoint_error, matmul_error = error(remat_grads, plain_grads), error(plain_grads, fp32_grads)
-    model = load_model(path, matmul_dtype=jnp.bfloat16, remat="full")
-    text = loss_and_grads(model, lower=True).as_text()
+    text = remat_fn.lower(remat_params).compile().as_text()
     stack = f"[{model.cfg.num_layers},3,9,{model.cfg.hidden_size}]"  # the checkpoints: [L, B, T, D]
     if rms:
         assert 0 < checkpoint_error < matmul_error, (checkpoint_error, matmul_error)
         assert f"u16{stack}" in text and f"f32{stack}" not in text, sorted(set(re.findall(r"\w+\[\d+,3,9,\d+\]", text)))
     else:
         assert checkpoint_error < 1e-5 * matmul_error and f"u16{stack}" not in text
-
-
-def _tanh_loss_and_grads(model):
-    """`sum(w * tanh(logits))` over `_batch()` (fixed random `w`): ((loss, logits), parameter gradients) from
-    `jax.jit(jax.value_and_grad(...))`, and the program's StableHLO text."""
-    ids, mask = _batch()
-    mask_np = mask.numpy().astype(bool)
-    args = (jnp.asarray(ids.numpy()), positions_from_mask(jnp.asarray(mask_np)), jnp.asarray(mask_np))
-    weights = jnp.asarray(np.random.default_rng(0).normal(size=(3, 9, VOCAB)), jnp.float32)
-    graphdef, params = nnx.split(model)
-
-    def loss(p):
-        logits = nnx.merge(graphdef, p)(*args).logits_btv
-        return jnp.sum(weights * jnp.tanh(logits)), logits
-    fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
-    return fn(params), fn.lower(params).as_text()
 
 
 @pytest.mark.parametrize("remat", ["full", "dots"])
@@ -715,8 +708,10 @@ def test_remat_keeps_values_and_gradients(tiny_checkpoint, remat, monkeypatch):
     from klq_jax.models import transformer
     monkeypatch.setattr(transformer, "update_row_groups", lambda rows: 1)
     _, path, _ = tiny_checkpoint
-    (plain_loss, plain_logits), plain_grads = _tanh_loss_and_grads(load_model(path))[0]
-    (loss, logits), grads = _tanh_loss_and_grads(load_model(path, remat=remat))[0]
+    fn, params = _tanh_loss_grad_fn(load_model(path))
+    (plain_loss, plain_logits), plain_grads = fn(params)
+    fn, params = _tanh_loss_grad_fn(load_model(path, remat=remat))
+    (loss, logits), grads = fn(params)
     np.testing.assert_allclose(logits, plain_logits, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(loss, plain_loss, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(plain_grads)):
@@ -733,7 +728,8 @@ def test_update_row_groups_keep_values_and_gradients(tiny_checkpoint, monkeypatc
 
     def loss_and_grads(row_groups):
         monkeypatch.setattr(transformer, "update_row_groups", lambda rows: row_groups)
-        return _tanh_loss_and_grads(load_model(path, remat="full"))
+        fn, params = _tanh_loss_grad_fn(load_model(path, remat="full"))
+        return fn(params), fn.lower(params).as_text()
 
     ((one_loss, one_logits), one_grads), one_text = loss_and_grads(1)
     ((loss, logits), grads), text = loss_and_grads(groups)
