@@ -31,6 +31,13 @@ every machine).
     python benchmarks/iteration.py [--new_tokens 128] [--epochs 1] [--iterations 3] [--sides klq,ppo,trl]
         [--compute_dtype bfloat16] [--matmul_dtype bfloat16] [--trl_python /work/venv-bench/bin/python] [--policy HF_FOLDER]
         [--decode_kernel auto|native|xla] [--frozen_matmul_kernel auto|native|xla] [--cache_dtype auto|float32|bfloat16]
+        [--trl_device cpu|cuda]
+
+On a GPU machine ours runs on JAX's default backend (the GPU) and `--trl_device cuda` puts TRL there too (its
+phases timed after a `torch.cuda.synchronize()`); each side then also reports its allocator's peak on the device
+(JAX: `memory_stats()["peak_bytes_in_use"]`; torch: `max_memory_allocated()`), the matmul references are
+8192^3 (2048^3 is launch overhead on a GPU), and RESULT gains `device_peak_ratio`. At JAX's default precision
+an fp32 matmul on a GPU runs in TF32 (torch's default: true fp32); see README's GPU results.
 
 Prints a table and a last line `RESULT speedup_vs_trl=... rss_ratio=... ...` (speedup: TRL's iteration
 time over ours, KLQ; rss_ratio: our peak RSS over TRL's, KLQ).
@@ -150,8 +157,9 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> dict[str, float]:
         out[name] = flop / _best_seconds(lambda: f(a, b).block_until_ready(), repeats) / 1e9
     # XLA's kernel is not the CPU's fastest everywhere (on an AVX2-only EPYC it ran at 0.65-0.91x numpy's
     # OpenBLAS in the benchmark's runs), so the update is also compared with the better of the two.
-    a = np.asarray(jax.random.normal(jax.random.key(0), (n, n), jnp.float32))
-    out["fp32_numpy"] = flop / _best_seconds(lambda: a @ a, repeats) / 1e9
+    n_host = min(n, 2048)  # the host CPU's: the size of the CPU runs whatever the accelerator's
+    a = np.asarray(jax.random.normal(jax.random.key(0), (n_host, n_host), jnp.float32))
+    out["fp32_numpy"] = 2 * n_host**3 / _best_seconds(lambda: a @ a, repeats) / 1e9
     return out
 
 
@@ -176,7 +184,9 @@ def run_ours(args) -> dict:
     from klq_jax.rl import loop as rl_loop
     from klq_jax.rl.train_step import make_optimizer
 
-    mm_before = matmul_gflops()
+    on_accelerator = jax.default_backend() != "cpu"
+    mm_n = 8192 if on_accelerator else 2048  # 2048^3 takes ~20 us on a GPU: launch overhead, not its matmul rate
+    mm_before = matmul_gflops(mm_n)
     config = make_config(args, args.side, args.reward_path)
     setup = trainer.build(config)
     # No EOS stop: an id that never occurs, so every response has exactly new_tokens tokens (as TRL's).
@@ -198,10 +208,15 @@ def run_ours(args) -> dict:
     # shared machine's throughput drifts over the minutes between the sides). Its arrays fit in the freed
     # update block: `rss_peak_after_matmul_gib` beside `rss_peak_self_gib` in results.json shows the peak
     # RSS unchanged.
-    mm_after = matmul_gflops()
+    # The accelerator's own peak (XLA's allocator: what buffers held at most), read before the matmuls' arrays.
+    device_peak = ({"device": jax.devices()[0].device_kind,
+                    "device_peak_gib": jax.devices()[0].memory_stats()["peak_bytes_in_use"] / 2**30}
+                   if on_accelerator else {"device": "cpu"})
+    mm_after = matmul_gflops(mm_n)
     mm = {k: (mm_before[k] + mm_after[k]) / 2 for k in mm_before}
     stream = stream_gbs()  # after the peak was read: its buffer fits in the freed update block
     return {
+        **device_peak, "matmul_n": mm_n,
         "side": f"ours-{args.side}", "iterations": iterations, "curves": curves,
         "matmul_gflops_jax": mm, "matmul_gflops_jax_before": mm_before, "matmul_gflops_jax_after": mm_after,
         "stream_gbs": stream,
@@ -424,6 +439,8 @@ def main():
     parser.add_argument("--policy", help="an HF folder of a Llama-family LM used as policy, reference and (with a "
                         "fresh score head) reward model on both sides; default: the embedded SmolLM2-135M-Instruct")
     parser.add_argument("--trl_python", default=DEFAULT_TRL_PYTHON)
+    parser.add_argument("--trl_device", default="cpu", choices=("cpu", "cuda"),
+                        help="TRL's device; ours runs on JAX's default backend (on a GPU machine: the GPU)")
     parser.add_argument("--trl_gradient_checkpointing", action="store_true",
                         help="TRL's default (off here: it also disables TRL's KV cache in generation)")
     parser.add_argument("--trl_bf16", action="store_true",
@@ -475,6 +492,7 @@ def main():
                    "--reward_model", str(reward_path), "--prompts", str(work / "prompts.json")] + common
             cmd += ["--gradient_checkpointing"] if args.trl_gradient_checkpointing else []
             cmd += ["--bf16"] if args.trl_bf16 else []
+            cmd += ["--device", args.trl_device]
         else:
             raise SystemExit(f"--sides: unknown side {side!r}; accepted: klq, ppo, trl")
         print(f"running {side} ...", file=sys.stderr, flush=True)
@@ -496,6 +514,10 @@ def main():
           f"reward {effective.reward.dtype} (matmuls {_reward_matmuls(effective)}); "
           + (f"TRL {'bf16 autocast matmuls, fp32 weights' if args.trl_bf16 else 'fp32'}; " if "trl" in results else "")
           + f"{cpu}, {os.cpu_count()} cores")
+    devices = {s: results[s].get("device", "cpu") for s in cols}
+    on_gpu = {s for s in cols if devices[s] != "cpu"}
+    if on_gpu:
+        print("devices: " + ", ".join(f"{names[s]} on {devices[s]}" for s in cols))
     header = f"{'phase (s)':<22}" + "".join(f"{names[s]:>12}" for s in cols)
     if "trl" in cols:
         header += "".join(f"{'TRL/' + names[s].split()[1]:>11}" for s in cols if s != "trl")
@@ -517,6 +539,13 @@ def main():
                         for s in cols if s != "trl")
     print(line)
     print(f"{'RSS after setup (GiB)':<22}" + "".join(f"{results[s]['rss_setup_gib']:>12.2f}" for s in cols))
+    if on_gpu:  # each side's own allocator's peak on its accelerator (JAX's BFC; torch's caching allocator)
+        line = f"{'device peak (GiB)':<22}" + "".join(
+            f"{results[s]['device_peak_gib']:>12.2f}" if s in on_gpu else f"{'-':>12}" for s in cols)
+        if "trl" in on_gpu:
+            line += "".join(f"{results['trl']['device_peak_gib'] / results[s]['device_peak_gib']:>11.1f}"
+                            if s in on_gpu else f"{'-':>11}" for s in cols if s != "trl")
+        print(line)
     summary = {}
     seq = {s: results[s]["prompt_len"] + args.new_tokens for s in cols}
     for s in cols:
@@ -531,7 +560,8 @@ def main():
         print(f"update {names[s]}: T={seq[s]}, {flops / 1e12:.2f} TFLOP, {gflops:.0f} GFLOP/s{frac}")
         summary[s] = gflops
     if mm:
-        print(f"matmul 2048^3 (same run; ours: each side's own, the mean of before and after its iterations): "
+        n = next(results[s].get("matmul_n", 2048) for s in cols if s != "trl")
+        print(f"matmul {n}^3 (same run; ours: each side's own, the mean of before and after its iterations): "
               f"fp32 {mm['fp32']:.0f} GFLOP/s, bf16 {mm['bf16']:.0f} GFLOP/s; numpy fp32 {mm['fp32_numpy']:.0f} GFLOP/s"
               + (f"; torch fp32 {results['trl']['matmul_gflops_torch_fp32']:.0f} GFLOP/s" if "trl" in cols else "")
               + (f", bf16 {results['trl']['matmul_gflops_torch_bf16']:.0f} GFLOP/s"
@@ -574,11 +604,19 @@ def main():
                 out[f"rss_ratio{key}"] = results[s]["rss_peak_gib"] / results["trl"]["rss_peak_gib"]
         out["trl_iteration_s"] = rows["trl"]["iteration"]
         out["trl_rss_gib"] = results["trl"]["rss_peak_gib"]
+        if "trl" in on_gpu:
+            out["trl_device_peak_gib"] = results["trl"]["device_peak_gib"]
         out["trl_bf16"] = float(args.trl_bf16)
+        for s in ("klq", "ppo"):
+            if s in on_gpu and "trl" in on_gpu:
+                key = "" if s == "klq" else "_ppo"
+                out[f"device_peak_ratio{key}"] = results[s]["device_peak_gib"] / results["trl"]["device_peak_gib"]
     for s in ("klq", "ppo"):
         if s in cols:
             out[f"{s}_iteration_s"] = rows[s]["iteration"]
             out[f"{s}_rss_gib"] = results[s]["rss_peak_gib"]
+            if s in on_gpu:
+                out[f"{s}_device_peak_gib"] = results[s]["device_peak_gib"]
             if mm:
                 out[f"{s}_update_mm_fraction"] = summary[s] / results[s]["matmul_gflops_jax"]["fp32"]
                 out[f"{s}_update_best_mm_fraction"] = summary[s] / best_matmul(results[s]["matmul_gflops_jax"])

@@ -14,7 +14,9 @@ Weights, gradients and AdamW are fp32. With `--bf16` the matmuls run on bf16 ope
 precision, the peer of our `model.matmul_dtype=bfloat16`: PPOConfig's `bf16=True` (accelerate's autocast
 around the trained policy-and-value forward, the backward outside it) and `torch.autocast("cpu", bfloat16)`
 around the rollout's generation, reference, value and reward forwards, which `bf16=True` alone leaves in
-fp32 (TRL calls them on the unwrapped models).
+fp32 (TRL calls them on the unwrapped models). With `--device cuda` TRL runs on the GPU (the same autocast on
+"cuda"; torch's default fp32 matmuls, no TF32), every timed phase ends with a `torch.cuda.synchronize()`, and
+the GPU's peak is `torch.cuda.max_memory_allocated()`.
 
 Phases are timed by wrapping the functions the trainer calls (module globals of `ppo_trainer`):
 
@@ -28,7 +30,7 @@ Phases are timed by wrapping the functions the trainer calls (module globals of 
 Prints one line `SIDE_JSON {...}` with per-iteration phase times and the process's peak RSS.
 
     /work/venv-bench/bin/python benchmarks/trl_ppo_iteration.py --model DIR --reward_model DIR \
-        --prompts prompts.json [--new_tokens 128] [--epochs 1] [--iterations 3] [--bf16]
+        --prompts prompts.json [--new_tokens 128] [--epochs 1] [--iterations 3] [--bf16] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -44,13 +46,16 @@ import time
 from procstat import rss_gib  # this folder is the script's: sys.path[0]
 
 
-def matmul_gflops(torch, n: int = 2048, repeats: int = 5, dtype=None) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def matmul_gflops(torch, n: int = 2048, repeats: int = 5, dtype=None, device: str = "cpu") -> float:
+    a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     a @ b
+    sync()
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         a @ b
+        sync()
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best / 1e9
 
@@ -72,6 +77,8 @@ def main():
                              "runs TRL without it unless asked")
     parser.add_argument("--bf16", action="store_true",
                         help="torch mixed precision: every matmul on bf16 operands (autocast), fp32 weights")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="cuda: TRL on the GPU (accelerate's device); phases are timed after a synchronize")
     args = parser.parse_args()
 
     import torch
@@ -84,7 +91,13 @@ def main():
 
     torch.set_num_threads(os.cpu_count())
     torch.manual_seed(args.seed)
-    mm = matmul_gflops(torch)
+    on_gpu = args.device == "cuda"
+    if on_gpu and not torch.cuda.is_available():
+        raise SystemExit("--device=cuda: torch sees no CUDA device; accepted: cpu, or cuda on a machine with one")
+    # Kernel launches are asynchronous on the GPU: a phase ends when its work has.
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    mm_n = 8192 if on_gpu else 2048  # 2048^3 takes ~20 us on a GPU: launch overhead, not its matmul rate
+    mm = matmul_gflops(torch, mm_n, device=args.device)
     prompts = json.loads(open(args.prompts).read())
     batch = len(prompts)
 
@@ -110,7 +123,7 @@ def main():
         local_rollout_forward_batch_size=batch, num_ppo_epochs=args.epochs,
         total_episodes=batch * args.iterations, response_length=args.new_tokens, temperature=1.0,
         stop_token=None, missing_eos_penalty=None, num_sample_generations=0, kl_coef=args.kl_coef,
-        learning_rate=args.learning_rate, seed=args.seed, use_cpu=True, bf16=args.bf16,
+        learning_rate=args.learning_rate, seed=args.seed, use_cpu=not on_gpu, bf16=args.bf16,
         dataloader_num_workers=0, gradient_checkpointing=args.gradient_checkpointing)
 
     events: list[tuple[str, float, float]] = []
@@ -120,10 +133,12 @@ def main():
 
     def timed(name_fn, fn):
         def wrapper(*a, **k):
+            sync()
             start = time.perf_counter()
             # Nested inside accelerate's own autocast in the update: the same dtype, no change there.
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.bf16):
                 out = fn(*a, **k)
+            sync()
             events.append((name_fn(*a, **k), start, time.perf_counter()))
             return out
         return wrapper
@@ -150,6 +165,7 @@ def main():
 
     class IterationEnd(transformers.TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
+            sync()
             iteration_ends.append(time.perf_counter())
             iteration_cpu.append(time.process_time())
 
@@ -178,8 +194,12 @@ def main():
         begin, begin_cpu = end, end_cpu
     assert all(n == args.new_tokens for n in lengths), lengths
     result = {
-        "side": "trl-ppo", "iterations": iterations, "matmul_gflops_torch_fp32": mm,
-        **({"matmul_gflops_torch_bf16": matmul_gflops(torch, dtype=torch.bfloat16)} if args.bf16 else {}),
+        "side": "trl-ppo", "iterations": iterations, "matmul_gflops_torch_fp32": mm, "matmul_n": mm_n,
+        **({"matmul_gflops_torch_bf16": matmul_gflops(torch, mm_n, dtype=torch.bfloat16, device=args.device)}
+           if args.bf16 else {}),
+        # The GPU's own peak: what torch's caching allocator held for tensors at most.
+        **({"device": torch.cuda.get_device_name(), "device_peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+           if on_gpu else {"device": "cpu"}),
         "rss_setup_gib": rss_setup, "rss_peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "gradient_checkpointing": args.gradient_checkpointing, "bf16": args.bf16, "batch": batch,
         "prompt_len": max(map(len, prompts)), "response_len": lengths[0],
