@@ -101,6 +101,7 @@ def make_config(args, algo: str, reward_path: str):
     c.model.param_dtype = args.param_dtype
     c.model.compute_dtype = args.compute_dtype
     c.model.matmul_dtype = args.matmul_dtype
+    c.model.matmul_precision = args.matmul_precision
     c.model.reference_dtype = args.ref_dtype or c.model.reference_dtype
     c.reward.dtype = args.reward_dtype or c.reward.dtype
     c.reward.matmul_dtype = c.reward.matmul_dtype if args.reward_matmul_dtype is None else args.reward_matmul_dtype
@@ -186,8 +187,9 @@ def run_ours(args) -> dict:
 
     on_accelerator = jax.default_backend() != "cpu"
     mm_n = 8192 if on_accelerator else 2048  # 2048^3 takes ~20 us on a GPU: launch overhead, not its matmul rate
-    mm_before = matmul_gflops(mm_n)
     config = make_config(args, args.side, args.reward_path)
+    trainer.apply_matmul_precision(config)  # (build applies it too) the fp32 matmul reference at the same precision
+    mm_before = matmul_gflops(mm_n)
     setup = trainer.build(config)
     # No EOS stop: an id that never occurs, so every response has exactly new_tokens tokens (as TRL's).
     setup.sampler = dataclasses.replace(setup.sampler, eos_ids=(-1,))
@@ -419,6 +421,8 @@ def main():
     parser.add_argument("--matmul_dtype", default="", help="config model.matmul_dtype: the operands of the matmuls "
                         "of our policy, reference and reward model (empty: compute_dtype); with bfloat16 the update is "
                         "compared with the bf16 x bf16 -> fp32 matmul")
+    parser.add_argument("--matmul_precision", default="default", help="config model.matmul_precision: how fp32 "
+                        "matmuls run (default: JAX's, TF32 on NVIDIA GPUs; highest: full fp32)")
     parser.add_argument("--ref_dtype", default="", help="the frozen reference's storage dtype "
                         "(config model.reference_dtype; default: the config's)")
     parser.add_argument("--reward_dtype", default="", help="the reward model's storage dtype (config reward.dtype; "
@@ -476,7 +480,7 @@ def main():
               "--iterations", str(args.iterations)]
     ours_flags = common + ["--batch", str(args.batch), "--prompt_bucket", str(args.prompt_bucket),
                            "--param_dtype", args.param_dtype, "--compute_dtype", args.compute_dtype,
-                           "--matmul_dtype", args.matmul_dtype,
+                           "--matmul_dtype", args.matmul_dtype, "--matmul_precision", args.matmul_precision,
                            "--ref_dtype", args.ref_dtype, "--reward_dtype", args.reward_dtype,
                            *(["--reward_matmul_dtype", args.reward_matmul_dtype] if args.reward_matmul_dtype is not None else []),
                            "--remat", args.remat, "--reward_path", str(reward_path), "--policy", args.policy,
@@ -508,7 +512,8 @@ def main():
     effective = make_config(args, "klq", str(reward_path))
     print(f"One iteration: {args.batch} prompts x {args.new_tokens} response tokens, {args.epochs} epoch(s), "
           f"1 minibatch; {policy_path.name} policy/reference/reward (TRL: + value model); "
-          f"params {args.param_dtype}, compute {args.compute_dtype}, matmuls {args.matmul_dtype or args.compute_dtype}, "
+          f"params {args.param_dtype}, compute {args.compute_dtype}, matmuls {args.matmul_dtype or args.compute_dtype}"
+          + (f" at precision {args.matmul_precision}" if args.matmul_precision != "default" else "") + ", "
           f"reference {effective.model.reference_dtype}, decode {args.decode_kernel}, "
           f"frozen matmuls {args.frozen_matmul_kernel}, KV cache {args.cache_dtype}, "
           f"reward {effective.reward.dtype} (matmuls {_reward_matmuls(effective)}); "

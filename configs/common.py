@@ -22,6 +22,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.matmul_dtype = ""      # operands of the matmuls of policy, reference and HF reward model, accumulated
                                    # in fp32 (empty: compute_dtype). "bfloat16": the update 1.6x, decoding 1.4x
                                    # faster on CPUs with AVX-512 BF16 (docs/performance.md, items 24-25, 33)
+    c.model.matmul_precision = "default"  # fp32 matmuls: "default" (JAX's: fp32 on CPU, TF32 on NVIDIA GPUs, one
+                                   # bf16 pass on TPU), "high" (TF32 on GPU, 3 bf16 passes on TPU), "highest" (fp32)
     c.model.frozen_matmul_kernel = "auto"  # the reference's and an HF reward model's layer matmuls with bf16
                                    # operands: "native" (AMX tile products on weights packed once: x86 CPUs with
                                    # AMX, one device), "xla", or "auto" (native where it runs; 0.82-0.85x the

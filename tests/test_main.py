@@ -143,6 +143,40 @@ def test_bad_matmul_dtype(tiny_model, tmp_path):
          "bfloat16")
 
 
+def test_bad_matmul_precision(tiny_model, tmp_path):
+    _bad(_cmd(tmp_path / "w", tiny_model, "--config.model.matmul_precision=tf32"), "model.matmul_precision", "tf32",
+         "highest")
+
+
+def test_matmul_precision_reaches_the_compiled_dots():
+    """`model.matmul_precision` sets JAX's default for the fp32 dots traced after it; "default" leaves it alone
+    (here the suite's "highest", from conftest.py)."""
+    import jax.numpy as jnp
+    import ml_collections
+
+    from klq_jax import trainer
+
+    def dot_precision():
+        x = jnp.ones((4, 4), jnp.float32)
+        text = jax.jit(jnp.dot).lower(x, x).as_text()
+        return next(line for line in text.splitlines() if "dot_general" in line).split("precision = [")[1].split("]")[0]
+
+    config = ml_collections.ConfigDict({"model": {"matmul_precision": "default"}})
+    before = jax.config.jax_default_matmul_precision
+    try:
+        trainer.apply_matmul_precision(config)
+        assert jax.config.jax_default_matmul_precision == before == "highest"
+        assert dot_precision() == "HIGHEST, HIGHEST"
+        config.model.matmul_precision = "high"
+        trainer.apply_matmul_precision(config)
+        assert dot_precision() == "HIGH, HIGH"
+        config.model.matmul_precision = "float16"
+        with pytest.raises(trainer.ConfigError, match="model.matmul_precision='float16'; accepted: 'default'"):
+            trainer.apply_matmul_precision(config)
+    finally:
+        jax.config.update("jax_default_matmul_precision", before)
+
+
 def test_missing_checkpoint(tmp_path):
     _bad(_cmd(tmp_path / "w", tmp_path / "nowhere" / "model"), "nowhere")
 
