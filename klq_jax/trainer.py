@@ -359,7 +359,12 @@ def _say(message: str) -> None:
 
 def train(config, workdir: str | os.PathLike) -> dict[str, float]:
     """Runs (or resumes) a training run in `workdir`; returns the last iteration's metrics."""
-    from klq_jax import checkpoints
+    from klq_jax import checkpoints, compile_cache
+
+    try:  # before anything compiles: JAX decides once per process whether it uses the cache
+        compile_cache.enable(config.get("compile_cache", "auto"))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
     workdir = Path(workdir)
     ckpt = checkpoints.CheckpointManager(workdir, config=config, save_every=config.checkpoint.every,

@@ -2,6 +2,7 @@
 equal to an uninterrupted run, and one clear line with a non-zero exit for each bad input."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -175,6 +176,53 @@ def test_matmul_precision_reaches_the_compiled_dots():
             trainer.apply_matmul_precision(config)
     finally:
         jax.config.update("jax_default_matmul_precision", before)
+
+
+def test_a_second_run_loads_its_programs_from_the_compilation_cache(tiny_model, tmp_path):
+    """`compile_cache`: the first run writes its compiled programs into one folder for this kind of machine; the
+    same command again (a fresh run folder) reads them back, as JAX's log of cache hits shows, and its metrics
+    equal the first run's."""
+    cache = tmp_path / "xla"
+    env = {**os.environ, "JAX_DEBUG_LOG_MODULES": "jax._src.compiler",
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}  # the tiny model's programs compile in under 1 s
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    runs = []
+    for name in ("first", "second"):
+        result = subprocess.run(_cmd(tmp_path / name, tiny_model, f"--config.compile_cache={cache}"), cwd=ROOT,
+                                capture_output=True, text=True, timeout=300, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs.append(result)
+    (folder,) = cache.iterdir()
+    assert folder.name.startswith("cpu-") and any(folder.glob("jit_update-*"))
+    hit = "Persistent compilation cache hit for 'jit_update'"
+    assert hit not in runs[0].stderr and hit in runs[1].stderr
+    records = [[json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+               for name in ("first", "second")]
+    for a, b in zip(*records, strict=True):
+        assert {k: v for k, v in a.items() if not k.startswith(("time/", "perf/"))} == \
+            {k: v for k, v in b.items() if not k.startswith(("time/", "perf/"))}
+
+
+def test_compile_cache_folder_per_machine_kind(tmp_path):
+    from klq_jax import compile_cache
+
+    two_cores = ("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2\n\n"
+                 "processor\t: 1\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2\n")
+    kind = compile_cache.machine_kind("cpu", "cpu", two_cores)
+    assert kind.startswith("cpu-") and kind == compile_cache.machine_kind("cpu", "cpu", two_cores.split("\n\n")[0])
+    assert kind != compile_cache.machine_kind("cpu", "cpu", two_cores.replace("avx2", "avx2 avx512f"))
+    assert kind != compile_cache.machine_kind("cpu", "cpu", two_cores.replace("AMD EPYC", "Intel Xeon"))
+    assert compile_cache.machine_kind("gpu", "NVIDIA H200", "") == "gpu-nvidia-h200"
+    assert compile_cache.machine_kind("tpu", "TPU v5 lite", "") == "tpu-tpu-v5-lite"
+    if jax.config.jax_compilation_cache_dir is None:  # (JAX_COMPILATION_CACHE_DIR, set by a user, takes precedence)
+        assert compile_cache.enable("") is None and jax.config.jax_compilation_cache_dir is None
+
+
+def test_compile_cache_that_cannot_be_made(tiny_model, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    _bad(_cmd(tmp_path / "w", tiny_model, f"--config.compile_cache={blocker}"), "compile_cache", str(blocker),
+         "writable folder")
 
 
 def test_missing_checkpoint(tmp_path):
