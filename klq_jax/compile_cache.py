@@ -7,8 +7,9 @@ second. JAX's key for an entry covers the program, the compile options, jaxlib a
 CPU's instruction set, for which XLA:CPU compiles: so the cache is one folder per machine kind (the backend and
 device kind, and on CPU the model name and feature flags), and a home directory shared by different machines
 never hands one machine another's code. JAX writes an entry only for a program that took at least
-`jax_persistent_cache_min_compile_time_secs` (1 s by default) to compile, and reads a broken entry (a write cut
-short) as a miss, with a warning.
+`jax_persistent_cache_min_compile_time_secs` (1 s by default) to compile. It writes an entry in place, so a run
+killed mid-write leaves a truncated one, which JAX reads as a miss (with a warning) at every later run and never
+replaces: `enable` removes such entries first (`drop_unfinished_entries`).
 """
 
 from __future__ import annotations
@@ -46,6 +47,32 @@ def _this_machine_kind() -> str:
     return machine_kind(jax.default_backend(), jax.devices()[0].device_kind, cpuinfo)
 
 
+def drop_unfinished_entries(folder: Path) -> list[str]:
+    """Removes the entries of `folder` whose write was cut short; returns their keys.
+
+    With eviction on (a size limit, as `enable` sets) JAX writes an entry's bytes and then its access-time file,
+    both under the folder's lock, so an entry without its access-time file is an unfinished write. The scan holds
+    the same lock, so it never sees a write in progress. Does nothing if this JAX names its files otherwise."""
+    try:
+        import filelock
+        from jax._src import lru_cache
+
+        cache_suffix, atime_suffix = lru_cache._CACHE_SUFFIX, lru_cache._ATIME_SUFFIX
+    except (ImportError, AttributeError):
+        return []
+    dropped = []
+    try:
+        with filelock.FileLock(folder / ".lockfile", timeout=10):
+            for entry in folder.glob(f"*{cache_suffix}"):
+                key = entry.name[: -len(cache_suffix)]
+                if not (folder / f"{key}{atime_suffix}").exists():
+                    entry.unlink(missing_ok=True)
+                    dropped.append(key)
+    except filelock.Timeout:  # another run holds it long: leave the folder to JAX
+        return []
+    return dropped
+
+
 def enable(setting: str) -> Path | None:
     """Points JAX's persistent compilation cache at `setting`'s folder (config `compile_cache`) and returns it.
 
@@ -68,6 +95,7 @@ def enable(setting: str) -> Path | None:
             return None
         raise ValueError(f"compile_cache={setting!r}: cannot use {folder} ({err.strerror or err}); accepted: a "
                          "writable folder, 'auto' or '' (off)") from None
+    drop_unfinished_entries(folder)
     jax.config.update("jax_compilation_cache_dir", str(folder))
     jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
     return folder

@@ -181,21 +181,32 @@ def test_matmul_precision_reaches_the_compiled_dots():
 def test_a_second_run_loads_its_programs_from_the_compilation_cache(tiny_model, tmp_path):
     """`compile_cache`: the first run writes its compiled programs into one folder for this kind of machine; the
     same command again (a fresh run folder) reads them back, as JAX's log of cache hits shows, and its metrics
-    equal the first run's."""
+    equal the first run's. Entries whose write was cut short (a kill: truncated, no access-time file) are
+    dropped and written again, not read as broken at every later run."""
     cache = tmp_path / "xla"
     env = {**os.environ, "JAX_DEBUG_LOG_MODULES": "jax._src.compiler",
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}  # the tiny model's programs compile in under 1 s
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
     runs = []
     for name in ("first", "second"):
+        if runs:  # the rollout programs' writes as a kill would leave them
+            cut = sorted(folder.glob("jit__generate-*-cache"))
+            assert cut
+            for entry in cut:
+                entry.write_bytes(entry.read_bytes()[:100])
+                Path(str(entry)[: -len("-cache")] + "-atime").unlink()
         result = subprocess.run(_cmd(tmp_path / name, tiny_model, f"--config.compile_cache={cache}"), cwd=ROOT,
                                 capture_output=True, text=True, timeout=300, env=env)
         assert result.returncode == 0, result.stderr[-3000:]
         runs.append(result)
-    (folder,) = cache.iterdir()
+        (folder,) = cache.iterdir()
     assert folder.name.startswith("cpu-") and any(folder.glob("jit_update-*"))
     hit = "Persistent compilation cache hit for 'jit_update'"
     assert hit not in runs[0].stderr and hit in runs[1].stderr
+    assert "Error reading persistent compilation cache" not in runs[1].stderr
+    assert "PERSISTENT COMPILATION CACHE MISS for 'jit__generate'" in runs[1].stderr
+    for entry in cut:  # written again, whole
+        assert entry.stat().st_size > 100 and Path(str(entry)[: -len("-cache")] + "-atime").exists()
     records = [[json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
                for name in ("first", "second")]
     for a, b in zip(*records, strict=True):
