@@ -88,9 +88,9 @@ def apply_matmul_precision(config) -> None:
     """`model.matmul_precision`, set process-wide before anything compiles. "default" leaves JAX's setting as it
     stands: its per-backend default (full fp32 on CPU; TF32 on NVIDIA GPUs since Ampere: on an H200, fp32 logits
     of SmolLM2-135M's shape were 1.4e-3 relative from transformers' fp32 ones, argmax equal at 99.5% of
-    positions; one bf16 pass on TPU), or `JAX_DEFAULT_MATMUL_PRECISION`. "highest": full fp32 everywhere (the parity tests' setting;
-    torch's default on GPU). "high": TF32 on GPU, three bf16 passes on TPU. Matmuls of bf16 operands
-    (`model.matmul_dtype=bfloat16`) are unaffected."""
+    positions; one bf16 pass on TPU), or `JAX_DEFAULT_MATMUL_PRECISION`. "highest": full fp32 everywhere (the
+    parity tests' setting; torch's default on GPU). "high": TF32 on GPU, three bf16 passes on TPU. Matmuls of bf16
+    operands (`model.matmul_dtype=bfloat16`) are unaffected."""
     name = config.model.get("matmul_precision", "default")
     if name not in MATMUL_PRECISIONS:
         raise ConfigError(f"model.matmul_precision={name!r}; accepted: " + ", ".join(map(repr, MATMUL_PRECISIONS)))
