@@ -31,7 +31,7 @@ every machine).
     python benchmarks/iteration.py [--new_tokens 128] [--epochs 1] [--iterations 3] [--sides klq,ppo,trl]
         [--compute_dtype bfloat16] [--matmul_dtype bfloat16] [--trl_python /work/venv-bench/bin/python] [--policy HF_FOLDER]
         [--decode_kernel auto|native|xla] [--frozen_matmul_kernel auto|native|xla] [--cache_dtype auto|float32|bfloat16]
-        [--trl_device cpu|cuda]
+        [--trl_device cpu|cuda] [--overlap_reference auto|on|off]
 
 On a GPU machine ours runs on JAX's default backend (the GPU) and `--trl_device cuda` puts TRL there too (its
 phases timed after a `torch.cuda.synchronize()`); each side then also reports its allocator's peak on the device
@@ -110,6 +110,7 @@ def make_config(args, algo: str, reward_path: str):
     c.sampling.decode_kernel = args.decode_kernel
     c.model.frozen_matmul_kernel = args.frozen_matmul_kernel
     c.sampling.cache_dtype = args.cache_dtype
+    c.reward.overlap_reference = args.overlap_reference
     return c
 
 
@@ -203,7 +204,7 @@ def run_ours(args) -> dict:
     rss_setup = rss_gib()
     with jax.set_mesh(mesh):
         iterations, curves = _iterate(args, config, rl, state, optimizer, apply_fn, sample_fn, reward_fn,
-                                      ref_logprob_fn, stream)
+                                      ref_logprob_fn, stream, mesh)
     rss_peak = rss_gib("VmHWM")
     # The matmul reference of this side's update: measured in this process before its set-up and after its
     # iterations, and averaged, so that each side is compared with the CPU as it was around its own run (a
@@ -218,7 +219,7 @@ def run_ours(args) -> dict:
     mm = {k: (mm_before[k] + mm_after[k]) / 2 for k in mm_before}
     stream = stream_gbs()  # after the peak was read: its buffer fits in the freed update block
     return {
-        **device_peak, "matmul_n": mm_n,
+        **device_peak, "matmul_n": mm_n, "overlap_reference": trainer.overlap_reference(config, mesh),
         "side": f"ours-{args.side}", "iterations": iterations, "curves": curves,
         "matmul_gflops_jax": mm, "matmul_gflops_jax_before": mm_before, "matmul_gflops_jax_after": mm_after,
         "stream_gbs": stream,
@@ -228,9 +229,10 @@ def run_ours(args) -> dict:
     }
 
 
-def _iterate(args, config, rl, state, optimizer, apply_fn, sample_fn, reward_fn, ref_logprob_fn, stream):
+def _iterate(args, config, rl, state, optimizer, apply_fn, sample_fn, reward_fn, ref_logprob_fn, stream, mesh):
     import jax
 
+    from klq_jax import trainer
     from klq_jax.rl import loop as rl_loop
 
     iterations, curves = [], []
@@ -238,8 +240,8 @@ def _iterate(args, config, rl, state, optimizer, apply_fn, sample_fn, reward_fn,
     for state, metrics in rl_loop.run(
             state=state, apply_fn=apply_fn, optimizer=optimizer, algo_cfg=rl, sample_fn=sample_fn,
             reward_fn=reward_fn, ref_logprob_fn=ref_logprob_fn, prompts=stream, rng=jax.random.key(config.seed),
-            num_iterations=args.iterations):
-        times = {p: metrics[f"time/{p}"] for p in PHASES}
+            num_iterations=args.iterations, overlap_reference=trainer.overlap_reference(config, mesh)):
+        times = {p: metrics[f"time/{p}"] for p in PHASES + ("scoring",)}
         times["iteration"] = metrics["time/iteration"]
         times["cpu"], cpu = time.process_time() - cpu, time.process_time()
         iterations.append(times)
@@ -402,10 +404,13 @@ def best_matmul(mm: dict) -> float:
 
 
 def best(result: dict) -> dict:
-    """The fastest iteration after the first (the first of ours compiles)."""
+    """The fastest iteration after the first (the first of ours compiles), with `scoring` (reward and reference
+    together: their sum where they run one after the other, as TRL's do) filled in where the side has none."""
     its = result["iterations"]
     steady = its[1:] if len(its) > 1 else its
-    return min(steady, key=lambda t: t["iteration"])
+    fastest = dict(min(steady, key=lambda t: t["iteration"]))
+    fastest.setdefault("scoring", fastest["reward"] + fastest["reference"])
+    return fastest
 
 
 def main():
@@ -439,6 +444,8 @@ def main():
                         "packed once, cpu_decode.packed_matmul), xla")
     parser.add_argument("--cache_dtype", default="auto", help="config sampling.cache_dtype: auto (the compute dtype), "
                         "float32, bfloat16")
+    parser.add_argument("--overlap_reference", default="auto", help="config reward.overlap_reference: auto (on for "
+                        "one CPU device), on (the reference forward on a second thread while the reward scores), off")
     parser.add_argument("--sides", default="klq,ppo,trl")
     parser.add_argument("--policy", help="an HF folder of a Llama-family LM used as policy, reference and (with a "
                         "fresh score head) reward model on both sides; default: the embedded SmolLM2-135M-Instruct")
@@ -485,7 +492,7 @@ def main():
                            *(["--reward_matmul_dtype", args.reward_matmul_dtype] if args.reward_matmul_dtype is not None else []),
                            "--remat", args.remat, "--reward_path", str(reward_path), "--policy", args.policy,
                            "--decode_kernel", args.decode_kernel, "--frozen_matmul_kernel", args.frozen_matmul_kernel,
-                           "--cache_dtype", args.cache_dtype]
+                           "--cache_dtype", args.cache_dtype, "--overlap_reference", args.overlap_reference]
     ours_flags += ["--policy_forward"] if args.policy_forward else []
     results = {}
     for side in args.sides.split(","):
@@ -526,9 +533,14 @@ def main():
     header = f"{'phase (s)':<22}" + "".join(f"{names[s]:>12}" for s in cols)
     if "trl" in cols:
         header += "".join(f"{'TRL/' + names[s].split()[1]:>11}" for s in cols if s != "trl")
+    overlapped = [names[s] for s in cols if results[s].get("overlap_reference")]
+    if overlapped:
+        print(f"{', '.join(overlapped)}: the reference forward ran on a second thread beside the reward "
+              "(reward.overlap_reference); their rows overlap, reward+reference is their joint time")
     print(header)
-    for phase in PHASES + ("iteration", "cpu"):
-        label = "iteration CPU-s" if phase == "cpu" else phase
+    labels = {"cpu": "iteration CPU-s", "scoring": "reward+reference"}
+    for phase in PHASES[:3] + ("scoring",) + PHASES[3:] + ("iteration", "cpu"):
+        label = labels.get(phase, phase)
         line = f"{label:<22}" + "".join(f"{rows[s][phase]:>12.2f}" for s in cols)
         if "trl" in cols:
             line += "".join(f"{rows['trl'][phase] / rows[s][phase]:>11.1f}" if rows[s][phase] >= 0.05 else
@@ -583,11 +595,12 @@ def main():
                                  decode_weight_bytes=2 if args.matmul_dtype == "bfloat16" else None,
                                  reward_gflops=reward_peak)
         floors[s]["iteration"] = sum(floors[s].values())
+        floors[s]["scoring"] = floors[s]["reward"] + floors[s]["reference"]
         print(f"floors {names[s]} (the least time each phase's work takes here: matmuls at {peak:.0f} GFLOP/s, the "
               f"better of jnp and numpy; decode reads at {results[s]['stream_gbs']:.1f} GB/s, a jitted jnp.sum):")
         print(f"{'  phase':<22}{'time (s)':>10}{'floor (s)':>11}{'floor/time':>12}")
-        for phase in ("sample", "reward", "reference", "update", "iteration"):
-            print(f"{'  ' + phase:<22}{rows[s][phase]:>10.2f}{floors[s][phase]:>11.2f}"
+        for phase in ("sample", "reward", "reference", "scoring", "update", "iteration"):
+            print(f"{'  ' + labels.get(phase, phase):<22}{rows[s][phase]:>10.2f}{floors[s][phase]:>11.2f}"
                   f"{floors[s][phase] / rows[s][phase]:>12.0%}")
         if "trl" in cols:
             print(f"  at its floor, {names[s]} would be {rows['trl']['iteration'] / floors[s]['iteration']:.2f}x "

@@ -190,9 +190,35 @@ class Setup:
     matmul_dtype: Any = None  # the models' matmul operands (`model.matmul_dtype`; None: the compute dtype)
 
 
+OVERLAP_REFERENCE = ("auto", "on", "off")
+
+
+def _overlap_reference_choice(config) -> str:
+    choice = config.reward.get("overlap_reference", "auto")
+    if choice not in OVERLAP_REFERENCE:
+        raise ConfigError(f"reward.overlap_reference={choice!r}; accepted: " + ", ".join(map(repr, OVERLAP_REFERENCE)))
+    if choice == "on" and jax.process_count() > 1:
+        raise ConfigError(f"reward.overlap_reference='on' needs one process (this run has {jax.process_count()}); "
+                          "accepted here: 'auto', 'off'")
+    return choice
+
+
+def overlap_reference(config, mesh) -> bool:
+    """`reward.overlap_reference`: whether the loop runs the reference forward on a second thread while the reward
+    scores the rollout (`rl_loop.run(overlap_reference=...)`). "auto": on a single CPU device in one process,
+    where two programs side by side fill each other's idle core (SmolLM2, bf16 matmuls, 2-core Zen 4: reference
+    + reward 2.44-2.50 -> 2.27-2.28 s, docs/performance.md, item 53); on a GPU they would queue on one stream,
+    and on a mesh of several devices their collectives would share the devices. "on" needs one process: each
+    process's two threads could order the two programs' collectives differently."""
+    choice = _overlap_reference_choice(config)
+    return choice == "on" or (choice == "auto" and jax.process_count() == 1 and mesh.size == 1
+                              and jax.default_backend() == "cpu")
+
+
 def build(config) -> Setup:
     if config.algo not in ("klq", "ppo"):
         raise ConfigError(f"algo={config.algo!r}; accepted: 'klq', 'ppo'")
+    _overlap_reference_choice(config)  # a bad value stops before anything loads
     decode_kernel = config.sampling.get("decode_kernel", "auto")
     if decode_kernel not in DECODE_KERNELS:
         raise ConfigError(f"sampling.decode_kernel={decode_kernel!r}; accepted: "
@@ -429,7 +455,8 @@ def _train_on_mesh(config, workdir, ckpt, setup, rl, optimizer, state, ref_param
         for state, metrics in rl_loop.run(
                 state=state, apply_fn=apply_fn, optimizer=optimizer, algo_cfg=rl, sample_fn=sample_fn,
                 reward_fn=reward_fn, ref_logprob_fn=ref_logprob_fn, prompts=stream, rng=rng,
-                num_iterations=max(config.num_iterations - start, 0), start_iteration=start):
+                num_iterations=max(config.num_iterations - start, 0), start_iteration=start,
+                overlap_reference=overlap_reference(config, mesh)):
             it = int(metrics["iteration"])
             logger.log(it, metrics)
             if ckpt.save(it + 1, state, data_state=stream.state(), force=it + 1 == config.num_iterations):

@@ -118,6 +118,24 @@ def test_run_with_bf16_matmuls(tiny_model, tmp_path):
     assert load_raw(workdir)[0]["params"]["embed_vd"]["value"].dtype == np.float32
 
 
+def test_reference_beside_the_reward_changes_no_number(tiny_model, tmp_path):
+    """`reward.overlap_reference` "on" (the reference forward on a second thread while the reward scores; "auto"
+    picks it on one CPU device) against "off": the same metrics (but the times) and the same trained weights."""
+    runs = {}
+    for choice in ("off", "on"):
+        workdir = tmp_path / choice
+        result = _run(_cmd(workdir, tiny_model, f"--config.reward.overlap_reference={choice}",
+                           "--config.eval.num_prompts=0", "--config.batch_size=4"))
+        assert result.returncode == 0, result.stderr[-3000:]
+        records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+        assert all(0 < r["time/scoring"] < r["time/iteration"] for r in records)
+        runs[choice] = ([{k: v for k, v in r.items() if not k.startswith(("time/", "perf/"))} for r in records],
+                        jax.tree.leaves(load_raw(workdir)[0]["params"]))
+    assert runs["on"][0] == runs["off"][0] and len(runs["on"][0]) == 2
+    for x, y in zip(runs["on"][1], runs["off"][1], strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 # Bad input: one line on stderr naming the value, exit status 2, nothing saved corrupted.
 
 
@@ -147,6 +165,33 @@ def test_bad_matmul_dtype(tiny_model, tmp_path):
 def test_bad_matmul_precision(tiny_model, tmp_path):
     _bad(_cmd(tmp_path / "w", tiny_model, "--config.model.matmul_precision=tf32"), "model.matmul_precision", "tf32",
          "highest")
+
+
+def test_bad_overlap_reference(tiny_model, tmp_path):
+    _bad(_cmd(tmp_path / "w", tiny_model, "--config.reward.overlap_reference=yes"), "reward.overlap_reference",
+         "'yes'", "'auto'", "'off'")
+
+
+def test_overlap_reference_auto_is_on_for_one_cpu_device_only():
+    import importlib.util
+
+    from klq_jax import trainer
+
+    spec = importlib.util.spec_from_file_location("dialogue", ROOT / "configs" / "dialogue.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("")
+    assert config.reward.overlap_reference == "auto"
+    one, several = jax.make_mesh((1,), ("data",)), jax.sharding.AbstractMesh((8,), ("data",))
+    assert trainer.overlap_reference(config, one)  # the tests run on the CPU
+    assert not trainer.overlap_reference(config, several)
+    config.reward.overlap_reference = "off"
+    assert not trainer.overlap_reference(config, one)
+    config.reward.overlap_reference = "on"
+    assert trainer.overlap_reference(config, several)
+    config.reward.overlap_reference = "sometimes"
+    with pytest.raises(trainer.ConfigError, match="reward.overlap_reference='sometimes'; accepted: 'auto', 'on'"):
+        trainer.overlap_reference(config, one)
 
 
 def test_matmul_precision_reaches_the_compiled_dots():

@@ -11,6 +11,8 @@ by enumerating the tree.
 
 import functools
 import itertools
+import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -409,6 +411,84 @@ def test_loop_resume_continues_identically(mdp):
     for k in ("logits", "values"):
         np.testing.assert_array_equal(np.asarray(resumed.params[k]), np.asarray(straight.params[k]))
     assert m_resumed["rollout/reward"] == m_straight["rollout/reward"] and m_resumed["episodes"] == 4 * BATCH
+
+
+def _run_loop(mdp, n, overlap, reward_fn=None, ref_logprob_fn=None):
+    algo_cfg, optim_cfg = configs("klq", BETA, n, LR)
+    optimizer = make_optimizer(optim_cfg)
+    history = []
+    state = None
+    for state, metrics in loop.run(
+            state=TrainState.create(mdp.init_params(), optimizer, BETA), apply_fn=tabular_apply, optimizer=optimizer,
+            algo_cfg=algo_cfg, sample_fn=mdp.make_sample_fn(), reward_fn=reward_fn or mdp.reward_fn,
+            ref_logprob_fn=ref_logprob_fn or mdp.ref_logprob_fn(), prompts=prompt_stream(BATCH),
+            rng=jax.random.key(3), num_iterations=n, overlap_reference=overlap):
+        history.append(metrics)
+    return state, history
+
+
+def test_reference_beside_the_reward_runs_concurrently_and_changes_nothing(mdp):
+    """`overlap_reference=True`: the reference runs on another thread, at the same time as the reward (each waits
+    to see the other started: one after the other, the first would time out), under the caller's mesh; the
+    states and metrics (all but the times) equal those of the sequential loop; `time/scoring` is the joint time."""
+    ref_fn = mdp.ref_logprob_fn()
+    started = {"reference": threading.Event(), "reward": threading.Event()}
+    seen = {}
+
+    def reference(*args):
+        started["reference"].set()
+        seen["reference_thread"] = threading.current_thread().name
+        seen["reference_mesh"] = jax.sharding.get_abstract_mesh().axis_names
+        seen["reference_met_reward"] = started["reward"].wait(timeout=30)
+        return ref_fn(*args)
+
+    def reward(prompt_batch, rollout):
+        started["reward"].set()
+        seen["reward_thread"] = threading.current_thread().name
+        seen["reward_met_reference"] = started["reference"].wait(timeout=30)
+        return mdp.reward_fn(prompt_batch, rollout)
+
+    with jax.set_mesh(jax.make_mesh((1,), ("data",))):
+        _run_loop(mdp, 1, True, reward, reference)
+    assert seen["reference_met_reward"] and seen["reward_met_reference"], seen
+    assert seen["reference_thread"].startswith("klq-reference") and seen["reward_thread"] == "MainThread", seen
+    assert seen["reference_mesh"] == ("data",)
+
+    straight, h_straight = _run_loop(mdp, 3, False)
+    overlapped, h_overlapped = _run_loop(mdp, 3, True)
+    for k in ("logits", "values"):
+        np.testing.assert_array_equal(np.asarray(overlapped.params[k]), np.asarray(straight.params[k]))
+    untimed = [{k: v for k, v in m.items() if not k.startswith(("time/", "perf/"))} for m in h_overlapped]
+    assert untimed == [{k: v for k, v in m.items() if not k.startswith(("time/", "perf/"))} for m in h_straight]
+    for m in h_straight:
+        assert m["time/scoring"] == m["time/reference"] + m["time/reward"]
+    for m in h_overlapped:  # each one's own time from the common start; the joint time covers the later one
+        assert 0 < max(m["time/reference"], m["time/reward"]) <= m["time/scoring"] < m["time/iteration"]
+
+
+@pytest.mark.parametrize("failing", ["reference", "reward"])
+def test_reference_beside_the_reward_raises_either_ones_error(mdp, failing):
+    """A failure on either thread stops the loop with its own error, after the other side has finished."""
+    ref_fn = mdp.ref_logprob_fn()
+    finished = []
+
+    def reference(*args):
+        if failing == "reference":
+            raise RuntimeError("reference failed")
+        time.sleep(0.2)
+        out = jax.block_until_ready(ref_fn(*args))
+        finished.append("reference")
+        return out
+
+    def reward(prompt_batch, rollout):
+        if failing == "reward":
+            raise RuntimeError("reward failed")
+        finished.append("reward")
+        return mdp.reward_fn(prompt_batch, rollout)
+
+    with pytest.raises(RuntimeError, match=f"{failing} failed"):
+        _run_loop(mdp, 1, True, reward, reference)
+    assert finished == ["reward" if failing == "reference" else "reference"]
 
 
 def test_loop_compiles_the_update_before_its_first_run(mdp, monkeypatch):

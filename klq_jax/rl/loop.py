@@ -27,6 +27,8 @@ Injected functions (the tests use a tabular tree MDP; the trainer plugs in the L
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import functools
 import itertools
 import math
@@ -135,6 +137,32 @@ def _shaped_rewards(raw_rewards_b: Array, batch: Rollout, algo_cfg) -> Array:
     return rewards_b
 
 
+def _reference_beside_reward(pool: concurrent.futures.Executor, reference: Callable[[], Array],
+                              reward: Callable[[], Array]) -> tuple[Array, Array, float, float]:
+    """`(ref_logp, raw_rewards, reference_s, reward_s)`: `reference()` on `pool`'s thread while `reward()` runs
+    on this one, each waited for; the seconds are each one's own, from the common start.
+
+    XLA:CPU runs a program's dots on every core but much of its other work (norms, softmax, casts) one fusion
+    after another, leaving a core idle; a second program dispatched from another thread runs in those gaps
+    (programs dispatched from one thread run one after the other). The worker enters this thread's mesh
+    (`jax.set_mesh` is per thread)."""
+    mesh = jax.sharding.get_mesh()
+    start = time.perf_counter()
+
+    def on_worker():
+        with jax.set_mesh(mesh) if not mesh.empty else contextlib.nullcontext():
+            out = jax.block_until_ready(reference())
+        return out, time.perf_counter() - start
+
+    future = pool.submit(on_worker)
+    try:
+        raw_rewards = jax.block_until_ready(reward())
+    finally:  # the reference is waited for even when the reward fails: no program left running behind
+        reward_s = time.perf_counter() - start
+        ref_logp, reference_s = future.result()
+    return ref_logp, raw_rewards, reference_s, reward_s
+
+
 def run(
     *,
     state: TrainState,
@@ -149,6 +177,7 @@ def run(
     num_iterations: int | None = None,
     start_iteration: int = 0,
     callback: Callback | None = None,
+    overlap_reference: bool = False,
 ) -> Iterator[tuple[TrainState, dict[str, float]]]:
     """Run the online loop; yields `(state, metrics)` after every iteration.
 
@@ -159,6 +188,10 @@ def run(
     states this generator yields. `metrics` are host floats: `rollout/*` (before the update),
     `train/*` (averaged over the update's steps), `time/*` (seconds per phase), `perf/*`.
     `callback(iteration, state, metrics)` runs before each yield (logging, checkpoints).
+    `overlap_reference`: the reference forward runs on a second thread while `reward_fn` scores the rollout
+    (for one device in one process: two programs from two threads of one process with collectives could
+    interleave them differently on different processes). `time/reference` and `time/reward` then overlap;
+    `time/scoring` is their joint time (their sum when they run one after the other).
     Raises `FloatingPointError` naming the metric if any metric is NaN or infinite.
     """
     forward = make_policy_forward(apply_fn, algo_cfg.temperature)
@@ -167,6 +200,8 @@ def run(
     shape_rewards = jax.jit(functools.partial(_shaped_rewards, algo_cfg=algo_cfg))
     summarise = jax.jit(rollout_metrics)
 
+    # Its idle worker thread ends when the generator (and with it the pool) is garbage-collected.
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="klq-reference") if overlap_reference else None
     heap_guard = HeapGrowthGuard()  # klq_jax/allocator.py: kept host memory does not pile up across iterations
     # islice stops before pulling a batch it will not use (a resumable prompt stream stays exact).
     for it, prompt_batch in zip(itertools.count(start_iteration), itertools.islice(prompts, num_iterations)):
@@ -185,13 +220,24 @@ def run(
             return out
 
         batch = lap("sample", sample_fn(state.params, prompt_batch, k_sample))
-        # The reference before the reward: XLA frees a program's temporaries on its own thread a few ms after
+        # One after the other, the reference before the reward: XLA frees a program's temporaries on its own thread a few ms after
         # its outputs are ready, and the reward's host work (decoding, tokenising) covers that, where the
         # update dispatched right after the reference could find the reference's block still held and land
         # above it (kept malloc arena, klq_jax/allocator.py: +0.2 GiB of peak RSS in some runs).
-        ref_logp = lap("reference", ref_logprob_fn(batch.tokens_bt, batch.positions_bt, batch.attention_mask_bt,
-                                                   batch.first_action))
-        raw_rewards = lap("reward", jnp.asarray(reward_fn(prompt_batch, batch), jnp.float32))
+        reference = functools.partial(ref_logprob_fn, batch.tokens_bt, batch.positions_bt, batch.attention_mask_bt,
+                                      batch.first_action)
+
+        def reward():
+            return jnp.asarray(reward_fn(prompt_batch, batch), jnp.float32)
+
+        if pool is None:
+            ref_logp = lap("reference", reference())
+            raw_rewards = lap("reward", reward())
+            times["time/scoring"] = times["time/reference"] + times["time/reward"]
+        else:
+            ref_logp, raw_rewards, times["time/reference"], times["time/reward"] = _reference_beside_reward(
+                pool, reference, reward)
+            lap("scoring", (ref_logp, raw_rewards))  # both ready: sets time/scoring, moves `t`
         if batch.policy_stats_from_sampler:  # the rollout already holds the policy's logprobs and values
             times["time/forward"] = 0.0
         else:
