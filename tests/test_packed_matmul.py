@@ -46,6 +46,33 @@ def test_packed_matmul_keeps_leading_axes():
     np.testing.assert_allclose(np.asarray(got), np.asarray(xla_matmul(x, w_io)), rtol=1e-5, atol=1e-4)
 
 
+@needs_amx
+def test_packed_matmuls_from_two_threads_equal_one_after_the_other():
+    """`reward.overlap_reference` runs the reference and an HF reward model side by side, each with its layer
+    matmuls on this kernel (AMX tiles configured per thread and call), beside XLA's own AMX dots: calls from two
+    threads at once give, bit for bit, what they give one after the other."""
+    import concurrent.futures
+
+    rng = np.random.default_rng(5)
+    cases = []
+    for m, k, n in ((300, 96, 200), (64, 128, 96)):
+        x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+        w_io = jnp.asarray(rng.standard_normal((k, n)), jnp.float32)
+        fn = jax.jit(lambda x, w, n=n, w_io=w_io: cpu_decode.packed_matmul(jnp.tanh(x), w, n) + xla_matmul(x, w_io))
+        cases.append((fn, x, cpu_decode.pack_io(w_io)))
+    alone = [np.asarray(fn(x, w)) for fn, x, w in cases]
+
+    def repeat(case):
+        fn, x, w = case
+        return [np.asarray(fn(x, w)) for _ in range(20)]
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(repeat, cases))
+    for want, outs in zip(alone, together):
+        for got in outs:
+            np.testing.assert_array_equal(got, want)
+
+
 def test_packed_matmul_rejects_weights_of_another_shape():
     w = cpu_decode.pack_io(jnp.zeros((64, 96)))
     with pytest.raises(ValueError, match=r"weights \(3, 32, 32, 2\) bfloat16 do not pack \[96, 48\]"):
