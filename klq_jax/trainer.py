@@ -206,8 +206,8 @@ def _overlap_reference_choice(config) -> str:
 def overlap_reference(config, mesh) -> bool:
     """`reward.overlap_reference`: whether the loop runs the reference forward on a second thread while the reward
     scores the rollout (`rl_loop.run(overlap_reference=...)`). "auto": on a single CPU device in one process,
-    where two programs side by side fill each other's idle core (SmolLM2, bf16 matmuls, 2-core Zen 4: reference
-    + reward 2.44-2.50 -> 2.27-2.28 s, docs/performance.md, item 53); on a GPU they would queue on one stream,
+    where two programs side by side fill each other's idle core (SmolLM2 on a 2-core Zen 4: reference + reward in
+    0.88-0.91x their time one after the other, docs/performance.md, item 53); on a GPU they would queue on one stream,
     and on a mesh of several devices their collectives would share the devices. "on" needs one process: each
     process's two threads could order the two programs' collectives differently."""
     choice = _overlap_reference_choice(config)
