@@ -42,7 +42,8 @@ The phases run one after another, so their temporaries do not add up (on one CPU
 the reference forward, `reward.overlap_reference`: its model's temporaries, not counted here, then add to the
 forward's). `--measure` compiles the real update step, policy forward and sampler on abstract inputs
 (nothing is allocated, so the full-size models work on a laptop) over fake CPU devices and prints XLA's
-per-device argument and temporary sizes next to the estimate. For float32 programs without remat the estimate is within -13%..+21% of XLA:CPU's temporaries,
+per-device argument and temporary sizes next to the estimate. For float32 programs without remat the estimate
+is within -13%..+21% of XLA:CPU's temporaries,
 with remat "full" the update within -3%..+6%; remat "dots" updates and remat forwards are overestimated by up
 to 1.6x (docs/scaling.md has the comparison); bfloat16
 programs cannot be checked on CPU, which computes bfloat16 dots in float32 from converted copies (TPUs and
