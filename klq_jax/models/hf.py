@@ -76,7 +76,7 @@ def write_safetensors(tensors: dict[str, np.ndarray], path: Path, metadata: dict
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for arr in arrays.values():
-            f.write(arr.tobytes())
+            f.write(arr.reshape(-1).view(np.uint8).data)  # its own bytes, not a copy (bf16 has no buffer format)
     os.replace(tmp, path)
 
 
@@ -422,8 +422,12 @@ def load_model(name_or_path: str | os.PathLike, *, value_head: bool = False, sco
 
 
 def params_to_hf_tensors(model: CausalLM, dtype=np.float32) -> dict[str, np.ndarray]:
+    """HF-named contiguous `dtype` tensors of `model`'s weights (read-only where they are the model's own fp32
+    host arrays). Peak memory about one copy of the weights: fp32 host arrays are read in place, and each tensor
+    replaces its view of them as it is made contiguous (SmolLM2-135M's export: +0.40 GiB of RSS, +1.01 before)."""
     cfg = model.cfg
-    flat = {k: np.asarray(jax.device_get(v.get_value())).astype(np.float32) for k, v in _flat_state(model).items()}
+    flat = {k: np.asarray(jax.device_get(v.get_value())).astype(np.float32, copy=False)
+            for k, v in _flat_state(model).items()}
     tensors = {}
     for rule in RULES[cfg.family]:
         if not all(name in flat for name in rule.ours):
@@ -437,7 +441,10 @@ def params_to_hf_tensors(model: CausalLM, dtype=np.float32) -> dict[str, np.ndar
         tensors[SCORE_BIAS_KEY] = _scalar_save((flat["score_b"],), cfg)
     if cfg.family == "gpt2" and "score_w_d" not in flat:
         tensors["lm_head.weight"] = tensors["transformer.wte.weight"]
-    return {k: np.ascontiguousarray(v).astype(dtype) for k, v in tensors.items()}
+    del flat  # what is still viewed stays until its tensor below is copied
+    for name in tensors:  # one at a time: the views they replace are freed as they go
+        tensors[name] = np.ascontiguousarray(tensors[name], dtype=dtype)
+    return tensors
 
 
 def export_model(model: CausalLM, out_dir: str | os.PathLike, *, tokenizer_from: str | os.PathLike | None = None,
