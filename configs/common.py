@@ -71,7 +71,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.reward.chat = True           # hf: format (prompt, response) as a chat when the RM tokenizer has a template
     c.reward.overlap_reference = "auto"  # score while the reference forward runs on a second thread: "on",
                                    # "off", or "auto" (on for one CPU device in one process: reference + reward
-                                   # 0.91-0.93x their time one after the other, docs/performance.md, item 53)
+                                   # 0.88-0.91x their time one after the other, docs/performance.md, item 53)
 
     c.rl = default_algo_config()   # KLQ/PPO hyper-parameters (c.rl.algo is set from c.algo)
     c.rl.kl_coef = 0.05

@@ -72,6 +72,13 @@ def _dtype(name: str, key: str, also: tuple[str, ...] = ()):
     return DTYPES[name]
 
 
+def _choice(name: str, key: str, accepted: tuple[str, ...]) -> str:
+    """`name` if it is one of `accepted`; else a ConfigError naming `key`, the value and the accepted values."""
+    if name not in accepted:
+        raise ConfigError(f"{key}={name!r}; accepted: " + ", ".join(map(repr, accepted)))
+    return name
+
+
 def _cache_dtype(config, compute_dtype):
     """`sampling.cache_dtype`: the rollouts' KV cache; "auto": the compute dtype. bfloat16 halves the cache, and the
     native decode step reads it widened (SmolLM2, 8 x 128 tokens, bf16 matmuls: 0.97-0.99x the rollout's time;
@@ -91,9 +98,7 @@ def apply_matmul_precision(config) -> None:
     positions; one bf16 pass on TPU), or `JAX_DEFAULT_MATMUL_PRECISION`. "highest": full fp32 everywhere (the
     parity tests' setting; torch's default on GPU). "high": TF32 on GPU, three bf16 passes on TPU. Matmuls of bf16
     operands (`model.matmul_dtype=bfloat16`) are unaffected."""
-    name = config.model.get("matmul_precision", "default")
-    if name not in MATMUL_PRECISIONS:
-        raise ConfigError(f"model.matmul_precision={name!r}; accepted: " + ", ".join(map(repr, MATMUL_PRECISIONS)))
+    name = _choice(config.model.get("matmul_precision", "default"), "model.matmul_precision", MATMUL_PRECISIONS)
     if name != "default":
         jax.config.update("jax_default_matmul_precision", name)
 
@@ -194,9 +199,7 @@ OVERLAP_REFERENCE = ("auto", "on", "off")
 
 
 def _overlap_reference_choice(config) -> str:
-    choice = config.reward.get("overlap_reference", "auto")
-    if choice not in OVERLAP_REFERENCE:
-        raise ConfigError(f"reward.overlap_reference={choice!r}; accepted: " + ", ".join(map(repr, OVERLAP_REFERENCE)))
+    choice = _choice(config.reward.get("overlap_reference", "auto"), "reward.overlap_reference", OVERLAP_REFERENCE)
     if choice == "on" and jax.process_count() > 1:
         raise ConfigError(f"reward.overlap_reference='on' needs one process (this run has {jax.process_count()}); "
                           "accepted here: 'auto', 'off'")
@@ -219,10 +222,7 @@ def build(config) -> Setup:
     if config.algo not in ("klq", "ppo"):
         raise ConfigError(f"algo={config.algo!r}; accepted: 'klq', 'ppo'")
     _overlap_reference_choice(config)  # a bad value stops before anything loads
-    decode_kernel = config.sampling.get("decode_kernel", "auto")
-    if decode_kernel not in DECODE_KERNELS:
-        raise ConfigError(f"sampling.decode_kernel={decode_kernel!r}; accepted: "
-                          + ", ".join(map(repr, DECODE_KERNELS)))
+    decode_kernel = _choice(config.sampling.get("decode_kernel", "auto"), "sampling.decode_kernel", DECODE_KERNELS)
     try:
         frozen_kernel = check_frozen_matmul_kernel(config.model.get("frozen_matmul_kernel", "auto"))
     except ValueError as err:
