@@ -111,6 +111,7 @@ def make_config(args, algo: str, reward_path: str):
     c.model.frozen_matmul_kernel = args.frozen_matmul_kernel
     c.sampling.cache_dtype = args.cache_dtype
     c.reward.overlap_reference = args.overlap_reference
+    c.rl.replay_sampler_forward = args.replay_sampler_forward
     return c
 
 
@@ -199,7 +200,8 @@ def run_ours(args) -> dict:
     mesh = sharding.make_mesh(config.mesh)
     state, ref_params = trainer.place_on_mesh(setup, optimizer, rl.kl_coef, mesh)  # as the trainer does
     stream = PromptStream(setup.train_prompts, config.batch_size, seed=config.seed)
-    apply_fn, sample_fn, reward_fn = trainer.make_fns(setup, mesh, policy_stats=config.sampling.policy_stats)
+    apply_fn, sample_fn, reward_fn = trainer.make_fns(setup, mesh, policy_stats=config.sampling.policy_stats,
+                                                      replay=trainer.replay_sampler_forward(config, mesh))
     ref_logprob_fn = trainer.make_ref_logprob_fn(setup, ref_params, rl.temperature)  # as the trainer does
     rss_setup = rss_gib()
     with jax.set_mesh(mesh):
@@ -220,6 +222,7 @@ def run_ours(args) -> dict:
     stream = stream_gbs()  # after the peak was read: its buffer fits in the freed update block
     return {
         **device_peak, "matmul_n": mm_n, "overlap_reference": trainer.overlap_reference(config, mesh),
+        "replay_sampler_forward": trainer.replay_sampler_forward(config, mesh),
         "side": f"ours-{args.side}", "iterations": iterations, "curves": curves,
         "matmul_gflops_jax": mm, "matmul_gflops_jax_before": mm_before, "matmul_gflops_jax_after": mm_after,
         "stream_gbs": stream,
@@ -446,6 +449,9 @@ def main():
                         "float32, bfloat16")
     parser.add_argument("--overlap_reference", default="auto", help="config reward.overlap_reference: auto (on for "
                         "one CPU device), on (the reference forward on a second thread while the reward scores), off")
+    parser.add_argument("--replay_sampler_forward", default="auto", help="config rl.replay_sampler_forward: auto (on "
+                        "for one update step per rollout on one device), on (the update replays the layer states "
+                        "the sampler recorded instead of running its forward over the layers), off")
     parser.add_argument("--sides", default="klq,ppo,trl")
     parser.add_argument("--policy", help="an HF folder of a Llama-family LM used as policy, reference and (with a "
                         "fresh score head) reward model on both sides; default: the embedded SmolLM2-135M-Instruct")
@@ -492,7 +498,8 @@ def main():
                            *(["--reward_matmul_dtype", args.reward_matmul_dtype] if args.reward_matmul_dtype is not None else []),
                            "--remat", args.remat, "--reward_path", str(reward_path), "--policy", args.policy,
                            "--decode_kernel", args.decode_kernel, "--frozen_matmul_kernel", args.frozen_matmul_kernel,
-                           "--cache_dtype", args.cache_dtype, "--overlap_reference", args.overlap_reference]
+                           "--cache_dtype", args.cache_dtype, "--overlap_reference", args.overlap_reference,
+                           "--replay_sampler_forward", args.replay_sampler_forward]
     ours_flags += ["--policy_forward"] if args.policy_forward else []
     results = {}
     for side in args.sides.split(","):
@@ -537,6 +544,10 @@ def main():
     if overlapped:
         print(f"{', '.join(overlapped)}: the reference forward ran on a second thread beside the reward "
               "(reward.overlap_reference); their rows overlap, reward+reference is their joint time")
+    replayed = [names[s] for s in cols if results[s].get("replay_sampler_forward")]
+    if replayed:
+        print(f"{', '.join(replayed)}: the update replayed the layer states the sampler recorded instead of running "
+              "its own forward over the layers (rl.replay_sampler_forward)")
     print(header)
     labels = {"cpu": "iteration CPU-s", "scoring": "reward+reference"}
     for phase in PHASES[:3] + ("scoring",) + PHASES[3:] + ("iteration", "cpu"):

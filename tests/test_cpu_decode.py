@@ -112,13 +112,13 @@ def _kernel_path(path, matmul_dtype):
 
 def _step_and_xla_step(model, cfg, amx, isa, native_pack=True, cache_dtype=jnp.float32):
     """One decode step of 9 left-padded rows (a full group of 8 and one more) after a 5-token prefill into a cache
-    of `cache_dtype`, on the kernel and on XLA: `(kernel (logits, h, k, v), XLA's model output)`."""
+    of `cache_dtype`, on the kernel and on XLA: `(kernel (logits, h, k, v, layer states), XLA's model output)`."""
     mask_bp = np.ones((9, 5), bool)
     mask_bp[0, :2] = mask_bp[3, :4] = mask_bp[7, :1] = False
     cache, token_b, position_b, kv_mask_bs = _prefill_then_step(model, cfg, jnp.asarray(mask_bp), slots=9,
                                                                 cache_dtype=cache_dtype)
     assert cache.k_lbksh.dtype == cache_dtype
-    ref = model(token_b[:, None], position_b[:, None], kv_mask_bs, cache=cache, cache_pos=5)
+    ref = model(token_b[:, None], position_b[:, None], kv_mask_bs, cache=cache, cache_pos=5, record_layers=True)
     weights = jax.jit(lambda m: cpu_decode.pack_weights(m, native=native_pack, isa=isa))(model)
     cos_br, sin_br = (c[:, 0] for c in rope_cos_sin(cfg, position_b[:, None]))
     x_bd = jnp.take(model.embed_vd[...], token_b, axis=0)
@@ -147,7 +147,7 @@ def test_one_step_equals_xla(tied, head_dim, ffn, native_pack, kv_heads, path, m
     cfg = tiny_cfg(tie_embeddings=tied, rope_theta=500.0, head_dim=head_dim, rotary_dim=head_dim,
                    intermediate_size=ffn, num_kv_heads=kv_heads)
     model = tiny_model(cfg, matmul_dtype=matmul_dtype)
-    (logits, h, k, v), ref = _step_and_xla_step(model, cfg, amx, isa, native_pack=native_pack)
+    (logits, h, k, v, states), ref = _step_and_xla_step(model, cfg, amx, isa, native_pack=native_pack)
     ref_logits = np.asarray(ref.logits_btv[:, 0])
     # The dots sum their products in another order (the AVX-512 loop pairwise per lane; XLA's and the kernel's AMX
     # tiles agree to the bit here): 2.2e-5 of the logits' scale at most on these models. A wrong weight, norm or
@@ -156,6 +156,9 @@ def test_one_step_equals_xla(tied, head_dim, ffn, native_pack, kv_heads, path, m
     np.testing.assert_allclose(np.asarray(h), np.asarray(ref.hidden_btd[:, 0]), rtol=0, atol=2e-5)
     np.testing.assert_allclose(np.asarray(k), np.asarray(ref.cache.k_lbksh), rtol=0, atol=1e-5)
     np.testing.assert_allclose(np.asarray(v), np.asarray(ref.cache.v_lbksh), rtol=0, atol=1e-5)
+    # each layer's input and the last layer's output (what the update replays), as XLA's step records them
+    ref_states = np.asarray(ref.layer_states_lbtd[:, :, 0])
+    np.testing.assert_allclose(np.asarray(states), ref_states, rtol=0, atol=2e-5 * np.abs(ref_states).max())
 
 
 @needs_kernel
@@ -170,7 +173,7 @@ def test_one_step_on_a_bf16_cache_equals_xla(head_dim, kv_heads, path, matmul_dt
     amx, isa = _kernel_path(path, matmul_dtype)
     cfg = tiny_cfg(rope_theta=500.0, head_dim=head_dim, rotary_dim=head_dim, num_kv_heads=kv_heads)
     model = tiny_model(cfg, matmul_dtype=matmul_dtype)
-    (logits, h, k, v), ref = _step_and_xla_step(model, cfg, amx, isa, cache_dtype=jnp.bfloat16)
+    (logits, h, k, v, _), ref = _step_and_xla_step(model, cfg, amx, isa, cache_dtype=jnp.bfloat16)
     assert k.dtype == v.dtype == jnp.bfloat16
     ref_logits = np.asarray(ref.logits_btv[:, 0])
     np.testing.assert_allclose(np.asarray(logits), ref_logits, rtol=0, atol=5e-5 * np.abs(ref_logits).max())

@@ -194,6 +194,41 @@ def test_overlap_reference_auto_is_on_for_one_cpu_device_only():
         trainer.overlap_reference(config, one)
 
 
+def test_bad_replay_sampler_forward(tiny_model, tmp_path):
+    _bad(_cmd(tmp_path / "w", tiny_model, "--config.rl.replay_sampler_forward=yes"), "rl.replay_sampler_forward",
+         "'yes'", "'auto'", "'off'")
+
+
+def test_replay_sampler_forward_auto_is_on_for_one_step_per_rollout_only():
+    import importlib.util
+
+    from klq_jax import trainer
+
+    spec = importlib.util.spec_from_file_location("dialogue", ROOT / "configs" / "dialogue.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("")
+    assert config.rl.replay_sampler_forward == "auto"
+    one, several = jax.make_mesh((1,), ("data",)), jax.sharding.AbstractMesh((8,), ("data",))
+    assert config.rl.epochs * config.rl.num_minibatches > 1 and not trainer.replay_sampler_forward(config, one)
+    config.rl.epochs = config.rl.num_minibatches = 1
+    assert trainer.replay_sampler_forward(config, one)
+    assert not trainer.replay_sampler_forward(config, several)
+    config.model.remat = "dots"
+    assert not trainer.replay_sampler_forward(config, one)
+    config.rl.replay_sampler_forward = "on"
+    with pytest.raises(trainer.ConfigError, match="needs model.remat='full'"):
+        trainer.replay_sampler_forward(config, one)
+    config.model.remat = "full"
+    assert trainer.replay_sampler_forward(config, several)
+    config.rl.epochs = 2
+    with pytest.raises(trainer.ConfigError, match=r"one update step per rollout \(rl.epochs \* rl.num_minibatches = 2\)"):
+        trainer.replay_sampler_forward(config, one)
+    config.rl.replay_sampler_forward = "off"
+    config.rl.epochs = 1
+    assert not trainer.replay_sampler_forward(config, one)
+
+
 def test_matmul_precision_reaches_the_compiled_dots():
     """`model.matmul_precision` sets JAX's default for the fp32 dots traced after it; "default" leaves it alone
     (here the suite's "highest", from conftest.py)."""

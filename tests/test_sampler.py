@@ -285,3 +285,118 @@ def test_compile_ahead_compiles_then_releases_then_runs(tiny, monkeypatch):
     for out, key in ((first, 4), (second, 5)):
         ref = plain(state, PROMPTS, jax.random.key(key))
         np.testing.assert_array_equal(np.asarray(out.tokens_bt), np.asarray(ref.tokens_bt))
+
+
+@pytest.mark.parametrize("matmul_dtype", [None, jnp.bfloat16])
+@pytest.mark.parametrize("decode", ["xla", "native", "xla-stacked"])
+def test_recorded_layer_states_replay_the_update(tiny, tmp_path, decode, matmul_dtype):
+    """The sampler's recorded layer states (`record_layers`) are a forward's at every real slot, and an update that
+    replays them (`Rollout.replay`, `CausalLM.__call__(replay=...)`) gets the loss, metrics and gradients of the one
+    that runs its own forward, at the sampling parameters, with the XLA decode step (feature-major; row-major stacked
+    layers, as on a mesh) and the native one. fp32 matmuls: equal up to summation order. bf16 matmuls: the sampler's
+    and a forward's bf16 roundings differ where their fp32 sums do, so the replay is held to the forward's own
+    accuracy: no further from fp32 matmuls' loss, metrics and gradients than the forward it replaces."""
+    from klq_jax.models import cpu_decode
+    from klq_jax.rl.train_step import (Rollout, TrainState, compute_targets, default_algo_config,
+                                       default_optim_config, make_loss_fn, make_optimizer, make_update)
+
+    torch_model, _ = tiny
+    torch_model.save_pretrained(tmp_path)
+    value_w = jax.random.normal(jax.random.key(1), (torch_model.config.hidden_size,))
+
+    def loaded(**kw):
+        model = load_model(tmp_path, value_head=True, **kw)
+        model.value_w_d.value = value_w
+        return model
+
+    model = loaded(remat="full", matmul_dtype=matmul_dtype)
+    if decode == "native":
+        reason = cpu_decode.model_unsupported(model.cfg, model.dtype, model.matmul_dtype, jnp.float32) \
+            or cpu_decode.machine_unsupported(model.matmul_dtype)
+        if reason is not None or not cpu_decode.available(model.matmul_dtype):
+            pytest.skip(f"no native decode here: {reason}")
+    graphdef, params = nnx.split(model)
+
+    def apply_fn_of(graphdef):
+        def apply_fn(p, tokens_bt, positions_bt, mask_bt, logits_from=0, logits_to=None, replay=None):
+            out = nnx.merge(graphdef, p)(tokens_bt, positions_bt, mask_bt, logits_from=logits_from,
+                                         logits_to=logits_to, replay=replay)
+            return out.logits_btv, out.values_bt
+        return apply_fn
+
+    apply_fn = apply_fn_of(graphdef)
+    sampler = Sampler.for_model(model, eos_ids=(EOS,), pad_id=PAD, max_new_tokens=10, bucket=8, record_layers=True,
+                                decode_kernel="xla" if decode.startswith("xla") else "native",
+                                unstack_layers=decode != "xla-stacked")
+    out = sampler(params, PROMPTS * 2, jax.random.key(3))
+    L, (b, t), d = model.cfg.num_layers, out.tokens_bt.shape, model.cfg.hidden_size
+    assert out.layer_inputs_bltd.shape == (b, L, t, d) and out.layer_output_btd.shape == (b, t, d)
+    assert out.layer_inputs_bltd.dtype == (matmul_dtype or jnp.float32)
+    mask = np.asarray(out.attention_mask_bt)
+    assert mask.sum(1).min() < t - 4 and not mask.all()  # left padding and rows that stopped at EOS
+
+    if matmul_dtype is None:  # the states are a forward's (no remat: it records) at every real slot
+        fwd = loaded()(out.tokens_bt, positions_from_mask(out.attention_mask_bt), out.attention_mask_bt,
+                       record_layers=True)
+        ref_lbtd = np.asarray(fwd.layer_states_lbtd)
+        ours_lbtd = np.concatenate([np.asarray(out.layer_inputs_bltd).swapaxes(0, 1),
+                                    np.asarray(out.layer_output_btd)[None]])
+        for l in range(L + 1):
+            scale = np.abs(ref_lbtd[l][mask]).max()
+            np.testing.assert_allclose(ours_lbtd[l][mask], ref_lbtd[l][mask], rtol=0, atol=2e-5 * scale,
+                                       err_msg=f"layer {l}")
+
+    algo_cfg = default_algo_config()
+    algo_cfg.algo = "klq"
+    with_states = Rollout.from_samples(
+        out.tokens_bt, positions_from_mask(out.attention_mask_bt), out.attention_mask_bt, out.response_mask_bt,
+        out.logprobs_bt, out.eos_b, values_bt=out.values_bt, entropy_bt=out.entropy_bt, first_action=out.prompt_len,
+        layer_inputs_bltd=out.layer_inputs_bltd, layer_output_btd=out.layer_output_btd)
+    with_states = compute_targets(with_states.replace(rewards_b=jnp.linspace(-1.0, 1.0, b),
+                                                      ref_logp_bt=out.logprobs_bt * 1.1), 0.1, algo_cfg)
+    without = with_states.without_layer_states()
+
+    def grads(apply_fn, params, batch):
+        return jax.jit(jax.grad(make_loss_fn(apply_fn, algo_cfg), has_aux=True))(params, batch, 0.1)
+
+    (g_replay, m_replay), (g_fwd, m_fwd) = grads(apply_fn, params, with_states), grads(apply_fn, params, without)
+    assert float(jnp.abs(m_fwd["loss"].total)) > 0
+    if matmul_dtype is None:
+        for a, r in zip(jax.tree.leaves(m_replay), jax.tree.leaves(m_fwd)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-4, atol=1e-6)
+        for (path, a), r in zip(jax.tree_util.tree_leaves_with_path(g_replay), jax.tree.leaves(g_fwd)):
+            scale = float(jnp.abs(r).max())
+            assert scale > 0, path
+            np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=0, atol=1e-4 * scale,
+                                       err_msg=jax.tree_util.keystr(path))
+    else:
+        model32 = loaded(remat="full")
+        g32, m32 = grads(apply_fn_of(nnx.graphdef(model32)), nnx.state(model32), without)
+        # KL(old || new) at the sampling parameters is 0; the replay's log-probabilities are the sampler's (the old
+        # ones), so it reads ~0 where a forward's reads the sampler/forward gap (fp32 matmuls' too)
+        assert abs(float(m_replay["approx_kl"].total)) < 1e-3 * float(m32["approx_kl"].total)
+        for key in sorted(set(m32) - {"approx_kl"}):
+            err_replay = abs(float(m_replay[key].total) - float(m32[key].total))
+            err_fwd = abs(float(m_fwd[key].total) - float(m32[key].total))
+            assert err_replay <= 2 * err_fwd + 1e-5 * abs(float(m32[key].total)) + 1e-6, key
+        for (path, a), f, r in zip(jax.tree_util.tree_leaves_with_path(g_replay), jax.tree.leaves(g_fwd),
+                                   jax.tree.leaves(g32)):
+            err_replay, err_fwd = float(jnp.abs(a - r).max()), float(jnp.abs(f - r).max())
+            assert err_replay <= 2 * err_fwd + 1e-6 * float(jnp.abs(r).max()), jax.tree_util.keystr(path)
+
+    # A one-step update replays them; more steps per rollout are refused.
+    optimizer = make_optimizer(default_optim_config())
+    update = make_update(apply_fn, algo_cfg, optimizer)
+    new_replay, _ = update(TrainState.create(jax.tree.map(jnp.copy, params), optimizer, 0.1), with_states,
+                           jax.random.key(0), 1, 1)
+    new_fwd, _ = update(TrainState.create(jax.tree.map(jnp.copy, params), optimizer, 0.1), without,
+                        jax.random.key(0), 1, 1)
+    moved = [float(jnp.abs(r - p).max()) for r, p in zip(jax.tree.leaves(new_fwd.params), jax.tree.leaves(params))]
+    assert max(moved) > 0
+    for a, r, step in zip(jax.tree.leaves(new_replay.params), jax.tree.leaves(new_fwd.params), moved):
+        # Adam's first step moves every weight by about the learning rate whatever its gradient's size: the two
+        # agree to within two such steps (a gradient near zero may differ in sign), most of them exactly
+        np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=0, atol=2 * step + 1e-7)
+        assert np.mean(np.abs(np.asarray(a) - np.asarray(r)) > 0.5 * step) < 0.01
+    with pytest.raises(ValueError, match="one step only"):
+        update(TrainState.create(params, optimizer, 0.1), with_states, jax.random.key(0), 2, 1)

@@ -724,7 +724,8 @@ ffi::Error DecodeStep(ffi::Buffer<ffi::F32> x_nd, ffi::Buffer<ffi::F32> cos_nr, 
                       ffi::AnyBuffer w_qkv, ffi::AnyBuffer w_o, ffi::AnyBuffer w_gate_up, ffi::AnyBuffer w_down,
                       ffi::AnyBuffer w_head, ffi::AnyBuffer k_cache_in, ffi::AnyBuffer v_cache_in,
                       ffi::ResultBuffer<ffi::F32> logits_nv, ffi::ResultBuffer<ffi::F32> h_nd,
-                      ffi::Result<ffi::AnyBuffer> k_cache, ffi::Result<ffi::AnyBuffer> v_cache, float eps,
+                      ffi::Result<ffi::AnyBuffer> k_cache, ffi::Result<ffi::AnyBuffer> v_cache,
+                      ffi::ResultBuffer<ffi::F32> xs_lnd, float eps,
                       int64_t num_heads, int64_t rotary_dim, int64_t num_threads, bool amx,
                       ffi::ThreadPool thread_pool) {
   const auto kdims = k_cache->dimensions();  // [L, B, K, S, hd]
@@ -808,7 +809,11 @@ ffi::Error DecodeStep(ffi::Buffer<ffi::F32> x_nd, ffi::Buffer<ffi::F32> cos_nr, 
     }
   };
 
+  // xs_lnd [L + 1, n, d]: each layer's input, then the last layer's output (the update can replay them instead of
+  // running its own forward: `CausalLM.__call__(replay=...)`).
+  float* xs = xs_lnd->typed_data();
   for (int l = 0; l < dm.layers; ++l) {
+    std::memcpy(xs + static_cast<int64_t>(l) * n * d, x.data(), sizeof(float) * n * d);
     for (int r = 0; r < n; ++r) rms_norm(&x[r * d], ln1_ld.typed_data() + l * d, d, eps, &h[r * d]);
     project(wqkv + l * qkv_size * welem, h.data(), d, d, dm.qkv_out, qkv.data());
     for (int r = 0; r < n; ++r) {
@@ -859,6 +864,7 @@ ffi::Error DecodeStep(ffi::Buffer<ffi::F32> x_nd, ffi::Buffer<ffi::F32> cos_nr, 
     project(wdown + l * down_size * welem, gu.data(), 2 * f, f, d, proj.data());
     for (int i = 0; i < n * d; ++i) x[i] += proj[i];
   }
+  std::memcpy(xs + static_cast<int64_t>(dm.layers) * n * d, x.data(), sizeof(float) * n * d);
   for (int r = 0; r < n; ++r) rms_norm(&x[r * d], final_d.typed_data(), d, eps, h_nd->typed_data() + r * d);
   project(whead, h_nd->typed_data(), d, d, dm.vocab, logits_nv->typed_data());
   team->Finish();
@@ -1052,6 +1058,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KlqDecodeStep, DecodeStep,
                                   .Ret<ffi::Buffer<ffi::F32>>()   // h_nd
                                   .Ret<ffi::AnyBuffer>()          // k_cache
                                   .Ret<ffi::AnyBuffer>()          // v_cache
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // xs_lnd
                                   .Attr<float>("eps")
                                   .Attr<int64_t>("num_heads")
                                   .Attr<int64_t>("rotary_dim")

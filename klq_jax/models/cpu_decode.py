@@ -283,7 +283,8 @@ def decode_step(weights: DecodeWeights, cfg: ModelConfig, x_nd: jax.Array, cos_n
     [N, rotary_dim], `kv_mask_ns` the cache slots holding real tokens after this step's write at `cache_pos`,
     `k_cache`/`v_cache` [L, B, K, S, hd] float32 or bfloat16 (updated in place; bf16: this step's keys and values
     rounded to nearest even, the cache widened exactly as the attention reads it). Returns `(logits_nv, h_nd, k_cache,
-    v_cache)`: float32 logits, the final-normed hidden states (for a value head), the caches. `amx` None: where the
+    v_cache, xs_lnd)`: float32 logits, the final-normed hidden states (for a value head), the caches, and each layer's
+    input then the last layer's output [L + 1, N, D] (what `CausalLM.__call__(record_layers=True)` records). `amx` None: where the
     CPU has it (`has_amx`); False: AVX-512 BF16 dot products only. `isa`: the build (None: `kernel_isa` of the
     packed weights' dtype)."""
     isa = _build_for(isa, weights.w_qkv.dtype)
@@ -292,7 +293,8 @@ def decode_step(weights: DecodeWeights, cfg: ModelConfig, x_nd: jax.Array, cos_n
     call = jax.ffi.ffi_call(
         targets(isa)[0],
         (jax.ShapeDtypeStruct((n, cfg.vocab_size), jnp.float32), jax.ShapeDtypeStruct(x_nd.shape, jnp.float32),
-         jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype), jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)),
+         jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype), jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype),
+         jax.ShapeDtypeStruct((cfg.num_layers + 1, *x_nd.shape), jnp.float32)),
         input_output_aliases={13: 2, 14: 3})
     return call(x_nd.astype(jnp.float32), cos_nr, sin_nr, kv_mask_ns, jnp.asarray(cache_pos, jnp.int32),
                 weights.ln1_ld, weights.ln2_ld, weights.final_d, weights.w_qkv, weights.w_o, weights.w_gate_up,

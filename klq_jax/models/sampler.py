@@ -36,6 +36,10 @@ class SampleOutput:
     entropy_bt: entropy of the sampling distribution in that state (0 elsewhere).
     With the policy's own distribution (`top_k=0, top_p=1`), logprobs, values and entropy are those a
     forward of the policy over the sampled tokens gives, so the RL loop can skip that forward.
+    With `record_layers`: `layer_inputs_bltd` [B, L, T, D], each layer's input at every slot (in the dtype the
+    update's remat keeps them, `CausalLM.checkpoint_dtype`), and `layer_output_btd` [B, T, D] fp32, the last layer's
+    output: what the sampler's prefill and decode steps computed, which an update at the same parameters replays
+    instead of running its own forward (`CausalLM.__call__(replay=...)`). Slots after an early stop hold zeros.
     """
 
     tokens_bt: jax.Array
@@ -46,6 +50,8 @@ class SampleOutput:
     values_bt: jax.Array
     entropy_bt: jax.Array
     prompt_len: int = struct.field(pytree_node=False)
+    layer_inputs_bltd: jax.Array | None = None
+    layer_output_btd: jax.Array | None = None
 
 
 def filter_logits(logits_bv: jax.Array, temperature, top_k: int, top_p) -> jax.Array:
@@ -156,10 +162,12 @@ def bucket_length(n: int, multiple: int = 32) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "top_k", "eos_ids", "pad_id",
-                                             "cache_dtype", "unstack_layers", "weights_oi", "decode_kernel"))
+                                             "cache_dtype", "unstack_layers", "weights_oi", "decode_kernel",
+                                             "record_layers"))
 def _generate(graphdef, state, prompt_bp, prompt_mask_bp, rng, temperature, top_p, *, max_new_tokens: int,
               top_k: int, eos_ids: tuple[int, ...], pad_id: int, cache_dtype,
-              unstack_layers: bool = True, weights_oi: bool = True, decode_kernel: str = "auto") -> SampleOutput:
+              unstack_layers: bool = True, weights_oi: bool = True, decode_kernel: str = "auto",
+              record_layers: bool = False) -> SampleOutput:
     model: CausalLM = nnx.merge(graphdef, state)
     isa = native_decode_isa(decode_kernel, model, cache_dtype, unstack_layers)
     native = isa is not None
@@ -169,7 +177,10 @@ def _generate(graphdef, state, prompt_bp, prompt_mask_bp, rng, temperature, top_
     prompt_len_b = jnp.sum(prompt_mask_bp, axis=1)
     positions_bp = jnp.maximum(jnp.cumsum(prompt_mask_bp, axis=1) - 1, 0)
     cache = KVCache.zeros(model.cfg, b, p + n, cache_dtype)
-    out = model(prompt_bp, positions_bp, kv_mask_bs, cache=cache, cache_pos=0, logits_from=p - 1)  # last position
+    out = model(prompt_bp, positions_bp, kv_mask_bs, cache=cache, cache_pos=0, logits_from=p - 1,  # last position
+                record_layers=record_layers)
+    num_layers, d = model.cfg.num_layers, model.cfg.hidden_size
+    inputs_dtype = model.checkpoint_dtype() or jnp.float32
     last_logits_bv = out.logits_btv[:, -1]
     has_values = out.values_bt is not None
     last_value_b = out.values_bt[:, -1] if has_values else jnp.zeros((b,), jnp.float32)
@@ -193,27 +204,28 @@ def _generate(graphdef, state, prompt_bp, prompt_mask_bp, rng, temperature, top_
     packed = cpu_decode.pack_weights(model, isa=isa) if native else None
 
     def model_step(token_b, positions_b, kv_mask_bs, cache, cache_pos):
-        """(logits_bv, values_b or None, cache) of one decode step."""
+        """(logits_bv, values_b or None, cache, layer states [L + 1, B, D] or None) of one decode step."""
         if native:
             x_bd = jnp.take(model.embed_vd[...], token_b, axis=0).astype(jnp.float32)
             if model.cfg.rotary_dim:
                 cos_br, sin_br = (c[:, 0] for c in rope_cos_sin(model.cfg, positions_b[:, None]))
             else:
                 cos_br = sin_br = jnp.zeros((b, 0), jnp.float32)
-            logits_bv, h_bd, k, v = cpu_decode.decode_step(packed, model.cfg, x_bd, cos_br, sin_br, kv_mask_bs,
-                                                          cache_pos, cache.k_lbksh, cache.v_lbksh, isa=isa)
+            logits_bv, h_bd, k, v, states_lbd = cpu_decode.decode_step(
+                packed, model.cfg, x_bd, cos_br, sin_br, kv_mask_bs, cache_pos, cache.k_lbksh, cache.v_lbksh, isa=isa)
             values_b = model.value_head(h_bd) if has_values else None
-            return logits_bv, values_b, KVCache(k, v)
+            return logits_bv, values_b, KVCache(k, v), states_lbd
         out = model(token_b[:, None], positions_b[:, None], kv_mask_bs, cache=cache, cache_pos=cache_pos,
-                    layers=layers, layers_oi=weights_oi, head_vd=head_vd)
-        return out.logits_btv[:, 0], (out.values_bt[:, 0] if has_values else None), out.cache
+                    layers=layers, layers_oi=weights_oi, head_vd=head_vd, record_layers=record_layers)
+        states_lbd = out.layer_states_lbtd[:, :, 0] if record_layers else None
+        return out.logits_btv[:, 0], (out.values_bt[:, 0] if has_values else None), out.cache, states_lbd
 
     def cond(carry):
         i, done_b = carry[0], carry[3]
         return (i < n) & ~jnp.all(done_b)
 
     def step(carry):
-        i, tokens_bn, stats_3bn, done_b, cache, kv_mask_bs, logits_bv, value_b, rng = carry
+        i, tokens_bn, stats_3bn, done_b, cache, kv_mask_bs, logits_bv, value_b, rng, recorded = carry
         rng, key = jax.random.split(rng)
         filtered_bv = filter_logits(logits_bv, temperature, top_k, top_p)
         token_b, logp_b, entropy_b = categorical_with_stats(key, filtered_bv)
@@ -223,13 +235,27 @@ def _generate(graphdef, state, prompt_bp, prompt_mask_bp, rng, temperature, top_
         stats_3bn = stats_3bn.at[:, :, i].set(jnp.where(active_b, jnp.stack([logp_b, value_b, entropy_b]), 0.0))
         kv_mask_bs = kv_mask_bs.at[:, p + i].set(active_b)
         done_b = done_b | jnp.isin(token_b, eos_v)
-        next_logits_bv, next_value_b, cache = model_step(token_b, prompt_len_b + i, kv_mask_bs, cache, p + i)
+        next_logits_bv, next_value_b, cache, states_lbd = model_step(token_b, prompt_len_b + i, kv_mask_bs, cache,
+                                                                     p + i)
         next_value_b = next_value_b if has_values else value_b
-        return i + 1, tokens_bn, stats_3bn, done_b, cache, kv_mask_bs, next_logits_bv, next_value_b, rng
+        if record_layers:  # this token's layer inputs and last output, at step i
+            inputs_nlbd, output_nbd = recorded
+            recorded = (inputs_nlbd.at[i].set(states_lbd[:num_layers].astype(inputs_dtype)),
+                        output_nbd.at[i].set(states_lbd[num_layers]))
+        return i + 1, tokens_bn, stats_3bn, done_b, cache, kv_mask_bs, next_logits_bv, next_value_b, rng, recorded
 
+    recorded = ((jnp.zeros((n, num_layers, b, d), inputs_dtype), jnp.zeros((n, b, d), jnp.float32))
+                if record_layers else ())
     init = (jnp.int32(0), jnp.full((b, n), pad_id, jnp.int32), jnp.zeros((3, b, n), jnp.float32),
-            jnp.zeros((b,), bool), decode_cache, kv_mask_bs, last_logits_bv, last_value_b, rng)
-    _, tokens_bn, stats_3bn, done_b, _, kv_mask_bs, _, _, _ = jax.lax.while_loop(cond, step, init)
+            jnp.zeros((b,), bool), decode_cache, kv_mask_bs, last_logits_bv, last_value_b, rng, recorded)
+    _, tokens_bn, stats_3bn, done_b, _, kv_mask_bs, _, _, _, recorded = jax.lax.while_loop(cond, step, init)
+    layer_inputs_bltd = layer_output_btd = None
+    if record_layers:
+        inputs_nlbd, output_nbd = recorded
+        prefill_lbpd = out.layer_states_lbtd
+        layer_inputs_bltd = jnp.concatenate([prefill_lbpd[:num_layers].astype(inputs_dtype).transpose(1, 0, 2, 3),
+                                             inputs_nlbd.transpose(2, 1, 0, 3)], axis=2)
+        layer_output_btd = jnp.concatenate([prefill_lbpd[num_layers], output_nbd.transpose(1, 0, 2)], axis=1)
     response_mask_bn = kv_mask_bs[:, p:]
     logps_bt, values_bt, entropy_bt = (jnp.concatenate([jnp.zeros((b, p), jnp.float32), x_bn], axis=1)
                                        for x_bn in stats_3bn)
@@ -237,7 +263,8 @@ def _generate(graphdef, state, prompt_bp, prompt_mask_bp, rng, temperature, top_
         tokens_bt=jnp.concatenate([prompt_bp, tokens_bn], axis=1),
         attention_mask_bt=kv_mask_bs,
         response_mask_bt=jnp.concatenate([jnp.zeros((b, p), bool), response_mask_bn], axis=1),
-        logprobs_bt=logps_bt, eos_b=done_b, values_bt=values_bt, entropy_bt=entropy_bt, prompt_len=p)
+        logprobs_bt=logps_bt, eos_b=done_b, values_bt=values_bt, entropy_bt=entropy_bt, prompt_len=p,
+        layer_inputs_bltd=layer_inputs_bltd, layer_output_btd=layer_output_btd)
 
 
 _compiled_ahead: set = set()  # signatures `generate(compile_ahead=True)` has compiled on their own
@@ -283,6 +310,8 @@ class Sampler:
     weights_oi: bool = True  # those copies as [out, in] matrices, for the feature-major decode step (faster
                              # 8-row dots on XLA:CPU; same memory)
     compile_ahead: bool = False  # each new shape compiled on its own first, its freed memory released (`generate`)
+    record_layers: bool = False  # outputs record each layer's input and the last output at every slot (replayed by
+                                 # an update at the sampling parameters: `SampleOutput`)
     decode_kernel: str = "auto"  # the decode step: "native" (one CPU kernel call, `cpu_decode`; "native-avx2" etc.
                                  # for one build), "xla", or "auto" (native where it can run: `native_decode_isa`)
 
@@ -320,10 +349,10 @@ class Sampler:
                         cache_dtype=self.cache_dtype,
                         unstack_layers=self.unstack_layers if unstack_layers is None else unstack_layers,
                         weights_oi=self.weights_oi, decode_kernel=self.decode_kernel,
-                        compile_ahead=self.compile_ahead)
+                        record_layers=self.record_layers, compile_ahead=self.compile_ahead)
 
 
 def greedy(sampler: Sampler, state, prompts, max_new_tokens: int | None = None) -> SampleOutput:
     """Greedy decoding: top-1 sampling (temperature irrelevant), for evaluation and parity tests."""
-    return dataclasses.replace(sampler, top_k=1, top_p=1.0)(state, prompts, jax.random.key(0),
+    return dataclasses.replace(sampler, top_k=1, top_p=1.0, record_layers=False)(state, prompts, jax.random.key(0),
                                                             max_new_tokens=max_new_tokens)

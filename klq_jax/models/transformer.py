@@ -62,6 +62,8 @@ class ModelOutput:
     scores_b: jax.Array | None
     hidden_btd: jax.Array
     cache: KVCache | None
+    # With `record_layers`: each layer's input, then the last layer's output (the final norm's input), fp32.
+    layer_states_lbtd: jax.Array | None = None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -793,6 +795,32 @@ def _remat_layer_scan_bwd(layer_fn, checkpoint_dtype, row_groups, residuals, dy)
 remat_layer_scan.defvjp(_remat_layer_scan_fwd, _remat_layer_scan_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 6, 7))
+def replayed_layer_scan(layer_fn: Callable, x, stacked_params, aux, inputs_lbtd, output_btd, checkpoint_dtype=None,
+                        row_groups: int = 1):
+    """`remat_layer_scan` over layers whose forward already ran, at these parameters, on these rows: the sampler's,
+    which computed every layer of every token it drew (`CausalLM.__call__(record_layers=True)`). Returns the recorded
+    output `output_btd`; the backward is `remat_layer_scan`'s, recomputing each layer from its recorded input
+    (`inputs_lbtd`, rounded to `checkpoint_dtype` as the forward would keep it), and gives `x` its gradient as if the
+    stack had run from it. The recorded values differ from a forward's by summation order only (the decode step adds
+    in another order); they must be this stack's at `stacked_params` on `x`, which the caller vouches for."""
+    del layer_fn, x, stacked_params, aux, inputs_lbtd, checkpoint_dtype, row_groups
+    return output_btd
+
+
+def _replayed_layer_scan_fwd(layer_fn, x, stacked_params, aux, inputs_lbtd, output_btd, checkpoint_dtype, row_groups):
+    keep = (lambda x: x) if checkpoint_dtype is None else (lambda x: _bf16_bits(x.astype(checkpoint_dtype)))
+    return output_btd.astype(x.dtype), (keep(inputs_lbtd.astype(checkpoint_dtype or x.dtype)), stacked_params, aux)
+
+
+def _replayed_layer_scan_bwd(layer_fn, checkpoint_dtype, row_groups, residuals, dy):
+    dx, grads, aux_none = _remat_layer_scan_bwd(layer_fn, checkpoint_dtype, row_groups, residuals, dy)
+    return dx, grads, aux_none, None, None
+
+
+replayed_layer_scan.defvjp(_replayed_layer_scan_fwd, _replayed_layer_scan_bwd)
+
+
 class CausalLM(nnx.Module):
     """A decoder LM with optional heads: `lm_head` (next-token logits), `value_head` (V(s), KLQ/PPO
     critic on the shared backbone), `score_head` (reward model: score at the last real token)."""
@@ -910,7 +938,8 @@ class CausalLM(nnx.Module):
                  cache: KVCache | None = None, cache_pos: jax.Array | int | None = None,
                  return_logits: bool = True, layers: tuple[nnx.State, ...] | None = None,
                  logits_from: int = 0, logits_to: int | None = None, layers_oi: bool = False,
-                 head_vd: jax.Array | None = None) -> ModelOutput:
+                 head_vd: jax.Array | None = None, record_layers: bool = False,
+                 replay: tuple[jax.Array, jax.Array] | None = None) -> ModelOutput:
         """Forward over `tokens_bt` at `positions_bt`.
 
         Without a cache, `kv_mask_bs` is the attention mask of `tokens_bt` (S == T). With a cache of S
@@ -923,6 +952,10 @@ class CausalLM(nnx.Module):
         With `logits_from = s` and `logits_to = e` (static; default 0 and T) the logits are computed for
         positions `s..e-1` only (`logits_btv` is [B, e-s, V]): RL needs them only where they predict a
         response token, and the float32 logits are the largest activation of a forward.
+        `record_layers` (with a cache, or without remat): `layer_states_lbtd` holds each layer's input and the last
+        layer's output, what `replay` takes back. `replay = (inputs_lbtd, output_btd)` (remat "full", no cache): those
+        of a forward that already ran at these parameters on these tokens (the sampler's); the layers are not run
+        again, and their gradients come from recomputing each one from its recorded input (`replayed_layer_scan`).
         """
         cfg, dt = self.cfg, self.dtype
         x = jnp.take(self.embed_vd[...], tokens_bt, axis=0).astype(dt)
@@ -957,7 +990,14 @@ class CausalLM(nnx.Module):
 
         def body(x_btd, layer):
             state, kv = layer
-            return run_layer(x_btd, state, rope, mask_bts, kv)
+            x_out, kv = run_layer(x_btd, state, rope, mask_bts, kv)
+            return x_out, ((kv, x_btd) if record_layers else kv)
+
+        if replay is not None and not (cache is None and layers is None and self.remat == "full"):
+            raise ValueError("replay needs a forward without a cache or unstacked layers, with remat='full'")
+        if record_layers and cache is None and layers is None and self.remat == "full":
+            raise ValueError("record_layers: a forward with remat='full' keeps no layer states to record")
+        states = []  # with record_layers: each layer's input, [B, T, D]
 
         if layers is not None:  # unrolled: each layer's weights and cache read in place
             # Fused projections: 3 fewer matmuls per layer. A decode step is ~400 small ops, each with a
@@ -976,6 +1016,8 @@ class CausalLM(nnx.Module):
             ks, vs = [], []
             for i, layer_state in enumerate(layers):
                 kv = None if cache is None else (cache.k_lbksh[i], cache.v_lbksh[i])
+                if record_layers:
+                    states.append(x_dn.T.reshape(x.shape) if feature_major else x)
                 if feature_major:
                     x_dn, kv = layer_module(layer_state).decode_feature_major(
                         x_dn, rope_rn, mask_bts, kv, cache_pos, self.matmul_dtype, keys_hs=keys_hs)
@@ -996,19 +1038,26 @@ class CausalLM(nnx.Module):
             # backward in that dtype too (SmolLM2-135M update, 8 x 176 tokens: -46 MiB at the peak). An RMS norm
             # keeps their relative rounding; a LayerNorm's centring can magnify it (a tiny GPT-NeoX's gradients
             # moved by 1.1% of their largest, more than its bf16 matmuls move them), so those stay fp32.
-            checkpoint_dtype = None
-            if (self.matmul_dtype is not None and self.final_bias is None
-                    and jnp.dtype(self.matmul_dtype).itemsize < jnp.dtype(dt).itemsize):
-                checkpoint_dtype = self.matmul_dtype
-            x = remat_layer_scan(lambda x_btd, state, aux: run_layer(x_btd, state, *aux)[0], x, block_state,
-                                 (rope, mask_bts), checkpoint_dtype, update_row_groups(tokens_bt.shape[0]))
+            checkpoint_dtype = self.checkpoint_dtype()
+            layer_fn = lambda x_btd, state, aux: run_layer(x_btd, state, *aux)[0]  # noqa: E731
+            row_groups = update_row_groups(tokens_bt.shape[0])
+            if replay is None:
+                x = remat_layer_scan(layer_fn, x, block_state, (rope, mask_bts), checkpoint_dtype, row_groups)
+            else:
+                x = replayed_layer_scan(layer_fn, x, block_state, (rope, mask_bts), *replay, checkpoint_dtype,
+                                        row_groups)
             new_cache = None
         else:
             if REMAT_POLICIES[self.remat] is not None:
                 body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat])
             kv_in = None if cache is None else (cache.k_lbksh, cache.v_lbksh)
             x, kv_out = jax.lax.scan(body, x, (block_state, kv_in))
+            if record_layers:
+                kv_out, states = kv_out  # states: [L, B, T, D]
             new_cache = None if cache is None else KVCache(*kv_out)
+        layer_states = None
+        if record_layers:
+            layer_states = jnp.concatenate([jnp.stack(states) if isinstance(states, list) else states, x[None]])
 
         h = self._final_norm(x)
         if self.has_lm_head and return_logits and logits is None:
@@ -1025,24 +1074,34 @@ class CausalLM(nnx.Module):
             last_b = jnp.max(jnp.where(kv_mask_bs[:, :t], jnp.arange(t)[None, :], 0), axis=1)
             h_last = jnp.take_along_axis(h, last_b[:, None, None], axis=1)[:, 0].astype(jnp.float32)
             scores = h_last @ self.score_w_d[...] + (0.0 if self.score_b is None else self.score_b[...])
-        return ModelOutput(logits, values, scores, h, new_cache)
+        return ModelOutput(logits, values, scores, h, new_cache, layer_states)
 
     def next_token_logprobs(self, tokens_bt: jax.Array, positions_bt: jax.Array, kv_mask_bs: jax.Array, *,
-                            logits_from: int = 0, temperature=1.0, with_values: bool = False):
+                            logits_from: int = 0, temperature=1.0, with_values: bool = False,
+                            replay: tuple[jax.Array, jax.Array] | None = None):
         """Float32 [B, T - 1 - logits_from]: at each position `p` from `logits_from` (static) to `T - 2`, the
         log-probability of the token at `p + 1` under `softmax(logits[:, p] / temperature)`; what
         `losses.shift_to_actions` takes from the logits of `__call__(..., logits_from, logits_to=T - 1)`, without
         making them (`chunked_token_logprobs`). The reference's log-probabilities, and (differentiable, with
-        `with_values`: `(logp, values_bt)`) the policy's in its update (`train_step.policy_logprobs`)."""
+        `with_values`: `(logp, values_bt)`) the policy's in its update (`train_step.policy_logprobs`). `replay`: as
+        `__call__`'s."""
         if not self.has_lm_head:
             raise ValueError("next_token_logprobs needs a model with an LM head")
         t = tokens_bt.shape[1]
         if not 0 <= logits_from < t - 1:
             raise ValueError(f"logits_from={logits_from}: expected 0 <= logits_from < T - 1 = {t - 1}")
-        out = self(tokens_bt, positions_bt, kv_mask_bs, return_logits=False)
+        out = self(tokens_bt, positions_bt, kv_mask_bs, return_logits=False, replay=replay)
         logp = chunked_token_logprobs(out.hidden_btd[:, logits_from:t - 1], self.lm_head_vd().astype(self.dtype),
                                       tokens_bt[:, logits_from + 1:], temperature, matmul_dtype=self.matmul_dtype)
         return (logp, out.values_bt) if with_values else logp
+
+    def checkpoint_dtype(self):
+        """The dtype remat "full" keeps the layers' inputs in for the backward (None: the compute dtype): 16-bit
+        matmul operands on an RMS-normed model (see `__call__`)."""
+        if (self.matmul_dtype is not None and self.final_bias is None
+                and jnp.dtype(self.matmul_dtype).itemsize < jnp.dtype(self.dtype).itemsize):
+            return self.matmul_dtype
+        return None
 
     def value_head(self, h_btd: jax.Array) -> jax.Array:
         """V(s) in fp32 from final-normed hidden states [..., D] (`__call__`'s values; the native decode's)."""

@@ -227,8 +227,8 @@ def run(
         reference = functools.partial(ref_logprob_fn, batch.tokens_bt, batch.positions_bt, batch.attention_mask_bt,
                                       batch.first_action)
 
-        def reward():
-            return jnp.asarray(reward_fn(prompt_batch, batch), jnp.float32)
+        def reward():  # the recorded layer states are the update's alone (not brought to the host with the rest)
+            return jnp.asarray(reward_fn(prompt_batch, batch.without_layer_states()), jnp.float32)
 
         if pool is None:
             ref_logp = lap("reference", reference())

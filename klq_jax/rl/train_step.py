@@ -34,7 +34,8 @@ Array = jax.Array
 # `apply_fn(params, tokens_bt, positions_bt, mask_bt[, logits_from, logits_to]) -> (logits_btv, values_bt)`. An LM's
 # may also carry `apply_fn.next_token_logprobs(params, tokens_bt, positions_bt, mask_bt, logits_from, temperature)
 # -> (logp, values_bt)` (`CausalLM.next_token_logprobs(..., with_values=True)`): the loss then takes the actions'
-# log-probabilities from it, without the [B, T, V] logits (`policy_logprobs`).
+# log-probabilities from it, without the [B, T, V] logits (`policy_logprobs`). Both are called with `replay=` (a
+# keyword) only for a rollout that carries the sampler's layer states (`Rollout.replay`).
 ApplyFn = Callable[[Any, Array, Array, Array], tuple[Array, Array]]
 
 ALGOS = ("klq", "ppo")
@@ -144,6 +145,11 @@ class Rollout:
     advantages_bt: Array      # float32 (B, T)
     targets_bt: Array         # float32 (B, T)
     entropy_bt: Array         # float32 (B, T): entropy of the rollout policy in the state of each action
+    # The sampler's layer states (`SampleOutput.layer_inputs_bltd`, `layer_output_btd`; None unless it recorded
+    # them): the policy forward and a one-step update at the rollout's parameters replay them instead of running the
+    # layers again (`CausalLM.__call__(replay=...)`).
+    layer_inputs_bltd: Array | None = None   # (B, L, T, D)
+    layer_output_btd: Array | None = None    # float32 (B, T, D)
     # True when the sampler drew from the policy itself (no top-k / top-p, the update's temperature) and
     # filled old_logp_bt, old_values_bt and entropy_bt: the loop then skips its policy forward.
     policy_stats_from_sampler: bool = flax.struct.field(pytree_node=False, default=False)
@@ -154,14 +160,15 @@ class Rollout:
     @classmethod
     def from_samples(cls, tokens_bt, positions_bt, attention_mask_bt, response_mask_bt,
                      sample_logp_bt, eos_b, truncated_b=None, *, values_bt=None, entropy_bt=None,
-                     first_action: int = 1) -> "Rollout":
+                     first_action: int = 1, layer_inputs_bltd=None, layer_output_btd=None) -> "Rollout":
         """What a sampler knows; the other fields are zeros until the loop fills them.
 
         `truncated_b` defaults to `~eos_b` (every response ends at EOS or at the length limit). Pass
         `values_bt` and `entropy_bt` (aligned to actions) only when the sampling distribution is the
         policy's at the update temperature: `sample_logp_bt` then stands for the old logprobs too.
         `first_action`: the first slot that can hold a response token (the padded prompt length); every
-        `response_mask_bt` entry before it must be False.
+        `response_mask_bt` entry before it must be False. `layer_inputs_bltd`, `layer_output_btd`: the sampler's
+        recorded layer states, given only when it drew with the policy's current parameters.
         """
         zeros_bt = jnp.zeros(tokens_bt.shape, jnp.float32)
         eos_b = jnp.asarray(eos_b, bool)
@@ -181,7 +188,21 @@ class Rollout:
             advantages_bt=zeros_bt, targets_bt=zeros_bt,
             entropy_bt=jnp.asarray(entropy_bt, jnp.float32) if from_sampler else zeros_bt,
             policy_stats_from_sampler=from_sampler, first_action=int(first_action),
+            layer_inputs_bltd=layer_inputs_bltd, layer_output_btd=layer_output_btd,
         )
+
+    def replay(self) -> tuple[Array, Array] | None:
+        """`(inputs_lbtd, output_btd)` for `CausalLM.__call__(replay=...)`, or None without recorded layer states."""
+        if self.layer_inputs_bltd is None:
+            return None
+        # Written out [L, B, T, D] through a flat array behind a barrier: a plain transpose becomes a layout change,
+        # which reaches the backward's bf16 dots as operands XLA:CPU's YNNPACK refuses (`_row_major_transpose`).
+        b, num_layers, *rest = self.layer_inputs_bltd.shape
+        inputs_lbtd = jax.lax.optimization_barrier(self.layer_inputs_bltd.swapaxes(0, 1).reshape(-1))
+        return inputs_lbtd.reshape(num_layers, b, *rest), self.layer_output_btd
+
+    def without_layer_states(self) -> "Rollout":
+        return self.replace(layer_inputs_bltd=None, layer_output_btd=None)
 
 
 @flax.struct.dataclass
@@ -234,20 +255,23 @@ def compute_targets(batch: Rollout, kl_coef, algo_cfg) -> Rollout:
 # ----------------------------------------------------------------------------- loss
 
 
-def apply_from(apply_fn: Callable, params, tokens_bt, positions_bt, attention_mask_bt, first_action: int):
+def apply_from(apply_fn: Callable, params, tokens_bt, positions_bt, attention_mask_bt, first_action: int,
+               replay=None):
     """`apply_fn` over sequences whose actions start at slot `first_action`: logits for positions
     `first_action-1..T-2`, those that predict an action (all T positions when `first_action` is 1, so an
     `apply_fn` without `logits_from` / `logits_to` serves rollouts that may act from slot 1)."""
     args = (params, tokens_bt, positions_bt, attention_mask_bt)
+    kwargs = {} if replay is None else {"replay": replay}
     if first_action > 1:  # the last position predicts no token of the sequence
-        return apply_fn(*args, logits_from=first_action - 1, logits_to=tokens_bt.shape[1] - 1)
-    return apply_fn(*args)
+        return apply_fn(*args, logits_from=first_action - 1, logits_to=tokens_bt.shape[1] - 1, **kwargs)
+    return apply_fn(*args, **kwargs)
 
 
 def policy_outputs(apply_fn: ApplyFn, params, batch: Rollout):
-    """`apply_fn` over a rollout (`apply_from`): logits from its first action on, values everywhere."""
+    """`apply_fn` over a rollout (`apply_from`): logits from its first action on, values everywhere; with the
+    rollout's recorded layer states (`Rollout.replay`) passed on as `replay=`."""
     return apply_from(apply_fn, params, batch.tokens_bt, batch.positions_bt, batch.attention_mask_bt,
-                      batch.first_action)
+                      batch.first_action, batch.replay())
 
 
 def policy_logprobs(apply_fn: ApplyFn, params, batch: Rollout, temperature: float) -> tuple[Array, Array]:
@@ -258,8 +282,10 @@ def policy_logprobs(apply_fn: ApplyFn, params, batch: Rollout, temperature: floa
     if next_token_logprobs is None:
         logits_btv, values_bt = policy_outputs(apply_fn, params, batch)
         return losses.shift_to_actions(logits_btv, values_bt, batch.tokens_bt, temperature, batch.first_action)
+    replay = batch.replay()
     logp, values_bt = next_token_logprobs(params, batch.tokens_bt, batch.positions_bt, batch.attention_mask_bt,
-                                          batch.first_action - 1, temperature)
+                                          batch.first_action - 1, temperature,
+                                          **({} if replay is None else {"replay": replay}))
     values_bt = None if values_bt is None else losses.shift_right(values_bt.astype(jnp.float32))
     return losses.from_first_action(logp, batch.first_action), values_bt
 
@@ -372,6 +398,9 @@ def make_update(apply_fn: ApplyFn, algo_cfg, optimizer: optax.GradientTransforma
         b = batch.tokens_bt.shape[0]
         if b % num_minibatches:
             raise ValueError(f"batch size {b} is not divisible by num_minibatches={num_minibatches}")
+        if batch.layer_inputs_bltd is not None and epochs * num_minibatches != 1:
+            raise ValueError(f"a rollout with recorded layer states is replayed by one step only (they hold the "
+                             f"sampling parameters' forward); got epochs={epochs}, num_minibatches={num_minibatches}")
 
         def epoch(state, key):
             perm = jax.random.permutation(key, b)
