@@ -85,7 +85,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.rl.replay_sampler_forward = "auto"  # with one update step per rollout (epochs * num_minibatches == 1) and
                                    # remat "full": the sampler records each layer's input and the update replays
                                    # them instead of its own forward over the layers ("on", "off"; auto: one device
-                                   # in one process; SmolLM2 bf16 update 0.79x the time, docs/performance.md item 55)
+                                   # in one process; SmolLM2 bf16 update 0.69x the time, docs/performance.md item 55)
     c.optim = default_optim_config()
     c.optim.learning_rate = 1e-5
 

@@ -244,7 +244,7 @@ def replay_sampler_forward(config, mesh) -> bool:
     that forward's values (up to summation order) only at the sampling parameters, so only for one update step per
     rollout (`rl.epochs * rl.num_minibatches == 1`), and the update's backward must recompute each layer from its
     input (`model.remat="full"`). "auto": then, on one device in one process (the recorded states are not split over
-    a mesh). SmolLM2-135M, 8 x 176 tokens, bf16 matmuls, 2-core Zen 4: the update 4.7 -> 3.7 s (docs/performance.md,
+    a mesh). SmolLM2-135M, 8 x 176 tokens, bf16 matmuls, 2-core Zen 4: the update 5.21 -> 3.61 s (docs/performance.md,
     item 55)."""
     choice = _replay_choice(config)
     single_step = config.rl.epochs * config.rl.num_minibatches == 1 and config.model.remat == "full"

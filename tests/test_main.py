@@ -222,7 +222,8 @@ def test_replay_sampler_forward_auto_is_on_for_one_step_per_rollout_only():
     config.model.remat = "full"
     assert trainer.replay_sampler_forward(config, several)
     config.rl.epochs = 2
-    with pytest.raises(trainer.ConfigError, match=r"one update step per rollout \(rl.epochs \* rl.num_minibatches = 2\)"):
+    with pytest.raises(trainer.ConfigError,
+                       match=r"one update step per rollout \(rl.epochs \* rl.num_minibatches = 2\)"):
         trainer.replay_sampler_forward(config, one)
     config.rl.replay_sampler_forward = "off"
     config.rl.epochs = 1
