@@ -122,8 +122,10 @@ def _step_and_xla_step(model, cfg, amx, isa, native_pack=True, cache_dtype=jnp.f
     weights = jax.jit(lambda m: cpu_decode.pack_weights(m, native=native_pack, isa=isa))(model)
     cos_br, sin_br = (c[:, 0] for c in rope_cos_sin(cfg, position_b[:, None]))
     x_bd = jnp.take(model.embed_vd[...], token_b, axis=0)
-    out = jax.jit(lambda *a: cpu_decode.decode_step(weights, cfg, *a, amx=amx, isa=isa))(
-        x_bd, cos_br, sin_br, kv_mask_bs, jnp.int32(5), cache.k_lbksh, cache.v_lbksh)
+    states = jnp.full((3, cfg.num_layers + 1, *x_bd.shape), 7.0, jnp.float32)  # the step writes at index 1 only
+    out = jax.jit(lambda *a: cpu_decode.decode_step(weights, cfg, *a[:-1], amx=amx, isa=isa, states=a[-1],
+                                                    states_step=1))(
+        x_bd, cos_br, sin_br, kv_mask_bs, jnp.int32(5), cache.k_lbksh, cache.v_lbksh, states)
     return out, ref
 
 
@@ -156,9 +158,11 @@ def test_one_step_equals_xla(tied, head_dim, ffn, native_pack, kv_heads, path, m
     np.testing.assert_allclose(np.asarray(h), np.asarray(ref.hidden_btd[:, 0]), rtol=0, atol=2e-5)
     np.testing.assert_allclose(np.asarray(k), np.asarray(ref.cache.k_lbksh), rtol=0, atol=1e-5)
     np.testing.assert_allclose(np.asarray(v), np.asarray(ref.cache.v_lbksh), rtol=0, atol=1e-5)
-    # each layer's input and the last layer's output (what the update replays), as XLA's step records them
+    # each layer's input and the last layer's output (what the update replays), as XLA's step records them, written
+    # at the step's index of the buffer and nowhere else
     ref_states = np.asarray(ref.layer_states_lbtd[:, :, 0])
-    np.testing.assert_allclose(np.asarray(states), ref_states, rtol=0, atol=2e-5 * np.abs(ref_states).max())
+    np.testing.assert_allclose(np.asarray(states[1]), ref_states, rtol=0, atol=2e-5 * np.abs(ref_states).max())
+    np.testing.assert_array_equal(np.asarray(states[::2]), 7.0)
 
 
 @needs_kernel

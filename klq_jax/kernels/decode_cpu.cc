@@ -723,9 +723,10 @@ ffi::Error DecodeStep(ffi::Buffer<ffi::F32> x_nd, ffi::Buffer<ffi::F32> cos_nr, 
                       ffi::Buffer<ffi::F32> ln1_ld, ffi::Buffer<ffi::F32> ln2_ld, ffi::Buffer<ffi::F32> final_d,
                       ffi::AnyBuffer w_qkv, ffi::AnyBuffer w_o, ffi::AnyBuffer w_gate_up, ffi::AnyBuffer w_down,
                       ffi::AnyBuffer w_head, ffi::AnyBuffer k_cache_in, ffi::AnyBuffer v_cache_in,
+                      ffi::Buffer<ffi::F32> states_in, ffi::Buffer<ffi::S32> states_step,
                       ffi::ResultBuffer<ffi::F32> logits_nv, ffi::ResultBuffer<ffi::F32> h_nd,
                       ffi::Result<ffi::AnyBuffer> k_cache, ffi::Result<ffi::AnyBuffer> v_cache,
-                      ffi::ResultBuffer<ffi::F32> xs_lnd, float eps,
+                      ffi::ResultBuffer<ffi::F32> states, float eps,
                       int64_t num_heads, int64_t rotary_dim, int64_t num_threads, bool amx,
                       ffi::ThreadPool thread_pool) {
   const auto kdims = k_cache->dimensions();  // [L, B, K, S, hd]
@@ -809,11 +810,20 @@ ffi::Error DecodeStep(ffi::Buffer<ffi::F32> x_nd, ffi::Buffer<ffi::F32> cos_nr, 
     }
   };
 
-  // xs_lnd [L + 1, n, d]: each layer's input, then the last layer's output (the update can replay them instead of
-  // running its own forward: `CausalLM.__call__(replay=...)`).
-  float* xs = xs_lnd->typed_data();
+  // states [steps, L + 1, n, d] (updated in place, like the cache; steps 0: nothing recorded): at `states_step`, each
+  // layer's input, then the last layer's output (the update can replay them instead of running its own forward:
+  // `CausalLM.__call__(replay=...)`).
+  const auto sdims = states->dimensions();
+  if (sdims.size() != 4 || sdims[1] != dm.layers + 1 || sdims[2] != n || sdims[3] != d)
+    return ffi::Error::InvalidArgument("states: expected [steps, L + 1, B, D]");
+  const size_t states_bytes = sizeof(float) * static_cast<size_t>(sdims[0]) * (dm.layers + 1) * n * d;
+  if (states->typed_data() != states_in.typed_data() && states_bytes)
+    std::memcpy(states->typed_data(), states_in.typed_data(), states_bytes);
+  const int step = states_step.typed_data()[0];
+  if (sdims[0] > 0 && (step < 0 || step >= sdims[0])) return ffi::Error::InvalidArgument("states_step outside states");
+  float* xs = sdims[0] > 0 ? states->typed_data() + static_cast<int64_t>(step) * (dm.layers + 1) * n * d : nullptr;
   for (int l = 0; l < dm.layers; ++l) {
-    std::memcpy(xs + static_cast<int64_t>(l) * n * d, x.data(), sizeof(float) * n * d);
+    if (xs) std::memcpy(xs + static_cast<int64_t>(l) * n * d, x.data(), sizeof(float) * n * d);
     for (int r = 0; r < n; ++r) rms_norm(&x[r * d], ln1_ld.typed_data() + l * d, d, eps, &h[r * d]);
     project(wqkv + l * qkv_size * welem, h.data(), d, d, dm.qkv_out, qkv.data());
     for (int r = 0; r < n; ++r) {
@@ -864,7 +874,7 @@ ffi::Error DecodeStep(ffi::Buffer<ffi::F32> x_nd, ffi::Buffer<ffi::F32> cos_nr, 
     project(wdown + l * down_size * welem, gu.data(), 2 * f, f, d, proj.data());
     for (int i = 0; i < n * d; ++i) x[i] += proj[i];
   }
-  std::memcpy(xs + static_cast<int64_t>(dm.layers) * n * d, x.data(), sizeof(float) * n * d);
+  if (xs) std::memcpy(xs + static_cast<int64_t>(dm.layers) * n * d, x.data(), sizeof(float) * n * d);
   for (int r = 0; r < n; ++r) rms_norm(&x[r * d], final_d.typed_data(), d, eps, h_nd->typed_data() + r * d);
   project(whead, h_nd->typed_data(), d, d, dm.vocab, logits_nv->typed_data());
   team->Finish();
@@ -1054,11 +1064,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KlqDecodeStep, DecodeStep,
                                   .Arg<ffi::AnyBuffer>()          // w_head
                                   .Arg<ffi::AnyBuffer>()          // k_cache_in (float32 or bfloat16)
                                   .Arg<ffi::AnyBuffer>()          // v_cache_in
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // states_in
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // states_step
                                   .Ret<ffi::Buffer<ffi::F32>>()   // logits_nv
                                   .Ret<ffi::Buffer<ffi::F32>>()   // h_nd
                                   .Ret<ffi::AnyBuffer>()          // k_cache
                                   .Ret<ffi::AnyBuffer>()          // v_cache
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // xs_lnd
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // states
                                   .Attr<float>("eps")
                                   .Attr<int64_t>("num_heads")
                                   .Attr<int64_t>("rotary_dim")

@@ -203,22 +203,27 @@ def _generate(graphdef, state, prompt_bp, prompt_mask_bp, rng, temperature, top_
     # call, and the prefill's stacked cache as it is.
     packed = cpu_decode.pack_weights(model, isa=isa) if native else None
 
-    def model_step(token_b, positions_b, kv_mask_bs, cache, cache_pos):
-        """(logits_bv, values_b or None, cache, layer states [L + 1, B, D] or None) of one decode step."""
+    def model_step(token_b, positions_b, kv_mask_bs, cache, cache_pos, states_nlbd, step):
+        """(logits_bv, values_b or None, cache, states) of one decode step; with `record_layers` its layer inputs
+        and last output written into `states_nlbd` [n, L + 1, B, D] at `step`."""
         if native:
             x_bd = jnp.take(model.embed_vd[...], token_b, axis=0).astype(jnp.float32)
             if model.cfg.rotary_dim:
                 cos_br, sin_br = (c[:, 0] for c in rope_cos_sin(model.cfg, positions_b[:, None]))
             else:
                 cos_br = sin_br = jnp.zeros((b, 0), jnp.float32)
-            logits_bv, h_bd, k, v, states_lbd = cpu_decode.decode_step(
-                packed, model.cfg, x_bd, cos_br, sin_br, kv_mask_bs, cache_pos, cache.k_lbksh, cache.v_lbksh, isa=isa)
+            # The kernel writes the states into the carried buffer in place, as it does the cache (an update of
+            # the loop's buffer outside the call cost the 8 x 128-token rollout 0.4-0.6 s: copies of it).
+            logits_bv, h_bd, k, v, states_nlbd = cpu_decode.decode_step(
+                packed, model.cfg, x_bd, cos_br, sin_br, kv_mask_bs, cache_pos, cache.k_lbksh, cache.v_lbksh, isa=isa,
+                states=states_nlbd if record_layers else None, states_step=step)
             values_b = model.value_head(h_bd) if has_values else None
-            return logits_bv, values_b, KVCache(k, v), states_lbd
+            return logits_bv, values_b, KVCache(k, v), (states_nlbd if record_layers else ())
         out = model(token_b[:, None], positions_b[:, None], kv_mask_bs, cache=cache, cache_pos=cache_pos,
                     layers=layers, layers_oi=weights_oi, head_vd=head_vd, record_layers=record_layers)
-        states_lbd = out.layer_states_lbtd[:, :, 0] if record_layers else None
-        return out.logits_btv[:, 0], (out.values_bt[:, 0] if has_values else None), out.cache, states_lbd
+        if record_layers:
+            states_nlbd = jax.lax.dynamic_update_index_in_dim(states_nlbd, out.layer_states_lbtd[:, :, 0], step, 0)
+        return out.logits_btv[:, 0], (out.values_bt[:, 0] if has_values else None), out.cache, states_nlbd
 
     def cond(carry):
         i, done_b = carry[0], carry[3]
@@ -235,27 +240,24 @@ def _generate(graphdef, state, prompt_bp, prompt_mask_bp, rng, temperature, top_
         stats_3bn = stats_3bn.at[:, :, i].set(jnp.where(active_b, jnp.stack([logp_b, value_b, entropy_b]), 0.0))
         kv_mask_bs = kv_mask_bs.at[:, p + i].set(active_b)
         done_b = done_b | jnp.isin(token_b, eos_v)
-        next_logits_bv, next_value_b, cache, states_lbd = model_step(token_b, prompt_len_b + i, kv_mask_bs, cache,
-                                                                     p + i)
+        next_logits_bv, next_value_b, cache, recorded = model_step(token_b, prompt_len_b + i, kv_mask_bs, cache, p + i,
+                                                                   recorded, i)
         next_value_b = next_value_b if has_values else value_b
-        if record_layers:  # this token's layer inputs and last output, at step i
-            inputs_nlbd, output_nbd = recorded
-            recorded = (inputs_nlbd.at[i].set(states_lbd[:num_layers].astype(inputs_dtype)),
-                        output_nbd.at[i].set(states_lbd[num_layers]))
         return i + 1, tokens_bn, stats_3bn, done_b, cache, kv_mask_bs, next_logits_bv, next_value_b, rng, recorded
 
-    recorded = ((jnp.zeros((n, num_layers, b, d), inputs_dtype), jnp.zeros((n, b, d), jnp.float32))
-                if record_layers else ())
+    # With `record_layers`: each step's layer inputs and last output, [n, L + 1, B, D] float32.
+    recorded = jnp.zeros((n, num_layers + 1, b, d), jnp.float32) if record_layers else ()
     init = (jnp.int32(0), jnp.full((b, n), pad_id, jnp.int32), jnp.zeros((3, b, n), jnp.float32),
             jnp.zeros((b,), bool), decode_cache, kv_mask_bs, last_logits_bv, last_value_b, rng, recorded)
     _, tokens_bn, stats_3bn, done_b, _, kv_mask_bs, _, _, _, recorded = jax.lax.while_loop(cond, step, init)
     layer_inputs_bltd = layer_output_btd = None
     if record_layers:
-        inputs_nlbd, output_nbd = recorded
         prefill_lbpd = out.layer_states_lbtd
         layer_inputs_bltd = jnp.concatenate([prefill_lbpd[:num_layers].astype(inputs_dtype).transpose(1, 0, 2, 3),
-                                             inputs_nlbd.transpose(2, 1, 0, 3)], axis=2)
-        layer_output_btd = jnp.concatenate([prefill_lbpd[num_layers], output_nbd.transpose(1, 0, 2)], axis=1)
+                                             recorded[:, :num_layers].astype(inputs_dtype).transpose(2, 1, 0, 3)],
+                                            axis=2)
+        layer_output_btd = jnp.concatenate([prefill_lbpd[num_layers], recorded[:, num_layers].transpose(1, 0, 2)],
+                                           axis=1)
     response_mask_bn = kv_mask_bs[:, p:]
     logps_bt, values_bt, entropy_bt = (jnp.concatenate([jnp.zeros((b, p), jnp.float32), x_bn], axis=1)
                                        for x_bn in stats_3bn)
