@@ -771,15 +771,25 @@ def _remat_layer_scan_fwd(layer_fn, x, stacked_params, aux, checkpoint_dtype, ro
 
 
 def _remat_layer_scan_bwd(layer_fn, checkpoint_dtype, row_groups, residuals, dy):
-    layer_fn = in_row_groups(layer_fn, row_groups)
     inputs_l, stacked_params, aux = residuals
+    return _layer_scan_bwd(layer_fn, row_groups, inputs_l, 0, stacked_params, aux, dy)
+
+
+def _layer_scan_bwd(layer_fn, row_groups, inputs, layer_axis: int, stacked_params, aux, dy):
+    """The backward of a layer stack from each layer's input, `inputs` holding them along `layer_axis` (0: scanned
+    over, as remat keeps them; 1: [B, L, T, D], each layer's rows sliced out in its step, no transposed copy)."""
+    layer_fn = in_row_groups(layer_fn, row_groups)
     # Zero buffers that depend on `dy`: XLA cannot schedule them before the cotangent exists.
     zero = jnp.zeros((), dy.dtype) * dy.reshape(-1)[0]
     grads0 = jax.tree.map(lambda p: jnp.broadcast_to(zero.astype(p.dtype), p.shape), stacked_params)
 
     def step(carry, layer):
         dx, grads = carry
-        index, x_in, params = layer
+        if layer_axis == 0:
+            index, x_in, params = layer
+        else:
+            index, params = layer
+            x_in = jax.lax.dynamic_index_in_dim(inputs, index, layer_axis, keepdims=False)
         _, vjp = jax.vjp(lambda x, p: layer_fn(x, p, aux), _widen_bf16_bits(x_in).astype(dy.dtype), params)
         dx, dparams = vjp(dx)
         grads = jax.tree.map(lambda g, d: jax.lax.dynamic_update_index_in_dim(g, d.astype(g.dtype), index, 0),
@@ -787,8 +797,9 @@ def _remat_layer_scan_bwd(layer_fn, checkpoint_dtype, row_groups, residuals, dy)
         return (dx, grads), None
 
     num_layers = jax.tree.leaves(stacked_params)[0].shape[0]
-    (dx, grads), _ = jax.lax.scan(step, (dy, grads0), (jnp.arange(num_layers), inputs_l, stacked_params),
-                                  reverse=True)
+    xs = (jnp.arange(num_layers), inputs, stacked_params) if layer_axis == 0 else (jnp.arange(num_layers),
+                                                                                   stacked_params)
+    (dx, grads), _ = jax.lax.scan(step, (dy, grads0), xs, reverse=True)
     return dx, grads, jax.tree.map(lambda a: None, aux)
 
 
@@ -796,25 +807,28 @@ remat_layer_scan.defvjp(_remat_layer_scan_fwd, _remat_layer_scan_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 6, 7))
-def replayed_layer_scan(layer_fn: Callable, x, stacked_params, aux, inputs_lbtd, output_btd, checkpoint_dtype=None,
+def replayed_layer_scan(layer_fn: Callable, x, stacked_params, aux, inputs_bltd, output_btd, checkpoint_dtype=None,
                         row_groups: int = 1):
     """`remat_layer_scan` over layers whose forward already ran, at these parameters, on these rows: the sampler's,
     which computed every layer of every token it drew (`CausalLM.__call__(record_layers=True)`). Returns the recorded
     output `output_btd`; the backward is `remat_layer_scan`'s, recomputing each layer from its recorded input
-    (`inputs_lbtd`, rounded to `checkpoint_dtype` as the forward would keep it), and gives `x` its gradient as if the
+    (`inputs_bltd`, [B, L, T, D], rounded to `checkpoint_dtype` as the forward would keep it), and gives `x` its
+    gradient as if the
     stack had run from it. The recorded values differ from a forward's by summation order only (the decode step adds
     in another order); they must be this stack's at `stacked_params` on `x`, which the caller vouches for."""
-    del layer_fn, x, stacked_params, aux, inputs_lbtd, checkpoint_dtype, row_groups
+    del layer_fn, x, stacked_params, aux, inputs_bltd, checkpoint_dtype, row_groups
     return output_btd
 
 
-def _replayed_layer_scan_fwd(layer_fn, x, stacked_params, aux, inputs_lbtd, output_btd, checkpoint_dtype, row_groups):
-    keep = (lambda x: x) if checkpoint_dtype is None else (lambda x: _bf16_bits(x.astype(checkpoint_dtype)))
-    return output_btd.astype(x.dtype), (keep(inputs_lbtd.astype(checkpoint_dtype or x.dtype)), stacked_params, aux)
+def _replayed_layer_scan_fwd(layer_fn, x, stacked_params, aux, inputs_bltd, output_btd, checkpoint_dtype, row_groups):
+    # bf16 as its raw bits (a bitcast), widened one layer's slice at a time in the backward, as remat's.
+    inputs_bltd = _bf16_bits(inputs_bltd.astype(checkpoint_dtype or x.dtype))
+    return output_btd.astype(x.dtype), (inputs_bltd, stacked_params, aux)
 
 
 def _replayed_layer_scan_bwd(layer_fn, checkpoint_dtype, row_groups, residuals, dy):
-    dx, grads, aux_none = _remat_layer_scan_bwd(layer_fn, checkpoint_dtype, row_groups, residuals, dy)
+    inputs_bltd, stacked_params, aux = residuals
+    dx, grads, aux_none = _layer_scan_bwd(layer_fn, row_groups, inputs_bltd, 1, stacked_params, aux, dy)
     return dx, grads, aux_none, None, None
 
 
@@ -953,7 +967,7 @@ class CausalLM(nnx.Module):
         positions `s..e-1` only (`logits_btv` is [B, e-s, V]): RL needs them only where they predict a
         response token, and the float32 logits are the largest activation of a forward.
         `record_layers` (with a cache, or without remat): `layer_states_lbtd` holds each layer's input and the last
-        layer's output, what `replay` takes back. `replay = (inputs_lbtd, output_btd)` (remat "full", no cache): those
+        layer's output, what `replay` takes back. `replay = (inputs_bltd, output_btd)` (remat "full", no cache): those
         of a forward that already ran at these parameters on these tokens (the sampler's); the layers are not run
         again, and their gradients come from recomputing each one from its recorded input (`replayed_layer_scan`).
         """

@@ -192,14 +192,11 @@ class Rollout:
         )
 
     def replay(self) -> tuple[Array, Array] | None:
-        """`(inputs_lbtd, output_btd)` for `CausalLM.__call__(replay=...)`, or None without recorded layer states."""
+        """`(inputs_bltd, output_btd)` for `CausalLM.__call__(replay=...)`, or None without recorded layer states.
+        The backward slices each layer's rows out of `inputs_bltd` as it reaches the layer (no transposed copy)."""
         if self.layer_inputs_bltd is None:
             return None
-        # Written out [L, B, T, D] through a flat array behind a barrier: a plain transpose becomes a layout change,
-        # which reaches the backward's bf16 dots as operands XLA:CPU's YNNPACK refuses (`_row_major_transpose`).
-        b, num_layers, *rest = self.layer_inputs_bltd.shape
-        inputs_lbtd = jax.lax.optimization_barrier(self.layer_inputs_bltd.swapaxes(0, 1).reshape(-1))
-        return inputs_lbtd.reshape(num_layers, b, *rest), self.layer_output_btd
+        return self.layer_inputs_bltd, self.layer_output_btd
 
     def without_layer_states(self) -> "Rollout":
         return self.replace(layer_inputs_bltd=None, layer_output_btd=None)
@@ -402,10 +399,15 @@ def make_update(apply_fn: ApplyFn, algo_cfg, optimizer: optax.GradientTransforma
             raise ValueError(f"a rollout with recorded layer states is replayed by one step only (they hold the "
                              f"sampling parameters' forward); got epochs={epochs}, num_minibatches={num_minibatches}")
 
+        # One step on the whole batch (a rollout that carries layer states has no other): the rows' order does not
+        # matter, and not permuting them spares copies of the states.
+        shuffle = batch.layer_inputs_bltd is None
+
         def epoch(state, key):
             perm = jax.random.permutation(key, b)
             minibatches = jax.tree.map(
-                lambda x: x[perm].reshape(num_minibatches, b // num_minibatches, *x.shape[1:]), batch)
+                lambda x: (x[perm] if shuffle else x).reshape(num_minibatches, b // num_minibatches, *x.shape[1:]),
+                batch)
             return jax.lax.scan(step, state, minibatches)
 
         keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(epochs))
