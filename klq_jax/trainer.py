@@ -221,11 +221,16 @@ def overlap_reference(config, mesh) -> bool:
 REPLAY_SAMPLER_FORWARD = ("auto", "on", "off")
 
 
+def _update_steps(config) -> int:
+    """Optimiser steps per rollout."""
+    return config.rl.epochs * config.rl.num_minibatches
+
+
 def _replay_choice(config) -> str:
     choice = _choice(config.rl.get("replay_sampler_forward", "auto"), "rl.replay_sampler_forward",
                      REPLAY_SAMPLER_FORWARD)
     if choice == "on":
-        steps = config.rl.epochs * config.rl.num_minibatches
+        steps = _update_steps(config)
         if steps != 1:
             raise ConfigError(f"rl.replay_sampler_forward='on' needs one update step per rollout (rl.epochs * "
                               f"rl.num_minibatches = {steps}); accepted here: 'auto', 'off'")
@@ -247,7 +252,7 @@ def replay_sampler_forward(config, mesh) -> bool:
     a mesh). SmolLM2-135M, 8 x 176 tokens, bf16 matmuls, 2-core Zen 4: the update 5.21 -> 3.61 s (docs/performance.md,
     item 55)."""
     choice = _replay_choice(config)
-    single_step = config.rl.epochs * config.rl.num_minibatches == 1 and config.model.remat == "full"
+    single_step = _update_steps(config) == 1 and config.model.remat == "full"
     return choice == "on" or (choice == "auto" and single_step and jax.process_count() == 1 and mesh.size == 1)
 
 
@@ -389,7 +394,7 @@ def decode_responses(setup: Setup, tokens_bt, response_mask_bt) -> list[str]:
 
 def evaluate_reward(setup: Setup, params, batch_size: int = 16) -> dict[str, float]:
     """Greedy responses of the policy `params` to the held-out prompts: mean reward, length, EOS rate."""
-    greedy = dataclasses.replace(setup.sampler, top_k=1, record_layers=False)
+    greedy = dataclasses.replace(setup.sampler, top_k=1)
     rewards, lengths, eos = [], [], []
     for start in range(0, len(setup.eval_prompts), batch_size):
         chunk = setup.eval_prompts[start:start + batch_size]

@@ -173,14 +173,10 @@ def test_bad_overlap_reference(tiny_model, tmp_path):
 
 
 def test_overlap_reference_auto_is_on_for_one_cpu_device_only():
-    import importlib.util
-
     from klq_jax import trainer
+    from klq_jax.memory import load_config
 
-    spec = importlib.util.spec_from_file_location("dialogue", ROOT / "configs" / "dialogue.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("")
+    config, _ = load_config(str(ROOT / "configs" / "dialogue.py"))
     assert config.reward.overlap_reference == "auto"
     one, several = jax.make_mesh((1,), ("data",)), jax.sharding.AbstractMesh((8,), ("data",))
     assert trainer.overlap_reference(config, one)  # the tests run on the CPU
@@ -200,14 +196,10 @@ def test_bad_replay_sampler_forward(tiny_model, tmp_path):
 
 
 def test_replay_sampler_forward_auto_is_on_for_one_step_per_rollout_only():
-    import importlib.util
-
     from klq_jax import trainer
+    from klq_jax.memory import load_config
 
-    spec = importlib.util.spec_from_file_location("dialogue", ROOT / "configs" / "dialogue.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("")
+    config, _ = load_config(str(ROOT / "configs" / "dialogue.py"))
     assert config.rl.replay_sampler_forward == "auto"
     one, several = jax.make_mesh((1,), ("data",)), jax.sharding.AbstractMesh((8,), ("data",))
     assert config.rl.epochs * config.rl.num_minibatches > 1 and not trainer.replay_sampler_forward(config, one)

@@ -813,9 +813,9 @@ def replayed_layer_scan(layer_fn: Callable, x, stacked_params, aux, inputs_bltd,
     which computed every layer of every token it drew (`CausalLM.__call__(record_layers=True)`). Returns the recorded
     output `output_btd`; the backward is `remat_layer_scan`'s, recomputing each layer from its recorded input
     (`inputs_bltd`, [B, L, T, D], rounded to `checkpoint_dtype` as the forward would keep it), and gives `x` its
-    gradient as if the
-    stack had run from it. The recorded values differ from a forward's by summation order only (the decode step adds
-    in another order); they must be this stack's at `stacked_params` on `x`, which the caller vouches for."""
+    gradient as if the stack had run from it. The recorded values differ from a forward's by summation order only
+    (the decode step adds in another order); they must be this stack's at `stacked_params` on `x`, which the caller
+    vouches for."""
     del layer_fn, x, stacked_params, aux, inputs_bltd, checkpoint_dtype, row_groups
     return output_btd
 
