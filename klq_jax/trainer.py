@@ -345,15 +345,17 @@ def make_fns(setup: Setup, mesh, *, policy_stats: bool = True, replay: bool = Fa
                                           logits_to=logits_to, replay=replay)
         return out.logits_btv, out.values_bt
 
-    def next_token_logprobs(params, tokens_bt, positions_bt, mask_bt, logits_from: int, temperature, replay=None):
+    def next_token_logprobs(params, tokens_bt, positions_bt, mask_bt, logits_from: int, temperature, replay=None,
+                            replay_head=None):
         return nnx.merge(graphdef, params).next_token_logprobs(tokens_bt, positions_bt, mask_bt, logits_from=logits_from,
                                                                temperature=temperature, with_values=True,
-                                                               replay=replay)
+                                                               replay=replay, replay_head=replay_head)
 
     # With 16-bit matmuls the update's loss takes the actions' log-probabilities from it, never making the logits
     # (train_step.policy_logprobs; docs/performance.md, item 42). Its backward recomputes the logits: one more LM-head
-    # matmul, which fp32 matmuls pay for more than the rest saves (SmolLM2's fp32 update 6.60 -> 6.81 s).
-    if setup.matmul_dtype is not None and jnp.dtype(setup.matmul_dtype).itemsize == 2:
+    # matmul, which fp32 matmuls pay for more than the rest saves (SmolLM2's fp32 update 6.60 -> 6.81 s). With the
+    # replay its forward is the sampler's (item 56): no more head matmuls than the logits' path, whatever the dtype.
+    if replay or (setup.matmul_dtype is not None and jnp.dtype(setup.matmul_dtype).itemsize == 2):
         apply_fn.next_token_logprobs = next_token_logprobs
 
     def sample_fn(params, prompt_batch: list[Prompt], rng):
@@ -365,7 +367,7 @@ def make_fns(setup: Setup, mesh, *, policy_stats: bool = True, replay: bool = Fa
         return Rollout.from_samples(out.tokens_bt, positions_from_mask(out.attention_mask_bt), out.attention_mask_bt,
                                     out.response_mask_bt, out.logprobs_bt, out.eos_b, first_action=out.prompt_len,
                                     layer_inputs_bltd=out.layer_inputs_bltd, layer_output_btd=out.layer_output_btd,
-                                    **stats)
+                                    logsumexp_bt=out.logsumexp_bt, **stats)
 
     def reward_fn(prompt_batch: list[Prompt], batch: Rollout):
         texts = decode_responses(setup, batch.tokens_bt, batch.response_mask_bt)

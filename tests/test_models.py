@@ -280,15 +280,19 @@ def test_chunked_token_logprobs_backward_keeps_the_bf16_head(monkeypatch):
     assert loops == [["f32", "u16", "u16"]] * 2, loops
 
 
+@pytest.mark.parametrize("vocab_block", [48, 4096])
 @pytest.mark.parametrize("matmul_dtype", [None, jnp.bfloat16])
-def test_chunked_token_logprobs_gradients(monkeypatch, matmul_dtype):
+def test_chunked_token_logprobs_gradients(monkeypatch, matmul_dtype, vocab_block):
     """The backward by vocabulary blocks (the last one padded) gives autodiff's gradients of the plain
     log-softmax of the logits, for the hidden states and the head, with the head's matmul on the same operands
-    (bf16: `tied_head`'s bf16 dots and `losses.token_logprobs`, the update's path before it), at a temperature."""
+    (bf16: `tied_head`'s bf16 dots and `losses.token_logprobs`, the update's path before it), at a temperature.
+    With one block (a vocabulary of at most `LOGPROB_VOCAB_BLOCK`) too, whose bf16 backward XLA:CPU once failed to
+    run ("BF16 x BF16 = F32" unsupported)."""
     from klq_jax.models import transformer
     from klq_jax.rl.losses import token_logprobs
 
-    monkeypatch.setattr(transformer, "LOGPROB_VOCAB_BLOCK", 48)  # 97 tokens: blocks of 48, 48 and 1 (+ 47 padding)
+    # 97 tokens: blocks of 48, 48 and 1 (+ 47 padding), or one block
+    monkeypatch.setattr(transformer, "LOGPROB_VOCAB_BLOCK", vocab_block)
     b, t, d = 3, 21, 16  # 21 positions: chunks of 64 // 3 = 21 (bf16: 32 // 3 = 10, padded to 30)
     g = np.random.default_rng(0)
     h = jnp.asarray(g.normal(size=(b, t, d)), jnp.float32)
@@ -307,6 +311,49 @@ def test_chunked_token_logprobs_gradients(monkeypatch, matmul_dtype):
     np.testing.assert_allclose(value, want_value, rtol=1e-5)
     for got, want in zip(grads, want_grads):  # the same dots on the same operands: only the sums' order differs
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * float(jnp.max(jnp.abs(want))))
+
+
+@pytest.mark.parametrize("matmul_dtype", [None, jnp.bfloat16])
+def test_replayed_token_logprobs_return_the_record_and_the_heads_gradients(monkeypatch, matmul_dtype):
+    """`replayed_token_logprobs` returns the recorded log-probabilities as they are, and given the log-normalisers
+    of the logits the head makes (from the same operands) its gradients are `chunked_token_logprobs`'s; a position
+    whose log-normaliser is +inf passes no gradient through the softmax (finite, where a 0 would overflow)."""
+    from klq_jax.models import transformer
+
+    monkeypatch.setattr(transformer, "LOGPROB_VOCAB_BLOCK", 48)
+    b, t, d = 3, 21, 16
+    g = np.random.default_rng(1)
+    h = jnp.asarray(g.normal(size=(b, t, d)) * 3, jnp.float32).at[:, :4].multiply(3)  # logits over 89 there
+    head_vd = jnp.asarray(g.normal(size=(VOCAB, d)), jnp.float32)
+    targets = jnp.asarray(g.integers(0, VOCAB, (b, t)), jnp.int32)
+    weights = jnp.asarray(g.normal(size=(b, t)), jnp.float32)
+    mdt = matmul_dtype or jnp.float32
+    logits_btv = jnp.einsum("btd,vd->btv", h.astype(mdt), head_vd.astype(mdt), preferred_element_type=jnp.float32)
+    lse_bt = jax.nn.logsumexp(logits_btv / 0.7, axis=-1)
+    recorded_bt = jnp.asarray(-g.uniform(0.5, 4, (b, t)), jnp.float32)  # not the head's: returned as it is
+
+    def chunked(h, head_vd):
+        return jnp.sum(weights * transformer.chunked_token_logprobs(h, head_vd, targets, 0.7, matmul_dtype=matmul_dtype))
+
+    def replayed(h, head_vd, lse_bt=lse_bt):
+        return jnp.sum(weights * transformer.replayed_token_logprobs(h, head_vd, targets, 0.7, recorded_bt, lse_bt,
+                                                                     matmul_dtype=matmul_dtype))
+
+    logp_bt = jax.jit(transformer.replayed_token_logprobs, static_argnames="matmul_dtype")(
+        h, head_vd, targets, 0.7, recorded_bt, lse_bt, matmul_dtype=matmul_dtype)
+    np.testing.assert_array_equal(logp_bt, recorded_bt)
+    grads = jax.jit(jax.grad(replayed, argnums=(0, 1)))(h, head_vd)
+    want_grads = jax.jit(jax.grad(chunked, argnums=(0, 1)))(h, head_vd)
+    for got, want in zip(grads, want_grads):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))
+
+    weights = weights.at[:, :4].set(0.0)  # slots the loss does not read: +inf there, and 0 would overflow
+    assert float(jnp.max(logits_btv[:, :4] / 0.7)) > 89
+    grads = jax.grad(replayed, argnums=(0, 1))(h, head_vd, lse_bt.at[:, :4].set(jnp.inf))
+    want_grads = jax.grad(chunked, argnums=(0, 1))(h, head_vd)
+    assert float(jnp.max(jnp.abs(grads[0][:, :4]))) == 0
+    for got, want in zip(grads, want_grads):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))
 
 
 def test_loss_from_next_token_logprobs_equals_the_logits_loss(tiny_checkpoint):

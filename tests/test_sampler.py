@@ -295,7 +295,9 @@ def test_recorded_layer_states_replay_the_update(tiny, tmp_path, decode, matmul_
     that runs its own forward, at the sampling parameters, with the XLA decode step (feature-major; row-major stacked
     layers, as on a mesh) and the native one. fp32 matmuls: equal up to summation order. bf16 matmuls: the sampler's
     and a forward's bf16 roundings differ where their fp32 sums do, so the replay is held to the forward's own
-    accuracy: no further from fp32 matmuls' loss, metrics and gradients than the forward it replaces."""
+    accuracy: no further from fp32 matmuls' loss, metrics and gradients than the forward it replaces. The loss runs
+    the trainer's way (`next_token_logprobs`), so the LM head replays the sampler's log-probabilities and
+    log-normalisers too (`Rollout.replay_head`)."""
     from klq_jax.models import cpu_decode
     from klq_jax.rl.train_step import (Rollout, TrainState, compute_targets, default_algo_config,
                                        default_optim_config, make_loss_fn, make_optimizer, make_update)
@@ -322,6 +324,13 @@ def test_recorded_layer_states_replay_the_update(tiny, tmp_path, decode, matmul_
             out = nnx.merge(graphdef, p)(tokens_bt, positions_bt, mask_bt, logits_from=logits_from,
                                          logits_to=logits_to, replay=replay)
             return out.logits_btv, out.values_bt
+
+        def next_token_logprobs(p, tokens_bt, positions_bt, mask_bt, logits_from, temperature, **replays):
+            return nnx.merge(graphdef, p).next_token_logprobs(tokens_bt, positions_bt, mask_bt, logits_from=logits_from,
+                                                              temperature=temperature, with_values=True, **replays)
+
+        # The trainer's with the replay: the head's log-probabilities too are replayed (`Rollout.replay_head`)
+        apply_fn.next_token_logprobs = next_token_logprobs
         return apply_fn
 
     apply_fn = apply_fn_of(graphdef)
@@ -335,9 +344,15 @@ def test_recorded_layer_states_replay_the_update(tiny, tmp_path, decode, matmul_
     mask = np.asarray(out.attention_mask_bt)
     assert mask.sum(1).min() < t - 4 and not mask.all()  # left padding and rows that stopped at EOS
 
+    resp = np.asarray(out.response_mask_bt)
+    assert out.logsumexp_bt.shape == (b, t) and not np.asarray(out.logsumexp_bt)[~resp].any()
     if matmul_dtype is None:  # the states are a forward's (no remat: it records) at every real slot
         fwd = loaded()(out.tokens_bt, positions_from_mask(out.attention_mask_bt), out.attention_mask_bt,
                        record_layers=True)
+        # and the log-normalisers, the logits' (temperature 1) at the slot before each response token's
+        lse_bt = np.asarray(jax.nn.logsumexp(fwd.logits_btv, axis=-1))
+        np.testing.assert_allclose(np.asarray(out.logsumexp_bt)[:, 1:][resp[:, 1:]], lse_bt[:, :-1][resp[:, 1:]],
+                                   rtol=1e-5)
         ref_lbtd = np.asarray(fwd.layer_states_lbtd)
         ours_lbtd = np.concatenate([np.asarray(out.layer_inputs_bltd).swapaxes(0, 1),
                                     np.asarray(out.layer_output_btd)[None]])
@@ -351,7 +366,8 @@ def test_recorded_layer_states_replay_the_update(tiny, tmp_path, decode, matmul_
     with_states = Rollout.from_samples(
         out.tokens_bt, positions_from_mask(out.attention_mask_bt), out.attention_mask_bt, out.response_mask_bt,
         out.logprobs_bt, out.eos_b, values_bt=out.values_bt, entropy_bt=out.entropy_bt, first_action=out.prompt_len,
-        layer_inputs_bltd=out.layer_inputs_bltd, layer_output_btd=out.layer_output_btd)
+        layer_inputs_bltd=out.layer_inputs_bltd, layer_output_btd=out.layer_output_btd, logsumexp_bt=out.logsumexp_bt)
+    assert with_states.replay_head() is not None
     with_states = compute_targets(with_states.replace(rewards_b=jnp.linspace(-1.0, 1.0, b),
                                                       ref_logp_bt=out.logprobs_bt * 1.1), 0.1, algo_cfg)
     without = with_states.without_layer_states()

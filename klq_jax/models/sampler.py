@@ -40,6 +40,9 @@ class SampleOutput:
     update's remat keeps them, `CausalLM.checkpoint_dtype`), and `layer_output_btd` [B, T, D] fp32, the last layer's
     output: what the sampler's prefill and decode steps computed, which an update at the same parameters replays
     instead of running its own forward (`CausalLM.__call__(replay=...)`). Slots after an early stop hold zeros.
+    Also with `record_layers`: `logsumexp_bt` [B, T] fp32, the log-normaliser of the sampling distribution's logits
+    (after temperature, top-k and top-p) at each response slot (0 elsewhere): with the policy's own distribution,
+    what the update's head replays with `logprobs_bt` (`CausalLM.next_token_logprobs(replay_head=...)`).
     """
 
     tokens_bt: jax.Array
@@ -52,6 +55,7 @@ class SampleOutput:
     prompt_len: int = struct.field(pytree_node=False)
     layer_inputs_bltd: jax.Array | None = None
     layer_output_btd: jax.Array | None = None
+    logsumexp_bt: jax.Array | None = None
 
 
 def filter_logits(logits_bv: jax.Array, temperature, top_k: int, top_p) -> jax.Array:
@@ -77,9 +81,11 @@ def filter_logits(logits_bv: jax.Array, temperature, top_k: int, top_p) -> jax.A
 CATEGORICAL_BLOCK = 128  # entries per block of `categorical_with_stats`'s two-level inverse transform
 
 
-def categorical_with_stats(key: jax.Array, logits_bv: jax.Array, block: int = CATEGORICAL_BLOCK):
+def categorical_with_stats(key: jax.Array, logits_bv: jax.Array, block: int = CATEGORICAL_BLOCK, *,
+                           with_logsumexp: bool = False):
     """One draw per row from softmax(logits_bv) (-inf logits never drawn), with its log-probability and the
-    distribution's entropy: `(token_b int32, logp_b, entropy_b)`, all from one exponential per entry.
+    distribution's entropy: `(token_b int32, logp_b, entropy_b)`, all from one exponential per entry; with
+    `with_logsumexp` also the log-normaliser `logsumexp(logits_bv)` per row (a fourth output).
 
     The draw is an inverse transform with one uniform per row (`jax.random.categorical` draws a Gumbel per
     vocabulary entry: 8 x 49152 random numbers per decode step, 5.3 ms of a ~35 ms step on a 2-core CPU), in two
@@ -110,6 +116,8 @@ def categorical_with_stats(key: jax.Array, logits_bv: jax.Array, block: int = CA
     token_b = (k_b * block + j_b).astype(jnp.int32)
     logp_b = jnp.take_along_axis(z_bv, token_b[:, None], axis=-1)[:, 0] - log_s_b
     entropy_b = log_s_b - jnp.sum(jnp.where(e_bv > 0, e_bv * z_bv, 0.0), axis=-1) / s_b
+    if with_logsumexp:
+        return token_b, logp_b, entropy_b, jnp.max(logits_bv, axis=-1) + log_s_b
     return token_b, logp_b, entropy_b
 
 
@@ -230,26 +238,28 @@ def _generate(graphdef, state, prompt_bp, prompt_mask_bp, rng, temperature, top_
         return (i < n) & ~jnp.all(done_b)
 
     def step(carry):
-        i, tokens_bn, stats_3bn, done_b, cache, kv_mask_bs, logits_bv, value_b, rng, recorded = carry
+        i, tokens_bn, stats_sbn, done_b, cache, kv_mask_bs, logits_bv, value_b, rng, recorded = carry
         rng, key = jax.random.split(rng)
         filtered_bv = filter_logits(logits_bv, temperature, top_k, top_p)
-        token_b, logp_b, entropy_b = categorical_with_stats(key, filtered_bv)
+        token_b, logp_b, entropy_b, lse_b = categorical_with_stats(key, filtered_bv, with_logsumexp=True)
         active_b = ~done_b
         token_b = jnp.where(active_b, token_b, pad_id)
         tokens_bn = tokens_bn.at[:, i].set(token_b)
-        stats_3bn = stats_3bn.at[:, :, i].set(jnp.where(active_b, jnp.stack([logp_b, value_b, entropy_b]), 0.0))
+        stats = [logp_b, value_b, entropy_b] + ([lse_b] if record_layers else [])
+        stats_sbn = stats_sbn.at[:, :, i].set(jnp.where(active_b, jnp.stack(stats), 0.0))
         kv_mask_bs = kv_mask_bs.at[:, p + i].set(active_b)
         done_b = done_b | jnp.isin(token_b, eos_v)
         next_logits_bv, next_value_b, cache, recorded = model_step(token_b, prompt_len_b + i, kv_mask_bs, cache, p + i,
                                                                    recorded, i)
         next_value_b = next_value_b if has_values else value_b
-        return i + 1, tokens_bn, stats_3bn, done_b, cache, kv_mask_bs, next_logits_bv, next_value_b, rng, recorded
+        return i + 1, tokens_bn, stats_sbn, done_b, cache, kv_mask_bs, next_logits_bv, next_value_b, rng, recorded
 
     # With `record_layers`: each step's layer inputs and last output, [n, L + 1, B, D] float32.
     recorded = jnp.zeros((n, num_layers + 1, b, d), jnp.float32) if record_layers else ()
-    init = (jnp.int32(0), jnp.full((b, n), pad_id, jnp.int32), jnp.zeros((3, b, n), jnp.float32),
+    num_stats = 4 if record_layers else 3  # logp, value, entropy (and the log-normaliser) per response slot
+    init = (jnp.int32(0), jnp.full((b, n), pad_id, jnp.int32), jnp.zeros((num_stats, b, n), jnp.float32),
             jnp.zeros((b,), bool), decode_cache, kv_mask_bs, last_logits_bv, last_value_b, rng, recorded)
-    _, tokens_bn, stats_3bn, done_b, _, kv_mask_bs, _, _, _, recorded = jax.lax.while_loop(cond, step, init)
+    _, tokens_bn, stats_sbn, done_b, _, kv_mask_bs, _, _, _, recorded = jax.lax.while_loop(cond, step, init)
     layer_inputs_bltd = layer_output_btd = None
     if record_layers:
         prefill_lbpd = out.layer_states_lbtd
@@ -259,14 +269,15 @@ def _generate(graphdef, state, prompt_bp, prompt_mask_bp, rng, temperature, top_
         layer_output_btd = jnp.concatenate([prefill_lbpd[num_layers], recorded[:, num_layers].transpose(1, 0, 2)],
                                            axis=1)
     response_mask_bn = kv_mask_bs[:, p:]
-    logps_bt, values_bt, entropy_bt = (jnp.concatenate([jnp.zeros((b, p), jnp.float32), x_bn], axis=1)
-                                       for x_bn in stats_3bn)
+    logps_bt, values_bt, entropy_bt, *logsumexp_bt = (jnp.concatenate([jnp.zeros((b, p), jnp.float32), x_bn], axis=1)
+                                                      for x_bn in stats_sbn)
     return SampleOutput(
         tokens_bt=jnp.concatenate([prompt_bp, tokens_bn], axis=1),
         attention_mask_bt=kv_mask_bs,
         response_mask_bt=jnp.concatenate([jnp.zeros((b, p), bool), response_mask_bn], axis=1),
         logprobs_bt=logps_bt, eos_b=done_b, values_bt=values_bt, entropy_bt=entropy_bt, prompt_len=p,
-        layer_inputs_bltd=layer_inputs_bltd, layer_output_btd=layer_output_btd)
+        layer_inputs_bltd=layer_inputs_bltd, layer_output_btd=layer_output_btd,
+        logsumexp_bt=logsumexp_bt[0] if record_layers else None)
 
 
 _compiled_ahead: set = set()  # signatures `generate(compile_ahead=True)` has compiled on their own

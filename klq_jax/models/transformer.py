@@ -400,12 +400,50 @@ def _chunked_token_logprobs_bwd(matmul_dtype, rows, residuals, g_bt):
     head_kvd, head_kdv = _bf16_bits(head_kvd), _bf16_bits(head_kdv)
     parts = [jax.lax.scan(vocab_block, jnp.zeros((d, b * t), jnp.float32),
                           (jnp.arange(lo, hi), head_kvd[lo:hi], head_kdv[lo:hi])) for lo, hi in halves]
-    dh_dn = sum(dh for dh, _ in parts)
+    # The barrier keeps XLA from folding the transpose below into the dot of a single block's scan (a vocabulary of
+    # at most LOGPROB_VOCAB_BLOCK, whose one-step loop it inlines) as a column-major result: a bf16 dot YNNPACK
+    # refuses and XLA's own dot does not run ("BF16 x BF16 = F32" unsupported).
+    dh_dn = jax.lax.optimization_barrier(sum(dh for dh, _ in parts))
     dhead_vd = jnp.concatenate([dhead for _, dhead in parts]).reshape(blocks * block, d)[:v]
     return dh_dn.T.reshape(b, t, d).astype(h_btd.dtype), dhead_vd.astype(empty_like_head.dtype), None, None
 
 
 _chunked_token_logprobs.defvjp(_chunked_token_logprobs_fwd, _chunked_token_logprobs_bwd)
+
+
+def replayed_token_logprobs(h_btd: jax.Array, head_vd: jax.Array, targets_bt: jax.Array, temperature,
+                            logp_bt: jax.Array, logsumexp_bt: jax.Array, *, matmul_dtype=None) -> jax.Array:
+    """`chunked_token_logprobs` of a head whose forward already ran, at these parameters, on these hidden states:
+    the sampler's, which computed the logits of every token it drew. Returns the recorded log-probabilities
+    `logp_bt`; the backward is `chunked_token_logprobs`'s, recomputing the logits block by block and normalising
+    them with the recorded log-normalisers `logsumexp_bt` (`logsumexp(logits / temperature)` at each position). So
+    the update skips the head's matmul and its log-softmax pass (SmolLM2, 8 x 128 positions, bf16: 0.25 of the
+    head's 0.83 s; docs/performance.md, item 56). A position whose log-normaliser is +inf gets no gradient through
+    the softmax (the sampler recorded none there: a position the loss does not read). The recorded values differ
+    from a forward's by summation order only; they must be this head's at `head_vd` on `h_btd`, which the caller
+    vouches for."""
+    return _replayed_token_logprobs(h_btd, head_vd, targets_bt, jnp.asarray(temperature, jnp.float32),
+                                    logp_bt.astype(jnp.float32), logsumexp_bt.astype(jnp.float32), matmul_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _replayed_token_logprobs(h_btd, head_vd, targets_bt, temperature, logp_bt, logsumexp_bt, matmul_dtype):
+    del h_btd, head_vd, targets_bt, temperature, logsumexp_bt, matmul_dtype
+    return logp_bt
+
+
+def _replayed_token_logprobs_fwd(h_btd, head_vd, targets_bt, temperature, logp_bt, logsumexp_bt, matmul_dtype):
+    head = head_vd.astype(jnp.dtype(matmul_dtype or h_btd.dtype))  # rounded once, as the forward's
+    empty_like_head = jnp.zeros((0,), head_vd.dtype)
+    return logp_bt, (h_btd, head, targets_bt, temperature, logsumexp_bt, empty_like_head)
+
+
+def _replayed_token_logprobs_bwd(matmul_dtype, residuals, g_bt):
+    dh, dhead, _, _ = _chunked_token_logprobs_bwd(matmul_dtype, None, residuals, g_bt)
+    return dh, dhead, None, None, None, None
+
+
+_replayed_token_logprobs.defvjp(_replayed_token_logprobs_fwd, _replayed_token_logprobs_bwd)
 
 
 FROZEN_MATMUL_KERNELS = ("auto", "native", "xla")
@@ -1092,21 +1130,30 @@ class CausalLM(nnx.Module):
 
     def next_token_logprobs(self, tokens_bt: jax.Array, positions_bt: jax.Array, kv_mask_bs: jax.Array, *,
                             logits_from: int = 0, temperature=1.0, with_values: bool = False,
-                            replay: tuple[jax.Array, jax.Array] | None = None):
+                            replay: tuple[jax.Array, jax.Array] | None = None,
+                            replay_head: tuple[jax.Array, jax.Array] | None = None):
         """Float32 [B, T - 1 - logits_from]: at each position `p` from `logits_from` (static) to `T - 2`, the
         log-probability of the token at `p + 1` under `softmax(logits[:, p] / temperature)`; what
         `losses.shift_to_actions` takes from the logits of `__call__(..., logits_from, logits_to=T - 1)`, without
         making them (`chunked_token_logprobs`). The reference's log-probabilities, and (differentiable, with
         `with_values`: `(logp, values_bt)`) the policy's in its update (`train_step.policy_logprobs`). `replay`: as
-        `__call__`'s."""
+        `__call__`'s. `replay_head = (logp_bt, logsumexp_bt)` [B, T], aligned to tokens (slot `p + 1` holds the
+        log-probability of its token and the log-normaliser of the distribution it was drawn from): the sampler's at
+        these parameters and this temperature, returned in place of the head's forward (`replayed_token_logprobs`)."""
         if not self.has_lm_head:
             raise ValueError("next_token_logprobs needs a model with an LM head")
         t = tokens_bt.shape[1]
         if not 0 <= logits_from < t - 1:
             raise ValueError(f"logits_from={logits_from}: expected 0 <= logits_from < T - 1 = {t - 1}")
         out = self(tokens_bt, positions_bt, kv_mask_bs, return_logits=False, replay=replay)
-        logp = chunked_token_logprobs(out.hidden_btd[:, logits_from:t - 1], self.lm_head_vd().astype(self.dtype),
-                                      tokens_bt[:, logits_from + 1:], temperature, matmul_dtype=self.matmul_dtype)
+        h_btd, head_vd = out.hidden_btd[:, logits_from:t - 1], self.lm_head_vd().astype(self.dtype)
+        if replay_head is None:
+            logp = chunked_token_logprobs(h_btd, head_vd, tokens_bt[:, logits_from + 1:], temperature,
+                                          matmul_dtype=self.matmul_dtype)
+        else:
+            logp_bt, logsumexp_bt = (x[:, logits_from + 1:] for x in replay_head)
+            logp = replayed_token_logprobs(h_btd, head_vd, tokens_bt[:, logits_from + 1:], temperature, logp_bt,
+                                           logsumexp_bt, matmul_dtype=self.matmul_dtype)
         return (logp, out.values_bt) if with_values else logp
 
     def checkpoint_dtype(self):

@@ -150,6 +150,10 @@ class Rollout:
     # layers again (`CausalLM.__call__(replay=...)`).
     layer_inputs_bltd: Array | None = None   # (B, L, T, D)
     layer_output_btd: Array | None = None    # float32 (B, T, D)
+    # With them, where the sampler drew from the policy itself (`policy_stats_from_sampler`): the log-normaliser of
+    # the distribution each action was drawn from (`SampleOutput.logsumexp_bt`), which the update's LM head replays
+    # with `old_logp_bt` instead of running its forward (`CausalLM.next_token_logprobs(replay_head=...)`).
+    sample_logsumexp_bt: Array | None = None  # float32 (B, T)
     # True when the sampler drew from the policy itself (no top-k / top-p, the update's temperature) and
     # filled old_logp_bt, old_values_bt and entropy_bt: the loop then skips its policy forward.
     policy_stats_from_sampler: bool = flax.struct.field(pytree_node=False, default=False)
@@ -160,7 +164,8 @@ class Rollout:
     @classmethod
     def from_samples(cls, tokens_bt, positions_bt, attention_mask_bt, response_mask_bt,
                      sample_logp_bt, eos_b, truncated_b=None, *, values_bt=None, entropy_bt=None,
-                     first_action: int = 1, layer_inputs_bltd=None, layer_output_btd=None) -> "Rollout":
+                     first_action: int = 1, layer_inputs_bltd=None, layer_output_btd=None,
+                     logsumexp_bt=None) -> "Rollout":
         """What a sampler knows; the other fields are zeros until the loop fills them.
 
         `truncated_b` defaults to `~eos_b` (every response ends at EOS or at the length limit). Pass
@@ -168,12 +173,15 @@ class Rollout:
         policy's at the update temperature: `sample_logp_bt` then stands for the old logprobs too.
         `first_action`: the first slot that can hold a response token (the padded prompt length); every
         `response_mask_bt` entry before it must be False. `layer_inputs_bltd`, `layer_output_btd`: the sampler's
-        recorded layer states, given only when it drew with the policy's current parameters.
+        recorded layer states, given only when it drew with the policy's current parameters; `logsumexp_bt`, its
+        log-normalisers (`SampleOutput.logsumexp_bt`), kept only with them and with the policy's own distribution
+        (`values_bt` and `entropy_bt` given).
         """
         zeros_bt = jnp.zeros(tokens_bt.shape, jnp.float32)
         eos_b = jnp.asarray(eos_b, bool)
         sample_logp_bt = jnp.asarray(sample_logp_bt, jnp.float32)
         from_sampler = values_bt is not None and entropy_bt is not None
+        replay_head = from_sampler and layer_inputs_bltd is not None and logsumexp_bt is not None
         return cls(
             tokens_bt=jnp.asarray(tokens_bt, jnp.int32),
             positions_bt=jnp.asarray(positions_bt, jnp.int32),
@@ -189,6 +197,7 @@ class Rollout:
             entropy_bt=jnp.asarray(entropy_bt, jnp.float32) if from_sampler else zeros_bt,
             policy_stats_from_sampler=from_sampler, first_action=int(first_action),
             layer_inputs_bltd=layer_inputs_bltd, layer_output_btd=layer_output_btd,
+            sample_logsumexp_bt=(jnp.asarray(logsumexp_bt, jnp.float32) if replay_head else None),
         )
 
     def replay(self) -> tuple[Array, Array] | None:
@@ -198,8 +207,16 @@ class Rollout:
             return None
         return self.layer_inputs_bltd, self.layer_output_btd
 
+    def replay_head(self) -> tuple[Array, Array] | None:
+        """`(logp_bt, logsumexp_bt)` for `CausalLM.next_token_logprobs(replay_head=...)`, or None: the sampler's
+        log-probabilities and log-normalisers at the actions, +inf elsewhere (no gradient through the softmax at
+        a slot the loss does not read)."""
+        if self.sample_logsumexp_bt is None or self.layer_inputs_bltd is None:
+            return None
+        return self.old_logp_bt, jnp.where(self.response_mask_bt, self.sample_logsumexp_bt, jnp.inf)
+
     def without_layer_states(self) -> "Rollout":
-        return self.replace(layer_inputs_bltd=None, layer_output_btd=None)
+        return self.replace(layer_inputs_bltd=None, layer_output_btd=None, sample_logsumexp_bt=None)
 
 
 @flax.struct.dataclass
@@ -274,15 +291,17 @@ def policy_outputs(apply_fn: ApplyFn, params, batch: Rollout):
 def policy_logprobs(apply_fn: ApplyFn, params, batch: Rollout, temperature: float) -> tuple[Array, Array]:
     """`(logp_bt, values_bt)` of a rollout's actions, aligned as `losses.shift_to_actions` aligns them: from
     `apply_fn.next_token_logprobs` where the apply function has one (an LM: the head's log-softmax a chunk of
-    positions at a time, never the [B, T, V] logits, `transformer.chunked_token_logprobs`), else from its logits."""
+    positions at a time, never the [B, T, V] logits, `transformer.chunked_token_logprobs`), else from its logits.
+    With the rollout's recorded states, the layers replay them (`Rollout.replay`), and the head the sampler's
+    log-probabilities (`Rollout.replay_head`)."""
     next_token_logprobs = getattr(apply_fn, "next_token_logprobs", None)
     if next_token_logprobs is None:
         logits_btv, values_bt = policy_outputs(apply_fn, params, batch)
         return losses.shift_to_actions(logits_btv, values_bt, batch.tokens_bt, temperature, batch.first_action)
-    replay = batch.replay()
+    replays = {"replay": batch.replay(), "replay_head": batch.replay_head()}
     logp, values_bt = next_token_logprobs(params, batch.tokens_bt, batch.positions_bt, batch.attention_mask_bt,
                                           batch.first_action - 1, temperature,
-                                          **({} if replay is None else {"replay": replay}))
+                                          **{k: v for k, v in replays.items() if v is not None})
     values_bt = None if values_bt is None else losses.shift_right(values_bt.astype(jnp.float32))
     return losses.from_first_action(logp, batch.first_action), values_bt
 
