@@ -546,8 +546,9 @@ def main():
               "(reward.overlap_reference); their rows overlap, reward+reference is their joint time")
     replayed = [names[s] for s in cols if results[s].get("replay_sampler_forward")]
     if replayed:
-        print(f"{', '.join(replayed)}: the update replayed the layer states the sampler recorded instead of running "
-              "its own forward over the layers (rl.replay_sampler_forward)")
+        print(f"{', '.join(replayed)}: the update replayed the layer states and log-probabilities the sampler "
+              "recorded instead of running its own forward over the layers and the LM head "
+              "(rl.replay_sampler_forward)")
     print(header)
     labels = {"cpu": "iteration CPU-s", "scoring": "reward+reference"}
     for phase in PHASES[:3] + ("scoring",) + PHASES[3:] + ("iteration", "cpu"):

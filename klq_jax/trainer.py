@@ -250,7 +250,8 @@ def replay_sampler_forward(config, mesh) -> bool:
     rollout (`rl.epochs * rl.num_minibatches == 1`), and the update's backward must recompute each layer from its
     input (`model.remat="full"`). "auto": then, on one device in one process (the recorded states are not split over
     a mesh). SmolLM2-135M, 8 x 176 tokens, bf16 matmuls, 2-core Zen 4: the update 5.21 -> 3.61 s (docs/performance.md,
-    item 55)."""
+    item 55). Where the sampler draws from the policy itself (no top-k / top-p), the update's LM head also replays
+    the sampler's log-probabilities and log-normalisers (`Rollout.replay_head`): 3.61 -> 3.35 s (item 56)."""
     choice = _replay_choice(config)
     single_step = _update_steps(config) == 1 and config.model.remat == "full"
     return choice == "on" or (choice == "auto" and single_step and jax.process_count() == 1 and mesh.size == 1)
