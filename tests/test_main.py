@@ -172,13 +172,19 @@ def test_bad_overlap_reference(tiny_model, tmp_path):
          "'yes'", "'auto'", "'off'")
 
 
-def test_overlap_reference_auto_is_on_for_one_cpu_device_only():
-    from klq_jax import trainer
+def _dialogue_config_and_meshes():
+    """The embedded default's config, a one-device mesh and an abstract 8-device one."""
     from klq_jax.memory import load_config
 
     config, _ = load_config(str(ROOT / "configs" / "dialogue.py"))
+    return config, jax.make_mesh((1,), ("data",)), jax.sharding.AbstractMesh((8,), ("data",))
+
+
+def test_overlap_reference_auto_is_on_for_one_cpu_device_only():
+    from klq_jax import trainer
+
+    config, one, several = _dialogue_config_and_meshes()
     assert config.reward.overlap_reference == "auto"
-    one, several = jax.make_mesh((1,), ("data",)), jax.sharding.AbstractMesh((8,), ("data",))
     assert trainer.overlap_reference(config, one)  # the tests run on the CPU
     assert not trainer.overlap_reference(config, several)
     config.reward.overlap_reference = "off"
@@ -197,11 +203,9 @@ def test_bad_replay_sampler_forward(tiny_model, tmp_path):
 
 def test_replay_sampler_forward_auto_is_on_for_one_step_per_rollout_only():
     from klq_jax import trainer
-    from klq_jax.memory import load_config
 
-    config, _ = load_config(str(ROOT / "configs" / "dialogue.py"))
+    config, one, several = _dialogue_config_and_meshes()
     assert config.rl.replay_sampler_forward == "auto"
-    one, several = jax.make_mesh((1,), ("data",)), jax.sharding.AbstractMesh((8,), ("data",))
     assert config.rl.epochs * config.rl.num_minibatches > 1 and not trainer.replay_sampler_forward(config, one)
     config.rl.epochs = config.rl.num_minibatches = 1
     assert trainer.replay_sampler_forward(config, one)

@@ -94,7 +94,8 @@ def categorical_with_stats(key: jax.Array, logits_bv: jax.Array, block: int = CA
     bf16 decode step here, three exponential passes another ~0.5 ms (docs/performance.md, item 40)."""
     logits_bv = logits_bv.astype(jnp.float32)
     b, v = logits_bv.shape
-    z_bv = logits_bv - jnp.max(logits_bv, axis=-1, keepdims=True)
+    max_b1 = jnp.max(logits_bv, axis=-1, keepdims=True)
+    z_bv = logits_bv - max_b1
     e_bv = jnp.exp(z_bv)  # unnormalised probabilities; 0 for -inf logits
     s_b = jnp.sum(e_bv, axis=-1)
     log_s_b = jnp.log(s_b)
@@ -117,7 +118,7 @@ def categorical_with_stats(key: jax.Array, logits_bv: jax.Array, block: int = CA
     logp_b = jnp.take_along_axis(z_bv, token_b[:, None], axis=-1)[:, 0] - log_s_b
     entropy_b = log_s_b - jnp.sum(jnp.where(e_bv > 0, e_bv * z_bv, 0.0), axis=-1) / s_b
     if with_logsumexp:
-        return token_b, logp_b, entropy_b, jnp.max(logits_bv, axis=-1) + log_s_b
+        return token_b, logp_b, entropy_b, max_b1[:, 0] + log_s_b
     return token_b, logp_b, entropy_b
 
 

@@ -359,10 +359,15 @@ def _chunked_token_logprobs_fwd(h_btd, head_vd, targets_bt, temperature, matmul_
 
     logp_nr, lse_nr = jax.lax.map(chunk, (_position_chunks(h_btd, per_chunk), _position_chunks(targets_bt, per_chunk)))
     lse_bt = _from_position_chunks(lse_nr, b, t)
-    # The rounded head, not the head, for the backward: rounded once (a [V, D] conversion on one thread, 20-30 ms
-    # for SmolLM2), held only from the head's forward to its backward, which follow each other.
-    empty_like_head = jnp.zeros((0,), head_vd.dtype)  # carries the head's dtype for its gradient
-    return _from_position_chunks(logp_nr, b, t), (h_btd, head, targets_bt, temperature, lse_bt, empty_like_head)
+    return _from_position_chunks(logp_nr, b, t), _head_residuals(h_btd, head, head_vd.dtype, targets_bt, temperature,
+                                                                  lse_bt)
+
+
+def _head_residuals(h_btd, head_rounded, head_dtype, targets_bt, temperature, lse_bt):
+    """What `_chunked_token_logprobs_bwd` takes: the rounded head, not the head (rounded once, a [V, D] conversion
+    on one thread, 20-30 ms for SmolLM2, held only from the head's forward to its backward, which follow each
+    other), and an empty array that carries the head's dtype for its gradient."""
+    return h_btd, head_rounded, targets_bt, temperature, lse_bt, jnp.zeros((0,), head_dtype)
 
 
 def _chunked_token_logprobs_bwd(matmul_dtype, rows, residuals, g_bt):
@@ -434,8 +439,7 @@ def _replayed_token_logprobs(h_btd, head_vd, targets_bt, temperature, logp_bt, l
 
 def _replayed_token_logprobs_fwd(h_btd, head_vd, targets_bt, temperature, logp_bt, logsumexp_bt, matmul_dtype):
     head = head_vd.astype(jnp.dtype(matmul_dtype or h_btd.dtype))  # rounded once, as the forward's
-    empty_like_head = jnp.zeros((0,), head_vd.dtype)
-    return logp_bt, (h_btd, head, targets_bt, temperature, logsumexp_bt, empty_like_head)
+    return logp_bt, _head_residuals(h_btd, head, head_vd.dtype, targets_bt, temperature, logsumexp_bt)
 
 
 def _replayed_token_logprobs_bwd(matmul_dtype, residuals, g_bt):
