@@ -132,10 +132,10 @@ def _step_and_xla_step(model, cfg, amx, isa, native_pack=True, cache_dtype=jnp.f
 @needs_kernel
 @MATMUL_DTYPES
 @pytest.mark.parametrize("path", ["amx", "avx512", "avx2"])
-@pytest.mark.parametrize("tied,head_dim,ffn,native_pack,kv_heads", [
-    (True, 16, 96, True, 2), (False, 8, 80, True, 2), (False, 16, 96, False, 2), (True, 16, 112, True, 2),
-    (True, 16, 96, True, 1)])
-def test_one_step_equals_xla(tied, head_dim, ffn, native_pack, kv_heads, path, matmul_dtype):
+@pytest.mark.parametrize("tied,head_dim,ffn,native_pack,kv_heads,hidden", [
+    (True, 16, 96, True, 2, 64), (False, 8, 80, True, 2, 64), (False, 16, 96, False, 2, 64),
+    (True, 16, 112, True, 2, 64), (True, 16, 96, True, 1, 64), (True, 32, 88, True, 2, 72)])
+def test_one_step_equals_xla(tied, head_dim, ffn, native_pack, kv_heads, hidden, path, matmul_dtype):
     """Logits, final hidden states (value head) and both caches equal XLA's bf16-matmul step under left padding
     and grouped-query attention, for 9 rows (a full group of 8 and one more); q|k|v and gate|up in whole tiles
     (packed apart, concatenated) and not (head_dim 8: 48 query outputs; 80-wide MLP), packed natively or by jnp;
@@ -144,10 +144,11 @@ def test_one_step_equals_xla(tied, head_dim, ffn, native_pack, kv_heads, path, m
     and FMAs, against XLA's fp32 step (AMX plays no part), in the AVX-512 build and in the AVX2 one (8-lane
     vectors: its own tile loop, exp, softmax tails and head_dim 8 in one vector). The attention: 3 query heads per KV
     head (their outputs in registers; with head_dim 8 in the AVX-512 build, the per-head loop) and 6 (one KV head:
-    the per-head loop)."""
+    the per-head loop). Head_dim 32 rotates 16 entries per half, whole vectors of the step's RoPE; a 72-wide
+    model and an 88-wide MLP leave its norms and its bf16 packing of activations a tail past whole vectors."""
     amx, isa = _kernel_path(path, matmul_dtype)
     cfg = tiny_cfg(tie_embeddings=tied, rope_theta=500.0, head_dim=head_dim, rotary_dim=head_dim,
-                   intermediate_size=ffn, num_kv_heads=kv_heads)
+                   intermediate_size=ffn, num_kv_heads=kv_heads, hidden_size=hidden)
     model = tiny_model(cfg, matmul_dtype=matmul_dtype)
     (logits, h, k, v, states), ref = _step_and_xla_step(model, cfg, amx, isa, native_pack=native_pack)
     ref_logits = np.asarray(ref.logits_btv[:, 0])
