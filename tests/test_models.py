@@ -747,16 +747,57 @@ def test_bf16_remat_checkpoints_round_less_than_the_bf16_matmuls(tiny_checkpoint
     np.testing.assert_allclose(remat_loss, plain_loss, rtol=1e-6)
 
     def error(grads, ref):  # relative to each leaf's largest gradient, the largest over all leaves
-        return max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+        return max(float(jnp.max(jnp.abs(a.astype(b.dtype) - b)) / jnp.max(jnp.abs(b)))
                    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref)))
     checkpoint_error, matmul_error = error(remat_grads, plain_grads), error(plain_grads, fp32_grads)
     text = remat_fn.lower(remat_params).compile().as_text()
     stack = f"[{model.cfg.num_layers},3,9,{model.cfg.hidden_size}]"  # the checkpoints: [L, B, T, D]
+    # The layers' weight matrices' gradients come in bf16 (`CausalLM.layer_grad_dtype`), the rest as before.
+    bf16_leaves = [jax.tree_util.keystr(path) for path, g in jax.tree_util.tree_leaves_with_path(remat_grads)
+                   if g.dtype == jnp.bfloat16]
+    assert bf16_leaves and all("blocks" in k for k in bf16_leaves), bf16_leaves
     if rms:
         assert 0 < checkpoint_error < matmul_error, (checkpoint_error, matmul_error)
         assert f"u16{stack}" in text and f"f32{stack}" not in text, sorted(set(re.findall(r"\w+\[\d+,3,9,\d+\]", text)))
-    else:
-        assert checkpoint_error < 1e-5 * matmul_error and f"u16{stack}" not in text
+    else:  # fp32 checkpoints: remat none's gradients, the matrices' rounded once to bf16
+        assert f"u16{stack}" not in text
+        for a, r in zip(jax.tree.leaves(remat_grads), jax.tree.leaves(plain_grads)):
+            if a.dtype == jnp.bfloat16:
+                np.testing.assert_allclose(np.asarray(a, np.float32), r, rtol=2**-8, atol=1e-6 * float(jnp.abs(r).max()))
+            else:
+                assert float(jnp.abs(a - r).max()) < 1e-5 * matmul_error * float(jnp.abs(r).max())
+
+
+def test_bf16_layer_gradients_take_half_the_update_memory():
+    """With bf16 matmul operands and remat "full" the layers' weight gradients are collected in bf16, as their raw
+    bits (XLA:CPU runs a bf16 dynamic-update-slice in fp32, on the whole stack), and the clipped AdamW step reads
+    them in place (`optimizer.global_norm` sums them a slice of bits at a time): the step's temporaries shrink by
+    about half the fp32 stack. Read as in optax (a whole-array widening) they would grow instead."""
+    from klq_jax.models.config import ModelConfig
+    from klq_jax.rl.optimizer import clipped_adamw
+    layers, d, f = 6, 256, 1024
+    cfg = ModelConfig(family="llama", vocab_size=512, hidden_size=d, intermediate_size=f, num_layers=layers,
+                      num_heads=4, num_kv_heads=2, head_dim=64, max_position_embeddings=64, rotary_dim=64,
+                      tie_embeddings=True, norm_eps=1e-5)
+    tokens, mask = jnp.zeros((4, 32), jnp.int32), jnp.ones((4, 32), bool)
+
+    def step_temp_bytes(bf16_gradients: bool) -> int:
+        model = CausalLM(cfg, matmul_dtype=jnp.bfloat16, remat="full", rngs=nnx.Rngs(0))
+        assert model.layer_grad_dtype() == jnp.bfloat16
+        if not bf16_gradients:
+            model.layer_grad_dtype = lambda: None
+        graphdef, params = nnx.split(model)
+        opt = clipped_adamw(1e-3, max_grad_norm=1.0, mu_dtype=jnp.bfloat16)
+
+        def step(params, opt_state):
+            def loss(p):
+                return jnp.sum(jnp.tanh(nnx.merge(graphdef, p)(tokens, positions_from_mask(mask), mask).logits_btv))
+            return opt.apply(jax.grad(loss)(params), opt_state, params, 0.5)
+        compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt.init(params)).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    stack_fp32 = layers * (d * (d + 2 * 128) + d * d + 3 * d * f) * 4  # q, k|v, o, gate, up, down
+    assert step_temp_bytes(True) < step_temp_bytes(False) - 0.4 * stack_fp32
 
 
 @pytest.mark.parametrize("remat", ["full", "dots"])

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from klq_jax.rl.optimizer import clipped_adamw
+from klq_jax.rl.optimizer import clipped_adamw, global_norm
 from klq_jax.rl.train_step import default_optim_config, make_optimizer
 
 
@@ -79,3 +79,39 @@ def test_bf16_first_moment_adds_no_temporaries():
 
     w_bytes = 512 * 1024 * 4
     assert temp_bytes(jnp.bfloat16) <= temp_bytes(jnp.float32) < w_bytes / 4
+
+
+def test_bf16_gradients_read_as_their_fp32_values():
+    """Gradients in bfloat16 (the layers' weight gradients with bf16 matmul operands) take the same step as their
+    float32 values, and `global_norm` sums their squares in float32 (optax's on the widened values)."""
+    rng = np.random.default_rng(1)
+    params = {"stack": jnp.asarray(rng.normal(size=(3, 4, 5)), jnp.float32),
+              "b": jnp.asarray(rng.normal(size=(5,)), jnp.float32)}
+    grads16 = {"stack": jnp.asarray(rng.normal(size=(3, 4, 5)) * 40, jnp.bfloat16),
+               "b": jnp.asarray(rng.normal(size=(5,)), jnp.float32)}
+    grads32 = jax.tree.map(lambda g: g.astype(jnp.float32), grads16)
+    np.testing.assert_allclose(global_norm(grads16), optax.global_norm(grads32), rtol=1e-6)
+    opt = clipped_adamw(1e-2, max_grad_norm=1.0, weight_decay=0.1, mu_dtype=jnp.bfloat16)
+    state = opt.init(params)
+    for (a, sa), (b, sb) in [(jax.jit(opt.apply)(grads16, state, params, 0.5),
+                              jax.jit(opt.apply)(grads32, state, params, 0.5))]:
+        for x, y in zip(jax.tree.leaves((a, sa)), jax.tree.leaves((b, sb))):
+            assert x.dtype == y.dtype
+            np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
+
+
+def test_bf16_stacked_gradients_add_no_fp32_copies():
+    """A stacked [L, ...] bf16 gradient is read in place by the clipped step: the norm sums it one slice of its
+    raw bits at a time, the update widens it as it reads it. XLA:CPU would otherwise widen the whole leaf into a
+    float32 temporary (a bf16 slice and a whole-array reduction run in float32 there): the step takes no more
+    temporaries than with the same gradient in float32."""
+    params = {"stack": jnp.zeros((8, 256, 1024), jnp.float32)}
+
+    def temp_bytes(grad_dtype):
+        grads = {"stack": jnp.ones((8, 256, 1024), grad_dtype)}
+        opt = clipped_adamw(1e-3, max_grad_norm=1.0, weight_decay=0.1, mu_dtype=jnp.bfloat16)
+        step = jax.jit(opt.apply, donate_argnums=(1, 2))
+        return step.lower(grads, opt.init(params), params, 0.5).compile().memory_analysis().temp_size_in_bytes
+
+    fp32_copy = 8 * 256 * 1024 * 4
+    assert temp_bytes(jnp.bfloat16) < temp_bytes(jnp.float32) + fp32_copy / 8

@@ -784,14 +784,16 @@ def in_row_groups(layer_fn: Callable, groups: int) -> Callable:
     return grouped
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4, 5))
-def remat_layer_scan(layer_fn: Callable, x, stacked_params, aux, checkpoint_dtype=None, row_groups: int = 1):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4, 5, 6))
+def remat_layer_scan(layer_fn: Callable, x, stacked_params, aux, checkpoint_dtype=None, row_groups: int = 1,
+                     grad_dtype=None):
     """`x <- layer_fn(x, params_l, aux)` for each layer `l` of `stacked_params` (leading axis), keeping only
     each layer's input for the backward, which recomputes the layer: `jax.checkpoint` with nothing saved
     over `lax.scan`, with the backward written out. `checkpoint_dtype`: those inputs are kept rounded to it
     (None: `x`'s dtype), and the backward recomputes each layer from the rounded input. `row_groups`: the
     forward and the backward run each layer `in_row_groups` (rows must not interact in `layer_fn`, and every
-    `aux` array has the rows as its leading axis).
+    `aux` array has the rows as its leading axis). `grad_dtype`: the stacked weight matrices' gradients are
+    collected in it (`_layer_scan_bwd`; None: the parameters' dtype).
 
     Autodiff's transposed scan collects the layers' weight gradients in buffers that XLA:CPU allocates
     (zeroed) before the forward even runs, so they sit under the LM head's vocabulary-wide logits and their
@@ -803,7 +805,7 @@ def remat_layer_scan(layer_fn: Callable, x, stacked_params, aux, checkpoint_dtyp
     return jax.lax.scan(lambda x, p: (layer_fn(x, p, aux), None), x, stacked_params)[0]
 
 
-def _remat_layer_scan_fwd(layer_fn, x, stacked_params, aux, checkpoint_dtype, row_groups):
+def _remat_layer_scan_fwd(layer_fn, x, stacked_params, aux, checkpoint_dtype, row_groups, grad_dtype):
     # bf16 kept as its raw 16 bits and widened one layer at a time in the backward: XLA:CPU would widen a bf16
     # stack to fp32 before the loop, all layers at once (as `CausalLM.__call__` does for bf16-stored layers).
     keep = (lambda x: x) if checkpoint_dtype is None else (lambda x: _bf16_bits(x.astype(checkpoint_dtype)))
@@ -812,18 +814,31 @@ def _remat_layer_scan_fwd(layer_fn, x, stacked_params, aux, checkpoint_dtype, ro
     return y, (inputs_l, stacked_params, aux)
 
 
-def _remat_layer_scan_bwd(layer_fn, checkpoint_dtype, row_groups, residuals, dy):
+def _remat_layer_scan_bwd(layer_fn, checkpoint_dtype, row_groups, grad_dtype, residuals, dy):
     inputs_l, stacked_params, aux = residuals
-    return _layer_scan_bwd(layer_fn, row_groups, inputs_l, 0, stacked_params, aux, dy)
+    return _layer_scan_bwd(layer_fn, row_groups, inputs_l, 0, stacked_params, aux, dy, grad_dtype)
 
 
-def _layer_scan_bwd(layer_fn, row_groups, inputs, layer_axis: int, stacked_params, aux, dy):
+def _layer_scan_bwd(layer_fn, row_groups, inputs, layer_axis: int, stacked_params, aux, dy, grad_dtype=None):
     """The backward of a layer stack from each layer's input, `inputs` holding them along `layer_axis` (0: scanned
-    over, as remat keeps them; 1: [B, L, T, D], each layer's rows sliced out in its step, no transposed copy)."""
+    over, as remat keeps them; 1: [B, L, T, D], each layer's rows sliced out in its step, no transposed copy).
+
+    `grad_dtype` (16-bit matmul operands): the weight matrices' gradients are collected and returned in it, each
+    layer's rounded once from its fp32-accumulated dot, as torch's autocast rounds its weight gradients (the
+    consumers widen them as they read them: `optimizer.global_norm`, `ClippedAdamW`). Widened here instead, the
+    fp32 copy would be XLA:CPU's buffer: SmolLM2-135M's update took 80 MiB more temporaries than with fp32
+    gradients, not 0.2 GiB fewer."""
     layer_fn = in_row_groups(layer_fn, row_groups)
     # Zero buffers that depend on `dy`: XLA cannot schedule them before the cotangent exists.
     zero = jnp.zeros((), dy.dtype) * dy.reshape(-1)[0]
-    grads0 = jax.tree.map(lambda p: jnp.broadcast_to(zero.astype(p.dtype), p.shape), stacked_params)
+
+    def collect_dtype(p):  # matrices [L, ...] only: the norms' scales and the biases keep their dtype
+        return grad_dtype if grad_dtype is not None and p.ndim >= 3 else p.dtype
+
+    # 16-bit gradients collected as their raw bits: XLA:CPU runs a bf16 dynamic-update-slice in fp32, widening the
+    # whole stack and rounding it back at every layer.
+    grads0 = jax.tree.map(lambda p: _bf16_bits(jnp.broadcast_to(zero.astype(collect_dtype(p)), p.shape)),
+                          stacked_params)
 
     def step(carry, layer):
         dx, grads = carry
@@ -834,23 +849,24 @@ def _layer_scan_bwd(layer_fn, row_groups, inputs, layer_axis: int, stacked_param
             x_in = jax.lax.dynamic_index_in_dim(inputs, index, layer_axis, keepdims=False)
         _, vjp = jax.vjp(lambda x, p: layer_fn(x, p, aux), _widen_bf16_bits(x_in).astype(dy.dtype), params)
         dx, dparams = vjp(dx)
-        grads = jax.tree.map(lambda g, d: jax.lax.dynamic_update_index_in_dim(g, d.astype(g.dtype), index, 0),
-                             grads, dparams)
+        dparams = jax.tree.map(lambda g, d: _bf16_bits(d.astype(_from_bf16_bits(g).dtype)), grads, dparams)
+        grads = jax.tree.map(lambda g, d: jax.lax.dynamic_update_index_in_dim(g, d, index, 0), grads, dparams)
         return (dx, grads), None
 
     num_layers = jax.tree.leaves(stacked_params)[0].shape[0]
     xs = (jnp.arange(num_layers), inputs, stacked_params) if layer_axis == 0 else (jnp.arange(num_layers),
                                                                                    stacked_params)
     (dx, grads), _ = jax.lax.scan(step, (dy, grads0), xs, reverse=True)
+    grads = jax.tree.map(_from_bf16_bits, grads)
     return dx, grads, jax.tree.map(lambda a: None, aux)
 
 
 remat_layer_scan.defvjp(_remat_layer_scan_fwd, _remat_layer_scan_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 6, 7))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 6, 7, 8))
 def replayed_layer_scan(layer_fn: Callable, x, stacked_params, aux, inputs_bltd, output_btd, checkpoint_dtype=None,
-                        row_groups: int = 1):
+                        row_groups: int = 1, grad_dtype=None):
     """`remat_layer_scan` over layers whose forward already ran, at these parameters, on these rows: the sampler's,
     which computed every layer of every token it drew (`CausalLM.__call__(record_layers=True)`). Returns the recorded
     output `output_btd`; the backward is `remat_layer_scan`'s, recomputing each layer from its recorded input
@@ -858,19 +874,20 @@ def replayed_layer_scan(layer_fn: Callable, x, stacked_params, aux, inputs_bltd,
     gradient as if the stack had run from it. The recorded values differ from a forward's by summation order only
     (the decode step adds in another order); they must be this stack's at `stacked_params` on `x`, which the caller
     vouches for."""
-    del layer_fn, x, stacked_params, aux, inputs_bltd, checkpoint_dtype, row_groups
+    del layer_fn, x, stacked_params, aux, inputs_bltd, checkpoint_dtype, row_groups, grad_dtype
     return output_btd
 
 
-def _replayed_layer_scan_fwd(layer_fn, x, stacked_params, aux, inputs_bltd, output_btd, checkpoint_dtype, row_groups):
+def _replayed_layer_scan_fwd(layer_fn, x, stacked_params, aux, inputs_bltd, output_btd, checkpoint_dtype, row_groups,
+                             grad_dtype):
     # bf16 as its raw bits (a bitcast), widened one layer's slice at a time in the backward, as remat's.
     inputs_bltd = _bf16_bits(inputs_bltd.astype(checkpoint_dtype or x.dtype))
     return output_btd.astype(x.dtype), (inputs_bltd, stacked_params, aux)
 
 
-def _replayed_layer_scan_bwd(layer_fn, checkpoint_dtype, row_groups, residuals, dy):
+def _replayed_layer_scan_bwd(layer_fn, checkpoint_dtype, row_groups, grad_dtype, residuals, dy):
     inputs_bltd, stacked_params, aux = residuals
-    dx, grads, aux_none = _layer_scan_bwd(layer_fn, row_groups, inputs_bltd, 1, stacked_params, aux, dy)
+    dx, grads, aux_none = _layer_scan_bwd(layer_fn, row_groups, inputs_bltd, 1, stacked_params, aux, dy, grad_dtype)
     return dx, grads, aux_none, None, None
 
 
@@ -1097,11 +1114,13 @@ class CausalLM(nnx.Module):
             checkpoint_dtype = self.checkpoint_dtype()
             layer_fn = lambda x_btd, state, aux: run_layer(x_btd, state, *aux)[0]  # noqa: E731
             row_groups = update_row_groups(tokens_bt.shape[0])
+            grad_dtype = self.layer_grad_dtype()
             if replay is None:
-                x = remat_layer_scan(layer_fn, x, block_state, (rope, mask_bts), checkpoint_dtype, row_groups)
+                x = remat_layer_scan(layer_fn, x, block_state, (rope, mask_bts), checkpoint_dtype, row_groups,
+                                     grad_dtype)
             else:
                 x = replayed_layer_scan(layer_fn, x, block_state, (rope, mask_bts), *replay, checkpoint_dtype,
-                                        row_groups)
+                                        row_groups, grad_dtype)
             new_cache = None
         else:
             if REMAT_POLICIES[self.remat] is not None:
@@ -1165,6 +1184,13 @@ class CausalLM(nnx.Module):
         matmul operands on an RMS-normed model (see `__call__`)."""
         if (self.matmul_dtype is not None and self.final_bias is None
                 and jnp.dtype(self.matmul_dtype).itemsize < jnp.dtype(self.dtype).itemsize):
+            return self.matmul_dtype
+        return None
+
+    def layer_grad_dtype(self):
+        """The dtype remat "full" collects the layers' weight gradients in (None: the parameters'): 16-bit matmul
+        operands, whose dots round each layer's weight gradient to it once (`_layer_scan_bwd`)."""
+        if self.matmul_dtype is not None and jnp.dtype(self.matmul_dtype).itemsize < jnp.dtype(self.dtype).itemsize:
             return self.matmul_dtype
         return None
 

@@ -28,7 +28,7 @@ import optax
 
 from klq_jax.rl import losses
 from klq_jax.rl.losses import LossOutput
-from klq_jax.rl.optimizer import ClippedAdamW, clipped_adamw
+from klq_jax.rl.optimizer import ClippedAdamW, clipped_adamw, global_norm
 
 Array = jax.Array
 # `apply_fn(params, tokens_bt, positions_bt, mask_bt[, logits_from, logits_to]) -> (logits_btv, values_bt)`. An LM's
@@ -375,22 +375,24 @@ def make_train_step(apply_fn: ApplyFn, algo_cfg, optimizer: optax.GradientTransf
             micro = _split_microbatches(minibatch, n_micro)
             first = jax.tree.map(lambda x: x[0], micro)
             shapes = jax.eval_shape(grad_fn, state.params, first, state.kl_coef)
-            init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+            # Sums in float32 (at least): bf16 layer gradients (bf16 matmul operands) are widened as they add up.
+            init = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.promote_types(s.dtype, jnp.float32)
+                                                    if jnp.issubdtype(s.dtype, jnp.floating) else s.dtype), shapes)
 
             def body(acc, mmb):
                 out = grad_fn(state.params, mmb, state.kl_coef)
-                return jax.tree.map(jnp.add, acc, out), None
+                return jax.tree.map(lambda a, o: a + o.astype(a.dtype), acc, out), None
 
             (grads, metrics), _ = jax.lax.scan(body, init, micro)
         count = jnp.maximum(metrics["loss"].count, 1.0)
         if isinstance(optimizer, ClippedAdamW):  # divides as it reads the gradient (klq_jax/rl/optimizer.py)
             params, opt_state = optimizer.apply(grads, state.opt_state, state.params, grad_scale=1.0 / count)
-            grad_norm = optax.global_norm(grads) / count
-        else:
-            grads = jax.tree.map(lambda g: g / count, grads)
+            grad_norm = global_norm(grads) / count
+        else:  # optax's transformations take gradients in the parameters' dtype
+            grads = jax.tree.map(lambda g, p: g.astype(p.dtype) / count, grads, state.params)
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
-            grad_norm = optax.global_norm(grads)
+            grad_norm = global_norm(grads)
         out = {k: v.mean() for k, v in metrics.items()}
         out["grad_norm"] = grad_norm
         out["tokens"] = metrics["loss"].count
