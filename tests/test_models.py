@@ -910,3 +910,18 @@ def test_blocked_causal_attention_matches_transformers_and_keeps_gradients(tiny_
         err_blocks, err_one = (np.abs(hf[k][name] - g_exact).max() for k in ("blocks", "one"))
         assert err_blocks <= 2 * err_one + 1e-7 * scale, (name, err_blocks, err_one, scale)
         assert err_one <= 1e-6 * scale, (name, err_one, scale)  # one block is right: fp32 rounding alone
+
+
+def test_layer_grad_dtype_only_for_bf16_operands_under_a_wider_compute_dtype():
+    """bf16 layer gradients need bf16 matmul operands and a wider compute dtype; fp16 operands keep the parameters'
+    dtype (a summed gradient could overflow fp16's range), as do fp32 matmuls."""
+    from klq_jax.models.config import ModelConfig
+    cfg = ModelConfig(family="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=2,
+                      num_kv_heads=1, head_dim=16, max_position_embeddings=16, rotary_dim=16, tie_embeddings=True,
+                      norm_eps=1e-5)
+
+    def grad_dtype(**kw):
+        return CausalLM(cfg, rngs=nnx.Rngs(0), **kw).layer_grad_dtype()
+    assert grad_dtype(matmul_dtype=jnp.bfloat16) == jnp.bfloat16
+    assert grad_dtype() is None and grad_dtype(matmul_dtype=jnp.float16) is None
+    assert grad_dtype(matmul_dtype=jnp.bfloat16, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16) is None

@@ -823,7 +823,7 @@ def _layer_scan_bwd(layer_fn, row_groups, inputs, layer_axis: int, stacked_param
     """The backward of a layer stack from each layer's input, `inputs` holding them along `layer_axis` (0: scanned
     over, as remat keeps them; 1: [B, L, T, D], each layer's rows sliced out in its step, no transposed copy).
 
-    `grad_dtype` (16-bit matmul operands): the weight matrices' gradients are collected and returned in it, each
+    `grad_dtype` (bf16 matmul operands): the weight matrices' gradients are collected and returned in it, each
     layer's rounded once from its fp32-accumulated dot, as torch's autocast rounds its weight gradients (the
     consumers widen them as they read them: `optimizer.global_norm`, `ClippedAdamW`). Widened here instead, the
     fp32 copy would be XLA:CPU's buffer: SmolLM2-135M's update took 80 MiB more temporaries than with fp32
@@ -1188,9 +1188,11 @@ class CausalLM(nnx.Module):
         return None
 
     def layer_grad_dtype(self):
-        """The dtype remat "full" collects the layers' weight gradients in (None: the parameters'): 16-bit matmul
-        operands, whose dots round each layer's weight gradient to it once (`_layer_scan_bwd`)."""
-        if self.matmul_dtype is not None and jnp.dtype(self.matmul_dtype).itemsize < jnp.dtype(self.dtype).itemsize:
+        """The dtype remat "full" collects the layers' weight gradients in (None: the parameters'): bf16 with bf16
+        matmul operands and a wider compute dtype, each layer's weight gradient rounded to it once
+        (`_layer_scan_bwd`). Not fp16: the summed (not yet averaged) gradients could overflow its range."""
+        if (self.matmul_dtype == jnp.dtype(jnp.bfloat16)
+                and jnp.dtype(self.matmul_dtype).itemsize < jnp.dtype(self.dtype).itemsize):
             return self.matmul_dtype
         return None
 
