@@ -763,7 +763,8 @@ def test_bf16_remat_checkpoints_round_less_than_the_bf16_matmuls(tiny_checkpoint
         assert f"u16{stack}" not in text
         for a, r in zip(jax.tree.leaves(remat_grads), jax.tree.leaves(plain_grads)):
             if a.dtype == jnp.bfloat16:
-                np.testing.assert_allclose(np.asarray(a, np.float32), r, rtol=2**-8, atol=1e-6 * float(jnp.abs(r).max()))
+                np.testing.assert_allclose(np.asarray(a, np.float32), r, rtol=2**-8,
+                                           atol=1e-6 * float(jnp.abs(r).max()))
             else:
                 assert float(jnp.abs(a - r).max()) < 1e-5 * matmul_error * float(jnp.abs(r).max())
 

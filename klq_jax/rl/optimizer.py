@@ -35,8 +35,9 @@ class ClippedAdamWState(NamedTuple):
 
 class ClippedAdamW(NamedTuple):
     """`init(params) -> state`; `apply(grads, state, params, grad_scale=1.0) -> (new_params, state)`, where
-    the gradient is `grad_scale * grads` (a positive scalar; `grads` in any float dtype, read in float32). It returns the new parameters, not optax's
-    updates: a separate update tree is one more parameter-sized buffer in XLA:CPU's temporaries."""
+    the gradient is `grad_scale * grads` (a positive scalar; `grads` in any float dtype, read in float32). It
+    returns the new parameters, not optax's updates: a separate update tree is one more parameter-sized buffer in
+    XLA:CPU's temporaries."""
 
     init: Callable
     apply: Callable
