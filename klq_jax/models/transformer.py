@@ -832,13 +832,13 @@ def _layer_scan_bwd(layer_fn, row_groups, inputs, layer_axis: int, stacked_param
     # Zero buffers that depend on `dy`: XLA cannot schedule them before the cotangent exists.
     zero = jnp.zeros((), dy.dtype) * dy.reshape(-1)[0]
 
-    def collect_dtype(p):  # matrices [L, ...] only: the norms' scales and the biases keep their dtype
-        return grad_dtype if grad_dtype is not None and p.ndim >= 3 else p.dtype
-
+    # matrices [L, ...] only: the norms' scales and the biases keep their dtype
+    collect_dtypes = jax.tree.map(lambda p: grad_dtype if grad_dtype is not None and p.ndim >= 3 else p.dtype,
+                                  stacked_params)
     # 16-bit gradients collected as their raw bits: XLA:CPU runs a bf16 dynamic-update-slice in fp32, widening the
     # whole stack and rounding it back at every layer.
-    grads0 = jax.tree.map(lambda p: _bf16_bits(jnp.broadcast_to(zero.astype(collect_dtype(p)), p.shape)),
-                          stacked_params)
+    grads0 = jax.tree.map(lambda p, dt: _bf16_bits(jnp.broadcast_to(zero.astype(dt), p.shape)), stacked_params,
+                          collect_dtypes)
 
     def step(carry, layer):
         dx, grads = carry
@@ -849,7 +849,7 @@ def _layer_scan_bwd(layer_fn, row_groups, inputs, layer_axis: int, stacked_param
             x_in = jax.lax.dynamic_index_in_dim(inputs, index, layer_axis, keepdims=False)
         _, vjp = jax.vjp(lambda x, p: layer_fn(x, p, aux), _widen_bf16_bits(x_in).astype(dy.dtype), params)
         dx, dparams = vjp(dx)
-        dparams = jax.tree.map(lambda g, d: _bf16_bits(d.astype(_from_bf16_bits(g).dtype)), grads, dparams)
+        dparams = jax.tree.map(lambda d, dt: _bf16_bits(d.astype(dt)), dparams, collect_dtypes)
         grads = jax.tree.map(lambda g, d: jax.lax.dynamic_update_index_in_dim(g, d, index, 0), grads, dparams)
         return (dx, grads), None
 
