@@ -368,7 +368,7 @@ def make_fns(setup: Setup, mesh, *, policy_stats: bool = True, replay: bool = Fa
         return Rollout.from_samples(out.tokens_bt, positions_from_mask(out.attention_mask_bt), out.attention_mask_bt,
                                     out.response_mask_bt, out.logprobs_bt, out.eos_b, first_action=out.prompt_len,
                                     layer_inputs_bltd=out.layer_inputs_bltd, layer_output_btd=out.layer_output_btd,
-                                    logsumexp_bt=out.logsumexp_bt, **stats)
+                                    logsumexp_bt=out.logsumexp_bt, gate_up_bltf=out.gate_up_bltf, **stats)
 
     def reward_fn(prompt_batch: list[Prompt], batch: Rollout):
         texts = decode_responses(setup, batch.tokens_bt, batch.response_mask_bt)

@@ -112,20 +112,24 @@ def _kernel_path(path, matmul_dtype):
 
 def _step_and_xla_step(model, cfg, amx, isa, native_pack=True, cache_dtype=jnp.float32):
     """One decode step of 9 left-padded rows (a full group of 8 and one more) after a 5-token prefill into a cache
-    of `cache_dtype`, on the kernel and on XLA: `(kernel (logits, h, k, v, layer states), XLA's model output)`."""
+    of `cache_dtype`, on the kernel and on XLA: `(kernel (logits, h, k, v, layer states, gate|up bits), XLA's model
+    output)`."""
     mask_bp = np.ones((9, 5), bool)
     mask_bp[0, :2] = mask_bp[3, :4] = mask_bp[7, :1] = False
     cache, token_b, position_b, kv_mask_bs = _prefill_then_step(model, cfg, jnp.asarray(mask_bp), slots=9,
                                                                 cache_dtype=cache_dtype)
     assert cache.k_lbksh.dtype == cache_dtype
-    ref = model(token_b[:, None], position_b[:, None], kv_mask_bs, cache=cache, cache_pos=5, record_layers=True)
+    ref = model(token_b[:, None], position_b[:, None], kv_mask_bs, cache=cache, cache_pos=5, record_layers=True,
+                record_gate_up=True)
     weights = jax.jit(lambda m: cpu_decode.pack_weights(m, native=native_pack, isa=isa))(model)
     cos_br, sin_br = (c[:, 0] for c in rope_cos_sin(cfg, position_b[:, None]))
     x_bd = jnp.take(model.embed_vd[...], token_b, axis=0)
     states = jnp.full((3, cfg.num_layers + 1, *x_bd.shape), 7.0, jnp.float32)  # the step writes at index 1 only
-    out = jax.jit(lambda *a: cpu_decode.decode_step(weights, cfg, *a[:-1], amx=amx, isa=isa, states=a[-1],
-                                                    states_step=1))(
-        x_bd, cos_br, sin_br, kv_mask_bs, jnp.int32(5), cache.k_lbksh, cache.v_lbksh, states)
+    # and the gate|up projections at its slot (5) only
+    gate_up = jnp.full((x_bd.shape[0], cfg.num_layers, 9, 2 * cfg.intermediate_size), 7, jnp.uint16)
+    out = jax.jit(lambda *a: cpu_decode.decode_step(weights, cfg, *a[:-2], amx=amx, isa=isa, states=a[-2],
+                                                    states_step=1, gate_up=a[-1]))(
+        x_bd, cos_br, sin_br, kv_mask_bs, jnp.int32(5), cache.k_lbksh, cache.v_lbksh, states, gate_up)
     return out, ref
 
 
@@ -150,7 +154,7 @@ def test_one_step_equals_xla(tied, head_dim, ffn, native_pack, kv_heads, hidden,
     cfg = tiny_cfg(tie_embeddings=tied, rope_theta=500.0, head_dim=head_dim, rotary_dim=head_dim,
                    intermediate_size=ffn, num_kv_heads=kv_heads, hidden_size=hidden)
     model = tiny_model(cfg, matmul_dtype=matmul_dtype)
-    (logits, h, k, v, states), ref = _step_and_xla_step(model, cfg, amx, isa, native_pack=native_pack)
+    (logits, h, k, v, states, gate_up), ref = _step_and_xla_step(model, cfg, amx, isa, native_pack=native_pack)
     ref_logits = np.asarray(ref.logits_btv[:, 0])
     # The dots sum their products in another order (the AVX-512 loop pairwise per lane; XLA's and the kernel's AMX
     # tiles agree to the bit here): 2.2e-5 of the logits' scale at most on these models. A wrong weight, norm or
@@ -164,6 +168,13 @@ def test_one_step_equals_xla(tied, head_dim, ffn, native_pack, kv_heads, hidden,
     ref_states = np.asarray(ref.layer_states_lbtd[:, :, 0])
     np.testing.assert_allclose(np.asarray(states[1]), ref_states, rtol=0, atol=2e-5 * np.abs(ref_states).max())
     np.testing.assert_array_equal(np.asarray(states[::2]), 7.0)
+    # each layer's gate|up projections in bf16 (what the update's MLPs replay), as XLA's forward records them, at the
+    # step's slot and nowhere else: bf16 roundings of sums that differ in order, one bf16 step apart at most
+    ref_gate_up = np.asarray(ref.gate_up_lbtf[:, :, 0].astype(jnp.float32)).swapaxes(0, 1)
+    ours = np.asarray(jax.lax.bitcast_convert_type(gate_up[:, :, 5], jnp.bfloat16).astype(jnp.float32))
+    np.testing.assert_allclose(ours, ref_gate_up, rtol=0, atol=2 ** -8 * np.abs(ref_gate_up).max())
+    np.testing.assert_array_equal(np.asarray(gate_up[:, :, :5]), 7)
+    np.testing.assert_array_equal(np.asarray(gate_up[:, :, 6:]), 7)
 
 
 @needs_kernel
@@ -178,7 +189,7 @@ def test_one_step_on_a_bf16_cache_equals_xla(head_dim, kv_heads, path, matmul_dt
     amx, isa = _kernel_path(path, matmul_dtype)
     cfg = tiny_cfg(rope_theta=500.0, head_dim=head_dim, rotary_dim=head_dim, num_kv_heads=kv_heads)
     model = tiny_model(cfg, matmul_dtype=matmul_dtype)
-    (logits, h, k, v, _), ref = _step_and_xla_step(model, cfg, amx, isa, cache_dtype=jnp.bfloat16)
+    (logits, h, k, v, *_), ref = _step_and_xla_step(model, cfg, amx, isa, cache_dtype=jnp.bfloat16)
     assert k.dtype == v.dtype == jnp.bfloat16
     ref_logits = np.asarray(ref.logits_btv[:, 0])
     np.testing.assert_allclose(np.asarray(logits), ref_logits, rtol=0, atol=5e-5 * np.abs(ref_logits).max())

@@ -14,7 +14,7 @@ from klq_jax.models import sampler as sampler_lib  # noqa: E402
 from klq_jax.models.hf import load_model  # noqa: E402
 from klq_jax.models.sampler import (Sampler, categorical_with_stats, filter_logits, greedy,  # noqa: E402
                                     sample_categorical)
-from klq_jax.models.transformer import positions_from_mask  # noqa: E402
+from klq_jax.models.transformer import KVCache, positions_from_mask  # noqa: E402
 
 PAD, EOS = 0, 1
 
@@ -346,6 +346,23 @@ def test_recorded_layer_states_replay_the_update(tiny, tmp_path, decode, matmul_
 
     resp = np.asarray(out.response_mask_bt)
     assert out.logsumexp_bt.shape == (b, t) and not np.asarray(out.logsumexp_bt)[~resp].any()
+    # The native step with bf16 matmuls records the gate|up projections too (bf16), the prefill's and every step's:
+    # a forward's (over the whole rollout through a cache, which records) to within their bf16 rounding.
+    if decode == "native" and matmul_dtype is not None:
+        f2 = 2 * model.cfg.intermediate_size
+        assert out.gate_up_bltf.shape == (b, L, t, f2) and out.gate_up_bltf.dtype == jnp.uint16  # bf16 bits
+        ref_model = loaded(matmul_dtype=matmul_dtype)
+        cache = KVCache.zeros(ref_model.cfg, b, t, jnp.float32)
+        fwd = ref_model(out.tokens_bt, positions_from_mask(out.attention_mask_bt), out.attention_mask_bt, cache=cache,
+                        cache_pos=0, record_layers=True, record_gate_up=True)
+        ref_gate_up = np.asarray(fwd.gate_up_lbtf.astype(jnp.float32)).swapaxes(0, 1)
+        ours = np.asarray(jax.lax.bitcast_convert_type(out.gate_up_bltf, jnp.bfloat16).astype(jnp.float32))
+        for l in range(L):  # equal on this model (0.0); a rounding of one bf16 step at the scale allowed
+            scale = np.abs(ref_gate_up[:, l][mask]).max()
+            np.testing.assert_allclose(ours[:, l][mask], ref_gate_up[:, l][mask], rtol=0, atol=2 ** -8 * scale,
+                                       err_msg=f"layer {l}")
+    else:
+        assert out.gate_up_bltf is None
     if matmul_dtype is None:  # the states are a forward's (no remat: it records) at every real slot
         fwd = loaded()(out.tokens_bt, positions_from_mask(out.attention_mask_bt), out.attention_mask_bt,
                        record_layers=True)
@@ -366,8 +383,10 @@ def test_recorded_layer_states_replay_the_update(tiny, tmp_path, decode, matmul_
     with_states = Rollout.from_samples(
         out.tokens_bt, positions_from_mask(out.attention_mask_bt), out.attention_mask_bt, out.response_mask_bt,
         out.logprobs_bt, out.eos_b, values_bt=out.values_bt, entropy_bt=out.entropy_bt, first_action=out.prompt_len,
-        layer_inputs_bltd=out.layer_inputs_bltd, layer_output_btd=out.layer_output_btd, logsumexp_bt=out.logsumexp_bt)
+        layer_inputs_bltd=out.layer_inputs_bltd, layer_output_btd=out.layer_output_btd, logsumexp_bt=out.logsumexp_bt,
+        gate_up_bltf=out.gate_up_bltf)
     assert with_states.replay_head() is not None
+    assert len(with_states.replay()) == 2 + (out.gate_up_bltf is not None)
     with_states = compute_targets(with_states.replace(rewards_b=jnp.linspace(-1.0, 1.0, b),
                                                       ref_logp_bt=out.logprobs_bt * 1.1), 0.1, algo_cfg)
     without = with_states.without_layer_states()

@@ -625,7 +625,11 @@ inline vfloat vload_row(const uint16_t* p) {
 }
 inline void store_row(float* dst, const float* src, int n) { std::memcpy(dst, src, sizeof(float) * n); }
 inline void store_row(uint16_t* dst, const float* src, int n) {
-  for (int j = 0; j < n; ++j) dst[j] = to_bf16(src[j]);
+  int j = 0;
+#if defined(__AVX512F__)
+  for (; j + 16 <= n; j += 16) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j), to_bf16x16(src + j));
+#endif
+  for (; j < n; ++j) dst[j] = to_bf16(src[j]);
 }
 
 template <typename T>
@@ -769,9 +773,10 @@ ffi::Error DecodeStep(ffi::Buffer<ffi::F32> x_nd, ffi::Buffer<ffi::F32> cos_nr, 
                       ffi::AnyBuffer w_qkv, ffi::AnyBuffer w_o, ffi::AnyBuffer w_gate_up, ffi::AnyBuffer w_down,
                       ffi::AnyBuffer w_head, ffi::AnyBuffer k_cache_in, ffi::AnyBuffer v_cache_in,
                       ffi::Buffer<ffi::F32> states_in, ffi::Buffer<ffi::S32> states_step,
-                      ffi::ResultBuffer<ffi::F32> logits_nv, ffi::ResultBuffer<ffi::F32> h_nd,
-                      ffi::Result<ffi::AnyBuffer> k_cache, ffi::Result<ffi::AnyBuffer> v_cache,
-                      ffi::ResultBuffer<ffi::F32> states, float eps,
+                      ffi::Buffer<ffi::U16> gate_up_in, ffi::ResultBuffer<ffi::F32> logits_nv,
+                      ffi::ResultBuffer<ffi::F32> h_nd, ffi::Result<ffi::AnyBuffer> k_cache,
+                      ffi::Result<ffi::AnyBuffer> v_cache, ffi::ResultBuffer<ffi::F32> states,
+                      ffi::ResultBuffer<ffi::U16> gate_up, float eps,
                       int64_t num_heads, int64_t rotary_dim, int64_t num_threads, bool amx,
                       ffi::ThreadPool thread_pool) {
   const auto kdims = k_cache->dimensions();  // [L, B, K, S, hd]
@@ -867,6 +872,17 @@ ffi::Error DecodeStep(ffi::Buffer<ffi::F32> x_nd, ffi::Buffer<ffi::F32> cos_nr, 
   const int step = states_step.typed_data()[0];
   if (sdims[0] > 0 && (step < 0 || step >= sdims[0])) return ffi::Error::InvalidArgument("states_step outside states");
   float* xs = sdims[0] > 0 ? states->typed_data() + static_cast<int64_t>(step) * (dm.layers + 1) * n * d : nullptr;
+  // gate_up [B, L, S, 2F] bf16 bits (updated in place; [B, L, 0, 2F]: nothing recorded): each layer's gate|up
+  // projections of this step's token, at its cache slot (the update's MLP can replay them instead of recomputing
+  // them: `Block._mlp(gate_up_btf=...)`).
+  const auto gdims = gate_up->dimensions();
+  if (gdims.size() != 4 || gdims[0] != n || gdims[1] != dm.layers || gdims[3] != 2 * f ||
+      (gdims[2] != 0 && gdims[2] != dm.slots))
+    return ffi::Error::InvalidArgument("gate_up: expected [B, L, S or 0, 2F]");
+  const int64_t gate_up_elems = static_cast<int64_t>(n) * dm.layers * gdims[2] * 2 * f;
+  if (gate_up->typed_data() != gate_up_in.typed_data() && gate_up_elems)
+    std::memcpy(gate_up->typed_data(), gate_up_in.typed_data(), sizeof(uint16_t) * gate_up_elems);
+  uint16_t* gus = gdims[2] > 0 ? gate_up->typed_data() : nullptr;
   for (int l = 0; l < dm.layers; ++l) {
     if (xs) std::memcpy(xs + static_cast<int64_t>(l) * n * d, x.data(), sizeof(float) * n * d);
     for (int r = 0; r < n; ++r) rms_norm(&x[r * d], ln1_ld.typed_data() + l * d, d, eps, &h[r * d]);
@@ -905,6 +921,11 @@ ffi::Error DecodeStep(ffi::Buffer<ffi::F32> x_nd, ffi::Buffer<ffi::F32> cos_nr, 
     add_into(x.data(), proj.data(), n * d);
     for (int r = 0; r < n; ++r) rms_norm(&x[r * d], ln2_ld.typed_data() + l * d, d, eps, &h[r * d]);
     project(wgu + l * gu_size * welem, h.data(), d, d, 2 * f, gu.data());
+    if (gus)
+      for (int r = 0; r < n; ++r) {
+        const int64_t at = ((static_cast<int64_t>(r) * dm.layers + l) * dm.slots + pos) * 2 * f;
+        store_row(gus + at, &gu[static_cast<int64_t>(r) * 2 * f], 2 * f);
+      }
     for (int r = 0; r < n; ++r) {  // silu(gate) * up, kLanes at a time
       float* g = &gu[static_cast<int64_t>(r) * 2 * f];
       const float* up = g + f;
@@ -1111,11 +1132,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KlqDecodeStep, DecodeStep,
                                   .Arg<ffi::AnyBuffer>()          // v_cache_in
                                   .Arg<ffi::Buffer<ffi::F32>>()   // states_in
                                   .Arg<ffi::Buffer<ffi::S32>>()   // states_step
+                                  .Arg<ffi::Buffer<ffi::U16>>()   // gate_up_in
                                   .Ret<ffi::Buffer<ffi::F32>>()   // logits_nv
                                   .Ret<ffi::Buffer<ffi::F32>>()   // h_nd
                                   .Ret<ffi::AnyBuffer>()          // k_cache
                                   .Ret<ffi::AnyBuffer>()          // v_cache
                                   .Ret<ffi::Buffer<ffi::F32>>()   // states
+                                  .Ret<ffi::Buffer<ffi::U16>>()   // gate_up
                                   .Attr<float>("eps")
                                   .Attr<int64_t>("num_heads")
                                   .Attr<int64_t>("rotary_dim")

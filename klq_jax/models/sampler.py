@@ -43,6 +43,11 @@ class SampleOutput:
     Also with `record_layers`: `logsumexp_bt` [B, T] fp32, the log-normaliser of the sampling distribution's logits
     (after temperature, top-k and top-p) at each response slot (0 elsewhere): with the policy's own distribution,
     what the update's head replays with `logprobs_bt` (`CausalLM.next_token_logprobs(replay_head=...)`).
+    With `record_layers`, the native decode step and a model whose update can replay them
+    (`CausalLM.replays_gate_up`): `gate_up_bltf` [B, L, T, 2F] uint16, the bf16 bit patterns of each layer's gate|up
+    projections at every slot, which the update's MLPs replay in its backward (`replay=(inputs, output, gate_up)`);
+    else None. Bits, not bf16: XLA:CPU copies an array it bitcasts (0.24 GiB for SmolLM2's 8 x 176 slots), at the
+    sampler's output and again at the update's input.
     """
 
     tokens_bt: jax.Array
@@ -56,6 +61,7 @@ class SampleOutput:
     layer_inputs_bltd: jax.Array | None = None
     layer_output_btd: jax.Array | None = None
     logsumexp_bt: jax.Array | None = None
+    gate_up_bltf: jax.Array | None = None
 
 
 def filter_logits(logits_bv: jax.Array, temperature, top_k: int, top_p) -> jax.Array:
@@ -186,8 +192,11 @@ def _generate(graphdef, state, prompt_bp, prompt_mask_bp, rng, temperature, top_
     prompt_len_b = jnp.sum(prompt_mask_bp, axis=1)
     positions_bp = jnp.maximum(jnp.cumsum(prompt_mask_bp, axis=1) - 1, 0)
     cache = KVCache.zeros(model.cfg, b, p + n, cache_dtype)
+    # The gate|up projections too where the native step records them (bf16: 0.24 GiB for SmolLM2's 8 x 176 slots);
+    # the XLA steps do not.
+    record_gate_up = record_layers and native and model.replays_gate_up()
     out = model(prompt_bp, positions_bp, kv_mask_bs, cache=cache, cache_pos=0, logits_from=p - 1,  # last position
-                record_layers=record_layers)
+                record_layers=record_layers, record_gate_up=record_gate_up)
     num_layers, d = model.cfg.num_layers, model.cfg.hidden_size
     inputs_dtype = model.checkpoint_dtype() or jnp.float32
     last_logits_bv = out.logits_btv[:, -1]
@@ -212,9 +221,11 @@ def _generate(graphdef, state, prompt_bp, prompt_mask_bp, rng, temperature, top_
     # call, and the prefill's stacked cache as it is.
     packed = cpu_decode.pack_weights(model, isa=isa) if native else None
 
-    def model_step(token_b, positions_b, kv_mask_bs, cache, cache_pos, states_nlbd, step):
-        """(logits_bv, values_b or None, cache, states) of one decode step; with `record_layers` its layer inputs
-        and last output written into `states_nlbd` [n, L + 1, B, D] at `step`."""
+    def model_step(token_b, positions_b, kv_mask_bs, cache, cache_pos, recorded, step):
+        """(logits_bv, values_b or None, cache, recorded) of one decode step; with `record_layers` its layer inputs
+        and last output written into `recorded[0]` [n, L + 1, B, D] at `step` (and with `record_gate_up` its gate|up
+        projections into `recorded[1]` [B, L, P + n, 2F], bf16 bits, at `cache_pos`)."""
+        states_nlbd = recorded[0] if record_layers else None
         if native:
             x_bd = jnp.take(model.embed_vd[...], token_b, axis=0).astype(jnp.float32)
             if model.cfg.rotary_dim:
@@ -223,16 +234,17 @@ def _generate(graphdef, state, prompt_bp, prompt_mask_bp, rng, temperature, top_
                 cos_br = sin_br = jnp.zeros((b, 0), jnp.float32)
             # The kernel writes the states into the carried buffer in place, as it does the cache (an update of
             # the loop's buffer outside the call cost the 8 x 128-token rollout 0.4-0.6 s: copies of it).
-            logits_bv, h_bd, k, v, states_nlbd = cpu_decode.decode_step(
+            logits_bv, h_bd, k, v, states_nlbd, gate_up = cpu_decode.decode_step(
                 packed, model.cfg, x_bd, cos_br, sin_br, kv_mask_bs, cache_pos, cache.k_lbksh, cache.v_lbksh, isa=isa,
-                states=states_nlbd if record_layers else None, states_step=step)
+                states=states_nlbd, states_step=step, gate_up=recorded[1] if record_gate_up else None)
             values_b = model.value_head(h_bd) if has_values else None
-            return logits_bv, values_b, KVCache(k, v), (states_nlbd if record_layers else ())
+            recorded = (states_nlbd, gate_up) if record_gate_up else (states_nlbd,) if record_layers else ()
+            return logits_bv, values_b, KVCache(k, v), recorded
         out = model(token_b[:, None], positions_b[:, None], kv_mask_bs, cache=cache, cache_pos=cache_pos,
                     layers=layers, layers_oi=weights_oi, head_vd=head_vd, record_layers=record_layers)
         if record_layers:
-            states_nlbd = jax.lax.dynamic_update_index_in_dim(states_nlbd, out.layer_states_lbtd[:, :, 0], step, 0)
-        return out.logits_btv[:, 0], (out.values_bt[:, 0] if has_values else None), out.cache, states_nlbd
+            recorded = (jax.lax.dynamic_update_index_in_dim(states_nlbd, out.layer_states_lbtd[:, :, 0], step, 0),)
+        return out.logits_btv[:, 0], (out.values_bt[:, 0] if has_values else None), out.cache, recorded
 
     def cond(carry):
         i, done_b = carry[0], carry[3]
@@ -255,14 +267,22 @@ def _generate(graphdef, state, prompt_bp, prompt_mask_bp, rng, temperature, top_
         next_value_b = next_value_b if has_values else value_b
         return i + 1, tokens_bn, stats_sbn, done_b, cache, kv_mask_bs, next_logits_bv, next_value_b, rng, recorded
 
-    # With `record_layers`: each step's layer inputs and last output, [n, L + 1, B, D] float32.
-    recorded = jnp.zeros((n, num_layers + 1, b, d), jnp.float32) if record_layers else ()
+    # With `record_layers`: each step's layer inputs and last output, [n, L + 1, B, D] float32; with `record_gate_up`
+    # also the gate|up projections of every slot, the prefill's in place, as bf16 bits.
+    recorded = (jnp.zeros((n, num_layers + 1, b, d), jnp.float32),) if record_layers else ()
+    if record_gate_up:
+        gate_up_blpf = jax.lax.bitcast_convert_type(out.gate_up_lbtf, jnp.uint16).transpose(1, 0, 2, 3)
+        recorded += (jnp.concatenate([gate_up_blpf, jnp.zeros((*gate_up_blpf.shape[:2], n, gate_up_blpf.shape[3]),
+                                                              jnp.uint16)], axis=2),)
     num_stats = 4 if record_layers else 3  # logp, value, entropy (and the log-normaliser) per response slot
     init = (jnp.int32(0), jnp.full((b, n), pad_id, jnp.int32), jnp.zeros((num_stats, b, n), jnp.float32),
             jnp.zeros((b,), bool), decode_cache, kv_mask_bs, last_logits_bv, last_value_b, rng, recorded)
     _, tokens_bn, stats_sbn, done_b, _, kv_mask_bs, _, _, _, recorded = jax.lax.while_loop(cond, step, init)
-    layer_inputs_bltd = layer_output_btd = None
+    layer_inputs_bltd = layer_output_btd = gate_up_bltf = None
+    if record_gate_up:
+        gate_up_bltf = recorded[1]
     if record_layers:
+        recorded = recorded[0]
         prefill_lbpd = out.layer_states_lbtd
         layer_inputs_bltd = jnp.concatenate([prefill_lbpd[:num_layers].astype(inputs_dtype).transpose(1, 0, 2, 3),
                                              recorded[:, :num_layers].astype(inputs_dtype).transpose(2, 1, 0, 3)],
@@ -278,7 +298,7 @@ def _generate(graphdef, state, prompt_bp, prompt_mask_bp, rng, temperature, top_
         response_mask_bt=jnp.concatenate([jnp.zeros((b, p), bool), response_mask_bn], axis=1),
         logprobs_bt=logps_bt, eos_b=done_b, values_bt=values_bt, entropy_bt=entropy_bt, prompt_len=p,
         layer_inputs_bltd=layer_inputs_bltd, layer_output_btd=layer_output_btd,
-        logsumexp_bt=logsumexp_bt[0] if record_layers else None)
+        logsumexp_bt=logsumexp_bt[0] if record_layers else None, gate_up_bltf=gate_up_bltf)
 
 
 _compiled_ahead: set = set()  # signatures `generate(compile_ahead=True)` has compiled on their own

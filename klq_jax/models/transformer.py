@@ -64,6 +64,8 @@ class ModelOutput:
     cache: KVCache | None
     # With `record_layers`: each layer's input, then the last layer's output (the final norm's input), fp32.
     layer_states_lbtd: jax.Array | None = None
+    # With `record_gate_up`: each layer's gate|up projections [L, B, T, 2F], bf16.
+    gate_up_lbtf: jax.Array | None = None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -261,6 +263,26 @@ def _dense_bwd(matmul_dtype, out_dtype, residuals, dy_bto):
 
 
 dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def replayed_dense(x_bti: jax.Array, w_io: jax.Array, y_bto: jax.Array, matmul_dtype=None) -> jax.Array:
+    """`dense(x, w, matmul_dtype)` whose forward already ran at this `x` and `w`: returns the recorded `y` (in `x`'s
+    dtype) without the matmul; the backward is `dense`'s (`dx = dy w^T`, `dw = x^T dy`). The caller vouches that
+    `y` is that product (the sampler's, up to summation order and its recording dtype)."""
+    del w_io, matmul_dtype
+    return y_bto.astype(x_bti.dtype)
+
+
+def _replayed_dense_fwd(x_bti, w_io, y_bto, matmul_dtype):
+    return y_bto.astype(x_bti.dtype), (x_bti, w_io)
+
+
+def _replayed_dense_bwd(matmul_dtype, residuals, dy_bto):
+    return *_dense_bwd(matmul_dtype, None, residuals, dy_bto), None
+
+
+replayed_dense.defvjp(_replayed_dense_fwd, _replayed_dense_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -658,15 +680,24 @@ class Block(nnx.Module):
             out = out + self.bo_d[...].astype(dt)
         return out, cache_kv
 
-    def _mlp(self, x_btd, fuse_projections=False, matmul_dtype=None):
+    def _mlp(self, x_btd, fuse_projections=False, matmul_dtype=None, gate_up_btf=None):
+        """The MLP's output and its (gate, up) projections (gate None without one). `gate_up_btf` [.., 2F]: those of a
+        forward that already ran on this `x` at these weights (the sampler's), returned by `replayed_dense` in
+        place of the two matmuls, whose backward is theirs."""
         dt, f = x_btd.dtype, self.cfg.intermediate_size
-        if fuse_projections and self.w_gate_df is not None and not self.packed:
+        if gate_up_btf is not None:
+            if self.w_gate_df is None or self.packed:
+                raise ValueError("gate_up_btf: a replayed gate|up needs a gated MLP on unpacked weights")
+            gate, up = (replayed_dense(x_btd, w[...].astype(dt), y, matmul_dtype)
+                        for w, y in ((self.w_gate_df, gate_up_btf[..., :f]), (self.w_up_df, gate_up_btf[..., f:])))
+        elif fuse_projections and self.w_gate_df is not None and not self.packed:
             gate_up = dense(x_btd, jnp.concatenate([self.w_gate_df[...], self.w_up_df[...]], axis=1).astype(dt),
                             matmul_dtype)
             gate, up = jnp.split(gate_up, 2, axis=-1)
         else:
             gate = None if self.w_gate_df is None else self._project(x_btd, "w_gate_df", f, matmul_dtype)
             up = self._project(x_btd, "w_up_df", f, matmul_dtype)
+        projections = gate, up  # before the bias: the matmuls' outputs
         if self.b_up_f is not None:
             up = up + self.b_up_f[...].astype(dt)
         if gate is not None:
@@ -676,22 +707,28 @@ class Block(nnx.Module):
         out = self._project(hidden, "w_down_fd", self.cfg.hidden_size, matmul_dtype)
         if self.b_down_d is not None:
             out = out + self.b_down_d[...].astype(dt)
-        return out
+        return out, projections
 
     def __call__(self, x_btd, rope, mask_bts, cache_kv=None, cache_pos=None, fuse_projections=False,
-                 matmul_dtype=None):
+                 matmul_dtype=None, gate_up_btf=None, record_gate_up=False):
         """`fuse_projections`: q|k|v and gate|up as one matmul each, on weights concatenated in the program
         (the unrolled decode path, whose per-layer weights are loop-invariant: XLA hoists the concatenation
         out of the decode loop). Not for sharded weights, whose q and k/v shard over different head counts.
         A layer state of [out, in] copies (`CausalLM.unstack_layers(weights_oi=True)`) runs through
-        `decode_feature_major` instead."""
+        `decode_feature_major` instead. `gate_up_btf`: the MLP replays these gate|up projections (`_mlp`).
+        `record_gate_up`: a third output, the gate|up projections [B, T, 2F] (a gated MLP only)."""
         h = self._norm(x_btd, self.ln1_scale, self.ln1_bias)
         attn, cache_kv = self._attention(h, rope, mask_bts, cache_kv, cache_pos, fuse_projections, matmul_dtype)
         if not self.cfg.parallel_residual:
             x_btd = x_btd + attn
-        mlp = self._mlp(self._norm(x_btd, self.ln2_scale, self.ln2_bias), fuse_projections, matmul_dtype)
-        x_btd = x_btd + attn + mlp if self.cfg.parallel_residual else x_btd + mlp
-        return shard(x_btd, ("data", None, None)), cache_kv
+        mlp, (gate, up) = self._mlp(self._norm(x_btd, self.ln2_scale, self.ln2_bias), fuse_projections,
+                                    matmul_dtype, gate_up_btf)
+        x_btd = shard(x_btd + attn + mlp if self.cfg.parallel_residual else x_btd + mlp, ("data", None, None))
+        if not record_gate_up:
+            return x_btd, cache_kv
+        if gate is None:
+            raise ValueError("record_gate_up: this MLP has no gate")
+        return x_btd, cache_kv, jnp.concatenate([gate, up], axis=-1)
 
     def decode_feature_major(self, x_dn, rope_rn, mask_bts, cache_kv, cache_pos, matmul_dtype=None, keys_hs=False):
         """`__call__` on feature-major activations [D, N] (N = B*T rows, batch-major) with a layer state of
@@ -819,9 +856,12 @@ def _remat_layer_scan_bwd(layer_fn, checkpoint_dtype, row_groups, grad_dtype, re
     return _layer_scan_bwd(layer_fn, row_groups, inputs_l, 0, stacked_params, aux, dy, grad_dtype)
 
 
-def _layer_scan_bwd(layer_fn, row_groups, inputs, layer_axis: int, stacked_params, aux, dy, grad_dtype=None):
+def _layer_scan_bwd(layer_fn, row_groups, inputs, layer_axis: int, stacked_params, aux, dy, grad_dtype=None,
+                    gate_up_bltf=None):
     """The backward of a layer stack from each layer's input, `inputs` holding them along `layer_axis` (0: scanned
     over, as remat keeps them; 1: [B, L, T, D], each layer's rows sliced out in its step, no transposed copy).
+    `gate_up_bltf` (bf16 bits, [B, L, T, 2F]): each layer's recorded gate|up projections, passed to `layer_fn` as one
+    more `aux` entry [B, T, 2F] (fp32), which its MLP replays instead of recomputing them (`Block._mlp`).
 
     `grad_dtype` (bf16 matmul operands): the weight matrices' gradients are collected and returned in it, each
     layer's rounded once from its fp32-accumulated dot, as torch's autocast rounds its weight gradients (the
@@ -847,7 +887,10 @@ def _layer_scan_bwd(layer_fn, row_groups, inputs, layer_axis: int, stacked_param
         else:
             index, params = layer
             x_in = jax.lax.dynamic_index_in_dim(inputs, index, layer_axis, keepdims=False)
-        _, vjp = jax.vjp(lambda x, p: layer_fn(x, p, aux), _widen_bf16_bits(x_in).astype(dy.dtype), params)
+        layer_aux = aux
+        if gate_up_bltf is not None:  # sliced as bits: XLA:CPU runs a bf16 slice in fp32, on a copy of the stack
+            layer_aux = (*aux, _widen_bf16_bits(jax.lax.dynamic_index_in_dim(gate_up_bltf, index, 1, keepdims=False)))
+        _, vjp = jax.vjp(lambda x, p: layer_fn(x, p, layer_aux), _widen_bf16_bits(x_in).astype(dy.dtype), params)
         dx, dparams = vjp(dx)
         dparams = jax.tree.map(lambda d, dt: _bf16_bits(d.astype(dt)), dparams, collect_dtypes)
         grads = jax.tree.map(lambda g, d: jax.lax.dynamic_update_index_in_dim(g, d, index, 0), grads, dparams)
@@ -864,31 +907,36 @@ def _layer_scan_bwd(layer_fn, row_groups, inputs, layer_axis: int, stacked_param
 remat_layer_scan.defvjp(_remat_layer_scan_fwd, _remat_layer_scan_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 6, 7, 8))
-def replayed_layer_scan(layer_fn: Callable, x, stacked_params, aux, inputs_bltd, output_btd, checkpoint_dtype=None,
-                        row_groups: int = 1, grad_dtype=None):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 7, 8, 9))
+def replayed_layer_scan(layer_fn: Callable, x, stacked_params, aux, inputs_bltd, output_btd, gate_up_bltf=None,
+                        checkpoint_dtype=None, row_groups: int = 1, grad_dtype=None):
     """`remat_layer_scan` over layers whose forward already ran, at these parameters, on these rows: the sampler's,
     which computed every layer of every token it drew (`CausalLM.__call__(record_layers=True)`). Returns the recorded
     output `output_btd`; the backward is `remat_layer_scan`'s, recomputing each layer from its recorded input
     (`inputs_bltd`, [B, L, T, D], rounded to `checkpoint_dtype` as the forward would keep it), and gives `x` its
-    gradient as if the stack had run from it. The recorded values differ from a forward's by summation order only
-    (the decode step adds in another order); they must be this stack's at `stacked_params` on `x`, which the caller
-    vouches for."""
-    del layer_fn, x, stacked_params, aux, inputs_bltd, checkpoint_dtype, row_groups, grad_dtype
+    gradient as if the stack had run from it. `gate_up_bltf` ([B, L, T, 2F] bf16 or its bits as uint16, or None):
+    the recorded gate|up projections too, which the recomputed layers' MLPs replay (`layer_fn` takes them as a third
+    `aux` entry). The recorded values differ from a forward's by summation order only (the decode step adds in
+    another order) and the gate|up's bf16 rounding; they must be this stack's at `stacked_params` on `x`, which the
+    caller vouches for."""
+    del layer_fn, x, stacked_params, aux, inputs_bltd, gate_up_bltf, checkpoint_dtype, row_groups, grad_dtype
     return output_btd
 
 
-def _replayed_layer_scan_fwd(layer_fn, x, stacked_params, aux, inputs_bltd, output_btd, checkpoint_dtype, row_groups,
-                             grad_dtype):
+def _replayed_layer_scan_fwd(layer_fn, x, stacked_params, aux, inputs_bltd, output_btd, gate_up_bltf,
+                             checkpoint_dtype, row_groups, grad_dtype):
     # bf16 as its raw bits (a bitcast), widened one layer's slice at a time in the backward, as remat's.
     inputs_bltd = _bf16_bits(inputs_bltd.astype(checkpoint_dtype or x.dtype))
-    return output_btd.astype(x.dtype), (inputs_bltd, stacked_params, aux)
+    if gate_up_bltf is not None and gate_up_bltf.dtype != jnp.uint16:  # bits as they are (a bitcast copies them)
+        gate_up_bltf = _bf16_bits(gate_up_bltf.astype(jnp.bfloat16))
+    return output_btd.astype(x.dtype), (inputs_bltd, stacked_params, aux, gate_up_bltf)
 
 
 def _replayed_layer_scan_bwd(layer_fn, checkpoint_dtype, row_groups, grad_dtype, residuals, dy):
-    inputs_bltd, stacked_params, aux = residuals
-    dx, grads, aux_none = _layer_scan_bwd(layer_fn, row_groups, inputs_bltd, 1, stacked_params, aux, dy, grad_dtype)
-    return dx, grads, aux_none, None, None
+    inputs_bltd, stacked_params, aux, gate_up_bltf = residuals
+    dx, grads, aux_none = _layer_scan_bwd(layer_fn, row_groups, inputs_bltd, 1, stacked_params, aux, dy, grad_dtype,
+                                          gate_up_bltf)
+    return dx, grads, aux_none, None, None, None
 
 
 replayed_layer_scan.defvjp(_replayed_layer_scan_fwd, _replayed_layer_scan_bwd)
@@ -1011,8 +1059,8 @@ class CausalLM(nnx.Module):
                  cache: KVCache | None = None, cache_pos: jax.Array | int | None = None,
                  return_logits: bool = True, layers: tuple[nnx.State, ...] | None = None,
                  logits_from: int = 0, logits_to: int | None = None, layers_oi: bool = False,
-                 head_vd: jax.Array | None = None, record_layers: bool = False,
-                 replay: tuple[jax.Array, jax.Array] | None = None) -> ModelOutput:
+                 head_vd: jax.Array | None = None, record_layers: bool = False, record_gate_up: bool = False,
+                 replay: tuple[jax.Array, ...] | None = None) -> ModelOutput:
         """Forward over `tokens_bt` at `positions_bt`.
 
         Without a cache, `kv_mask_bs` is the attention mask of `tokens_bt` (S == T). With a cache of S
@@ -1026,9 +1074,11 @@ class CausalLM(nnx.Module):
         positions `s..e-1` only (`logits_btv` is [B, e-s, V]): RL needs them only where they predict a
         response token, and the float32 logits are the largest activation of a forward.
         `record_layers` (with a cache, or without remat): `layer_states_lbtd` holds each layer's input and the last
-        layer's output, what `replay` takes back. `replay = (inputs_bltd, output_btd)` (remat "full", no cache): those
-        of a forward that already ran at these parameters on these tokens (the sampler's); the layers are not run
-        again, and their gradients come from recomputing each one from its recorded input (`replayed_layer_scan`).
+        layer's output, what `replay` takes back. `record_gate_up` (with a cache, the stacked layers, a gated MLP):
+        `gate_up_lbtf` holds each layer's gate|up projections in bf16. `replay = (inputs_bltd, output_btd)` or
+        `(inputs_bltd, output_btd, gate_up_bltf)` (remat "full", no cache): those of a forward that already ran at
+        these parameters on these tokens (the sampler's); the layers are not run again, and their gradients come from
+        recomputing each one from its recorded input (`replayed_layer_scan`), the MLPs' gate|up projections replayed.
         """
         cfg, dt = self.cfg, self.dtype
         x = jnp.take(self.embed_vd[...], tokens_bt, axis=0).astype(dt)
@@ -1058,11 +1108,16 @@ class CausalLM(nnx.Module):
         def layer_module(state) -> Block:
             return nnx.merge(graphdef, jax.tree.map(_widen_bf16_bits, state) if widen else state)
 
-        def run_layer(x_btd, state, rope, mask_bts, kv=None, fuse_projections=False):
-            return layer_module(state)(x_btd, rope, mask_bts, kv, cache_pos, fuse_projections, self.matmul_dtype)
+        def run_layer(x_btd, state, rope, mask_bts, kv=None, fuse_projections=False, gate_up_btf=None):
+            return layer_module(state)(x_btd, rope, mask_bts, kv, cache_pos, fuse_projections, self.matmul_dtype,
+                                       gate_up_btf)
 
         def body(x_btd, layer):
             state, kv = layer
+            if record_gate_up:  # collected as bf16 bits: XLA:CPU runs a bf16 dynamic-update-slice in fp32
+                x_out, kv, gate_up = layer_module(state)(x_btd, rope, mask_bts, kv, cache_pos, False,
+                                                         self.matmul_dtype, record_gate_up=True)
+                return x_out, (kv, x_btd, _bf16_bits(gate_up.astype(jnp.bfloat16)))
             x_out, kv = run_layer(x_btd, state, rope, mask_bts, kv)
             return x_out, ((kv, x_btd) if record_layers else kv)
 
@@ -1070,6 +1125,8 @@ class CausalLM(nnx.Module):
             raise ValueError("replay needs a forward without a cache or unstacked layers, with remat='full'")
         if record_layers and cache is None and layers is None and self.remat == "full":
             raise ValueError("record_layers: a forward with remat='full' keeps no layer states to record")
+        if record_gate_up and not (record_layers and cache is not None and layers is None):
+            raise ValueError("record_gate_up: with record_layers, on a forward with a cache over the stacked layers")
         states = []  # with record_layers: each layer's input, [B, T, D]
 
         if layers is not None:  # unrolled: each layer's weights and cache read in place
@@ -1112,22 +1169,27 @@ class CausalLM(nnx.Module):
             # keeps their relative rounding; a LayerNorm's centring can magnify it (a tiny GPT-NeoX's gradients
             # moved by 1.1% of their largest, more than its bf16 matmuls move them), so those stay fp32.
             checkpoint_dtype = self.checkpoint_dtype()
-            layer_fn = lambda x_btd, state, aux: run_layer(x_btd, state, *aux)[0]  # noqa: E731
+            # aux: (rope, mask) or, where the backward replays the MLPs' gate|up, (rope, mask, gate_up_btf)
+            layer_fn = lambda x_btd, state, aux: run_layer(x_btd, state, *aux[:2], gate_up_btf=(  # noqa: E731
+                aux[2] if len(aux) > 2 else None))[0]
             row_groups = update_row_groups(tokens_bt.shape[0])
             grad_dtype = self.layer_grad_dtype()
             if replay is None:
                 x = remat_layer_scan(layer_fn, x, block_state, (rope, mask_bts), checkpoint_dtype, row_groups,
                                      grad_dtype)
             else:
-                x = replayed_layer_scan(layer_fn, x, block_state, (rope, mask_bts), *replay, checkpoint_dtype,
-                                        row_groups, grad_dtype)
+                inputs_bltd, output_btd, *gate_up_bltf = replay
+                x = replayed_layer_scan(layer_fn, x, block_state, (rope, mask_bts), inputs_bltd, output_btd,
+                                        (gate_up_bltf or [None])[0], checkpoint_dtype, row_groups, grad_dtype)
             new_cache = None
         else:
             if REMAT_POLICIES[self.remat] is not None:
                 body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat])
             kv_in = None if cache is None else (cache.k_lbksh, cache.v_lbksh)
             x, kv_out = jax.lax.scan(body, x, (block_state, kv_in))
-            if record_layers:
+            if record_gate_up:
+                kv_out, states, gate_up_lbtf = kv_out  # [L, B, T, D], [L, B, T, 2F]
+            elif record_layers:
                 kv_out, states = kv_out  # states: [L, B, T, D]
             new_cache = None if cache is None else KVCache(*kv_out)
         layer_states = None
@@ -1149,11 +1211,12 @@ class CausalLM(nnx.Module):
             last_b = jnp.max(jnp.where(kv_mask_bs[:, :t], jnp.arange(t)[None, :], 0), axis=1)
             h_last = jnp.take_along_axis(h, last_b[:, None, None], axis=1)[:, 0].astype(jnp.float32)
             scores = h_last @ self.score_w_d[...] + (0.0 if self.score_b is None else self.score_b[...])
-        return ModelOutput(logits, values, scores, h, new_cache, layer_states)
+        gate_up_lbtf = _from_bf16_bits(gate_up_lbtf) if record_gate_up else None
+        return ModelOutput(logits, values, scores, h, new_cache, layer_states, gate_up_lbtf)
 
     def next_token_logprobs(self, tokens_bt: jax.Array, positions_bt: jax.Array, kv_mask_bs: jax.Array, *,
                             logits_from: int = 0, temperature=1.0, with_values: bool = False,
-                            replay: tuple[jax.Array, jax.Array] | None = None,
+                            replay: tuple[jax.Array, ...] | None = None,
                             replay_head: tuple[jax.Array, jax.Array] | None = None):
         """Float32 [B, T - 1 - logits_from]: at each position `p` from `logits_from` (static) to `T - 2`, the
         log-probability of the token at `p + 1` under `softmax(logits[:, p] / temperature)`; what
@@ -1195,6 +1258,13 @@ class CausalLM(nnx.Module):
                 and jnp.dtype(self.matmul_dtype).itemsize < jnp.dtype(self.dtype).itemsize):
             return self.matmul_dtype
         return None
+
+    def replays_gate_up(self) -> bool:
+        """Whether an update's backward replays the MLPs' gate|up projections recorded in bf16 by the sampler
+        (`SampleOutput.gate_up_bltf`) instead of recomputing them: with bf16 layer gradients (`layer_grad_dtype`),
+        whose matmuls round those projections' cotangents and the down projection's input to bf16 anyway, and a
+        gated MLP. SmolLM2-135M's update, 8 x 176 tokens: ~0.15 TFLOP fewer (docs/performance.md, item 59)."""
+        return self.layer_grad_dtype() is not None and self.cfg.family == "llama"
 
     def value_head(self, h_btd: jax.Array) -> jax.Array:
         """V(s) in fp32 from final-normed hidden states [..., D] (`__call__`'s values; the native decode's)."""

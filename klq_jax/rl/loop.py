@@ -255,6 +255,9 @@ def run(
             update.lower(*update_args).compile()
             release_freed_memory()
         state, train_metrics = update(*update_args)
+        # The recorded layer states are the update's alone: not held while the next rollout records its own (the
+        # gate|up projections are 0.24 GiB for SmolLM2's 8 x 176 slots).
+        batch, update_args = batch.without_layer_states(), None
         lap("update", train_metrics)
         heap_guard.after_iteration()
 

@@ -150,6 +150,9 @@ class Rollout:
     # layers again (`CausalLM.__call__(replay=...)`).
     layer_inputs_bltd: Array | None = None   # (B, L, T, D)
     layer_output_btd: Array | None = None    # float32 (B, T, D)
+    # With them, where the sampler recorded them (`SampleOutput.gate_up_bltf`): each layer's gate|up projections,
+    # which the update's MLPs replay in its backward instead of recomputing them.
+    layer_gate_up_bltf: Array | None = None  # uint16 (B, L, T, 2F): bf16 bit patterns
     # With them, where the sampler drew from the policy itself (`policy_stats_from_sampler`): the log-normaliser of
     # the distribution each action was drawn from (`SampleOutput.logsumexp_bt`), which the update's LM head replays
     # with `old_logp_bt` instead of running its forward (`CausalLM.next_token_logprobs(replay_head=...)`).
@@ -165,7 +168,7 @@ class Rollout:
     def from_samples(cls, tokens_bt, positions_bt, attention_mask_bt, response_mask_bt,
                      sample_logp_bt, eos_b, truncated_b=None, *, values_bt=None, entropy_bt=None,
                      first_action: int = 1, layer_inputs_bltd=None, layer_output_btd=None,
-                     logsumexp_bt=None) -> "Rollout":
+                     logsumexp_bt=None, gate_up_bltf=None) -> "Rollout":
         """What a sampler knows; the other fields are zeros until the loop fills them.
 
         `truncated_b` defaults to `~eos_b` (every response ends at EOS or at the length limit). Pass
@@ -175,7 +178,7 @@ class Rollout:
         `response_mask_bt` entry before it must be False. `layer_inputs_bltd`, `layer_output_btd`: the sampler's
         recorded layer states, given only when it drew with the policy's current parameters; `logsumexp_bt`, its
         log-normalisers (`SampleOutput.logsumexp_bt`), kept only with them and with the policy's own distribution
-        (`values_bt` and `entropy_bt` given).
+        (`values_bt` and `entropy_bt` given); `gate_up_bltf`, its recorded gate|up projections, kept with them.
         """
         zeros_bt = jnp.zeros(tokens_bt.shape, jnp.float32)
         eos_b = jnp.asarray(eos_b, bool)
@@ -197,15 +200,18 @@ class Rollout:
             entropy_bt=jnp.asarray(entropy_bt, jnp.float32) if from_sampler else zeros_bt,
             policy_stats_from_sampler=from_sampler, first_action=int(first_action),
             layer_inputs_bltd=layer_inputs_bltd, layer_output_btd=layer_output_btd,
+            layer_gate_up_bltf=gate_up_bltf if layer_inputs_bltd is not None else None,
             sample_logsumexp_bt=(jnp.asarray(logsumexp_bt, jnp.float32) if replay_head else None),
         )
 
-    def replay(self) -> tuple[Array, Array] | None:
-        """`(inputs_bltd, output_btd)` for `CausalLM.__call__(replay=...)`, or None without recorded layer states.
-        The backward slices each layer's rows out of `inputs_bltd` as it reaches the layer (no transposed copy)."""
+    def replay(self) -> tuple[Array, ...] | None:
+        """`(inputs_bltd, output_btd)`, with the gate|up projections `(.., gate_up_bltf)`, for
+        `CausalLM.__call__(replay=...)`, or None without recorded layer states. The backward slices each layer's
+        rows out of them as it reaches the layer (no transposed copy)."""
         if self.layer_inputs_bltd is None:
             return None
-        return self.layer_inputs_bltd, self.layer_output_btd
+        gate_up = () if self.layer_gate_up_bltf is None else (self.layer_gate_up_bltf,)
+        return self.layer_inputs_bltd, self.layer_output_btd, *gate_up
 
     def replay_head(self) -> tuple[Array, Array] | None:
         """`(logp_bt, logsumexp_bt)` for `CausalLM.next_token_logprobs(replay_head=...)`, or None: the sampler's
@@ -216,7 +222,8 @@ class Rollout:
         return self.old_logp_bt, jnp.where(self.response_mask_bt, self.sample_logsumexp_bt, jnp.inf)
 
     def without_layer_states(self) -> "Rollout":
-        return self.replace(layer_inputs_bltd=None, layer_output_btd=None, sample_logsumexp_bt=None)
+        return self.replace(layer_inputs_bltd=None, layer_output_btd=None, layer_gate_up_bltf=None,
+                            sample_logsumexp_bt=None)
 
 
 @flax.struct.dataclass
