@@ -46,6 +46,7 @@ class HFRewardModel(Reward):
             pack_frozen(model, matmul_kernel, devices=1 if mesh is None else mesh.size)
         except ValueError as err:
             raise RewardError(f"reward model {path!r}: {err}") from None
+        model.store_layers_as_bits()  # bf16 layers read in place by each forward (item 60)
         self.cfg = model.cfg
         self.graphdef, self.state = nnx.split(model)  # the state alone holds the weights (no second copy)
         if mesh is not None:  # weights split over this host's devices by the parameter rules (FSDP/tensor)

@@ -291,6 +291,8 @@ def build(config) -> Setup:
         pack_frozen(reference, frozen_kernel, devices=jax.device_count())
     except ValueError as err:
         raise ConfigError(f"model.{err}") from None
+    # ... and what stays bf16 in its layers stored as bits, which its forward reads in place (item 60).
+    reference.store_layers_as_bits()
     if reference.cfg.vocab_size != policy.cfg.vocab_size:
         raise CheckpointError(f"reference vocabulary {reference.cfg.vocab_size} differs from the policy's "
                               f"{policy.cfg.vocab_size}; accepted: a reference with the policy's tokenizer")

@@ -997,6 +997,22 @@ class CausalLM(nnx.Module):
                     param.set_value(value.astype(mdt))
         return saved
 
+    def store_layers_as_bits(self) -> int:
+        """Stores the layers' bf16 weights as their uint16 bit patterns, in place, for a frozen model (the reference,
+        an HF reward model) that computes in fp32; returns how many arrays it stored so. `__call__` widens them one
+        layer at a time, as it widens bf16 ones, but reads them in place: XLA:CPU bitcasts a bf16 argument to bits
+        with a copy of all its layers at every call (SmolLM2-135M: 0.2 GiB of temporaries in each frozen forward;
+        docs/performance.md, item 60). Such a model no longer trains, decodes unrolled (`unstack_layers`) or packs
+        its weights (`pack_frozen_matmul_weights`: pack first)."""
+        if jnp.dtype(self.dtype) != jnp.float32:
+            return 0
+        stored = 0
+        for _, param in nnx.iter_graph(self.blocks):
+            if isinstance(param, nnx.Param) and param.get_value().dtype == jnp.bfloat16:  # not a PackedWeight
+                param.set_value(jax.lax.bitcast_convert_type(param.get_value(), jnp.uint16))
+                stored += 1
+        return stored
+
     # The layers' matmul weights, as `pack_frozen_matmul_weights` packs them.
     BLOCK_MATMUL_WEIGHTS = ("wq_dnh", "wk_dkh", "wv_dkh", "wo_nhd", "w_gate_df", "w_up_df", "w_down_fd")
 
@@ -1099,9 +1115,11 @@ class CausalLM(nnx.Module):
 
         # bf16-stored layers computing in fp32 (a frozen reference or reward model) enter the scan as their raw
         # 16 bits and are widened one layer at a time in the body: XLA:CPU widens bf16 loop state to fp32
-        # before the loop, i.e. the whole stack at once (+0.36 GiB for SmolLM2-135M).
+        # before the loop, i.e. the whole stack at once (+0.36 GiB for SmolLM2-135M). Stored as bits already
+        # (`store_layers_as_bits`), they are read in place; a bf16 argument is bitcast with a copy of every layer.
         block_state = nnx.state(self.blocks)
-        widen = jnp.dtype(dt) == jnp.float32 and any(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(block_state))
+        widen = jnp.dtype(dt) == jnp.float32 and any(x.dtype in (jnp.bfloat16, jnp.uint16)
+                                                     for x in jax.tree.leaves(block_state))
         if widen:
             block_state = jax.tree.map(_bf16_bits, block_state)
 
