@@ -396,6 +396,11 @@ def test_recorded_layer_states_replay_the_update(tiny, tmp_path, decode, matmul_
 
     (g_replay, m_replay), (g_fwd, m_fwd) = grads(apply_fn, params, with_states), grads(apply_fn, params, without)
     assert float(jnp.abs(m_fwd["loss"].total)) > 0
+    if with_states.layer_gate_up_bltf is not None:  # the backward reads the recorded gate|up: zeroed, it moves
+        g_zeroed, _ = grads(apply_fn, params, with_states.replace(
+            layer_gate_up_bltf=jnp.zeros_like(with_states.layer_gate_up_bltf)))
+        assert any(float(jnp.abs(a - z).max()) > 0
+                   for a, z in zip(jax.tree.leaves(g_replay), jax.tree.leaves(g_zeroed)))
     if matmul_dtype is None:
         for a, r in zip(jax.tree.leaves(m_replay), jax.tree.leaves(m_fwd)):
             np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-4, atol=1e-6)

@@ -1126,15 +1126,14 @@ class CausalLM(nnx.Module):
         def layer_module(state) -> Block:
             return nnx.merge(graphdef, jax.tree.map(_widen_bf16_bits, state) if widen else state)
 
-        def run_layer(x_btd, state, rope, mask_bts, kv=None, fuse_projections=False, gate_up_btf=None):
+        def run_layer(x_btd, state, rope, mask_bts, kv=None, fuse_projections=False, **block_kwargs):
             return layer_module(state)(x_btd, rope, mask_bts, kv, cache_pos, fuse_projections, self.matmul_dtype,
-                                       gate_up_btf)
+                                       **block_kwargs)
 
         def body(x_btd, layer):
             state, kv = layer
             if record_gate_up:  # collected as bf16 bits: XLA:CPU runs a bf16 dynamic-update-slice in fp32
-                x_out, kv, gate_up = layer_module(state)(x_btd, rope, mask_bts, kv, cache_pos, False,
-                                                         self.matmul_dtype, record_gate_up=True)
+                x_out, kv, gate_up = run_layer(x_btd, state, rope, mask_bts, kv, record_gate_up=True)
                 return x_out, (kv, x_btd, _bf16_bits(gate_up.astype(jnp.bfloat16)))
             x_out, kv = run_layer(x_btd, state, rope, mask_bts, kv)
             return x_out, ((kv, x_btd) if record_layers else kv)
