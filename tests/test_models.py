@@ -205,6 +205,19 @@ def test_next_token_logprobs_equal_the_logits_log_softmax(tiny_checkpoint, matmu
         ours.next_token_logprobs(tokens, positions, mask, logits_from=44)
 
 
+def _assert_same_frozen_outputs(ours, reference, seed):
+    """`ours` gives `reference`'s next-token log-probabilities and logits to the bit on two 40-token rows (one
+    left-padded); returns the forward's arguments."""
+    g = np.random.default_rng(seed)
+    tokens = jnp.asarray(g.integers(1, VOCAB, (2, 40)), jnp.int32)
+    mask = jnp.ones(tokens.shape, bool).at[1, :4].set(False)
+    args = (tokens, positions_from_mask(mask), mask)
+    np.testing.assert_array_equal(np.asarray(ours.next_token_logprobs(*args, logits_from=6)),
+                                  np.asarray(reference.next_token_logprobs(*args, logits_from=6)))
+    np.testing.assert_array_equal(np.asarray(ours(*args).logits_btv), np.asarray(reference(*args).logits_btv))
+    return args
+
+
 def test_matmul_weights_stored_in_bf16_leave_a_frozen_model_unchanged(tiny_checkpoint):
     """`store_matmul_weights` with bf16 matmuls (the trainer's reference): the next-token log-probabilities and the
     logits equal the fp32-stored model's to the bit, as every use rounds those weights to bf16 anyway; exactly the
@@ -219,13 +232,7 @@ def test_matmul_weights_stored_in_bf16_leave_a_frozen_model_unchanged(tiny_check
         if isinstance(v, nnx.Param):
             want = jnp.bfloat16 if p[-1] in CausalLM.MATMUL_WEIGHTS else jnp.float32
             assert v.get_value().dtype == want, p
-    g = np.random.default_rng(1)
-    tokens = jnp.asarray(g.integers(1, VOCAB, (2, 40)), jnp.int32)
-    mask = jnp.ones(tokens.shape, bool).at[1, :4].set(False)
-    args = (tokens, positions_from_mask(mask), mask)
-    np.testing.assert_array_equal(np.asarray(ours.next_token_logprobs(*args, logits_from=6)),
-                                  np.asarray(fp32_stored.next_token_logprobs(*args, logits_from=6)))
-    np.testing.assert_array_equal(np.asarray(ours(*args).logits_btv), np.asarray(fp32_stored(*args).logits_btv))
+    _assert_same_frozen_outputs(ours, fp32_stored, seed=1)
     assert load_model(path).store_matmul_weights() == 0  # fp32 matmuls: the weights stay as they are
 
 
@@ -246,13 +253,7 @@ def test_layers_stored_as_bits_read_in_place(tiny_checkpoint, matmul_dtype):
     assert ours.store_layers_as_bits() == len(bf16_leaves) > 0
     assert not any(v.get_value().dtype == jnp.bfloat16 for _, v in nnx.iter_graph(ours.blocks)
                    if isinstance(v, nnx.Param))
-    g = np.random.default_rng(2)
-    tokens = jnp.asarray(g.integers(1, VOCAB, (2, 40)), jnp.int32)
-    mask = jnp.ones(tokens.shape, bool).at[1, :4].set(False)
-    args = (tokens, positions_from_mask(mask), mask)
-    np.testing.assert_array_equal(np.asarray(ours.next_token_logprobs(*args, logits_from=6)),
-                                  np.asarray(bf16_stored.next_token_logprobs(*args, logits_from=6)))
-    np.testing.assert_array_equal(np.asarray(ours(*args).logits_btv), np.asarray(bf16_stored(*args).logits_btv))
+    args = _assert_same_frozen_outputs(ours, bf16_stored, seed=2)
 
     def temp_bytes(model):
         graphdef, state = nnx.split(model)
