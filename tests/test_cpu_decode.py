@@ -110,10 +110,10 @@ def _kernel_path(path, matmul_dtype):
     return amx, isa
 
 
-def _step_and_xla_step(model, cfg, amx, isa, native_pack=True, cache_dtype=jnp.float32):
+def _step_and_xla_step(model, cfg, amx, isa, native_pack=True, cache_dtype=jnp.float32, state_rows=None):
     """One decode step of 9 left-padded rows (a full group of 8 and one more) after a 5-token prefill into a cache
-    of `cache_dtype`, on the kernel and on XLA: `(kernel (logits, h, k, v, layer states, gate|up bits), XLA's model
-    output)`."""
+    of `cache_dtype`, on the kernel and on XLA: `(kernel (logits, h, k, v, layer states, gate|up bits, input bits),
+    XLA's model output)`. `state_rows`: the states buffer's second axis (None: L + 1)."""
     mask_bp = np.ones((9, 5), bool)
     mask_bp[0, :2] = mask_bp[3, :4] = mask_bp[7, :1] = False
     cache, token_b, position_b, kv_mask_bs = _prefill_then_step(model, cfg, jnp.asarray(mask_bp), slots=9,
@@ -124,12 +124,13 @@ def _step_and_xla_step(model, cfg, amx, isa, native_pack=True, cache_dtype=jnp.f
     weights = jax.jit(lambda m: cpu_decode.pack_weights(m, native=native_pack, isa=isa))(model)
     cos_br, sin_br = (c[:, 0] for c in rope_cos_sin(cfg, position_b[:, None]))
     x_bd = jnp.take(model.embed_vd[...], token_b, axis=0)
-    states = jnp.full((3, cfg.num_layers + 1, *x_bd.shape), 7.0, jnp.float32)  # the step writes at index 1 only
-    # and the gate|up projections at its slot (5) only
+    states = jnp.full((3, state_rows or cfg.num_layers + 1, *x_bd.shape), 7.0, jnp.float32)  # written at index 1
+    # and the gate|up projections and the layer inputs at its slot (5) only
     gate_up = jnp.full((x_bd.shape[0], cfg.num_layers, 9, 2 * cfg.intermediate_size), 7, jnp.uint16)
-    out = jax.jit(lambda *a: cpu_decode.decode_step(weights, cfg, *a[:-2], amx=amx, isa=isa, states=a[-2],
-                                                    states_step=1, gate_up=a[-1]))(
-        x_bd, cos_br, sin_br, kv_mask_bs, jnp.int32(5), cache.k_lbksh, cache.v_lbksh, states, gate_up)
+    inputs = jnp.full((x_bd.shape[0], cfg.num_layers, 9, cfg.hidden_size), 7, jnp.uint16)
+    out = jax.jit(lambda *a: cpu_decode.decode_step(weights, cfg, *a[:-3], amx=amx, isa=isa, states=a[-3],
+                                                    states_step=1, gate_up=a[-2], inputs=a[-1]))(
+        x_bd, cos_br, sin_br, kv_mask_bs, jnp.int32(5), cache.k_lbksh, cache.v_lbksh, states, gate_up, inputs)
     return out, ref
 
 
@@ -154,7 +155,8 @@ def test_one_step_equals_xla(tied, head_dim, ffn, native_pack, kv_heads, hidden,
     cfg = tiny_cfg(tie_embeddings=tied, rope_theta=500.0, head_dim=head_dim, rotary_dim=head_dim,
                    intermediate_size=ffn, num_kv_heads=kv_heads, hidden_size=hidden)
     model = tiny_model(cfg, matmul_dtype=matmul_dtype)
-    (logits, h, k, v, states, gate_up), ref = _step_and_xla_step(model, cfg, amx, isa, native_pack=native_pack)
+    (logits, h, k, v, states, gate_up, inputs), ref = _step_and_xla_step(model, cfg, amx, isa,
+                                                                         native_pack=native_pack)
     ref_logits = np.asarray(ref.logits_btv[:, 0])
     # The dots sum their products in another order (the AVX-512 loop pairwise per lane; XLA's and the kernel's AMX
     # tiles agree to the bit here): 2.2e-5 of the logits' scale at most on these models. A wrong weight, norm or
@@ -175,6 +177,18 @@ def test_one_step_equals_xla(tied, head_dim, ffn, native_pack, kv_heads, hidden,
     np.testing.assert_allclose(ours, ref_gate_up, rtol=0, atol=2 ** -8 * np.abs(ref_gate_up).max())
     np.testing.assert_array_equal(np.asarray(gate_up[:, :, :5]), 7)
     np.testing.assert_array_equal(np.asarray(gate_up[:, :, 6:]), 7)
+    # each layer's input as bf16 bits at the step's slot and nowhere else: the fp32 states' rounding to nearest even
+    # (XLA's convert), to the bit
+    want_bits = jax.lax.bitcast_convert_type(states[1, :-1].astype(jnp.bfloat16), jnp.uint16).swapaxes(0, 1)
+    np.testing.assert_array_equal(np.asarray(inputs[:, :, 5]), np.asarray(want_bits))
+    np.testing.assert_array_equal(np.asarray(inputs[:, :, :5]), 7)
+    np.testing.assert_array_equal(np.asarray(inputs[:, :, 6:]), 7)
+    # a states buffer of one row records the last output only (the inputs going to their bits)
+    (_, _, _, _, last, _, inputs_again), _ = _step_and_xla_step(model, cfg, amx, isa, native_pack=native_pack,
+                                                                state_rows=1)
+    np.testing.assert_array_equal(np.asarray(last[1, 0]), np.asarray(states[1, -1]))
+    np.testing.assert_array_equal(np.asarray(last[::2]), 7.0)
+    np.testing.assert_array_equal(np.asarray(inputs_again), np.asarray(inputs))
 
 
 @needs_kernel

@@ -340,14 +340,16 @@ def test_recorded_layer_states_replay_the_update(tiny, tmp_path, decode, matmul_
     out = sampler(params, PROMPTS * 2, jax.random.key(3))
     L, (b, t), d = model.cfg.num_layers, out.tokens_bt.shape, model.cfg.hidden_size
     assert out.layer_inputs_bltd.shape == (b, L, t, d) and out.layer_output_btd.shape == (b, t, d)
-    assert out.layer_inputs_bltd.dtype == (matmul_dtype or jnp.float32)
+    # bf16 inputs as their bits (uint16) in every decode path, as the update reads them
+    assert out.layer_inputs_bltd.dtype == (jnp.float32 if matmul_dtype is None else jnp.uint16)
     mask = np.asarray(out.attention_mask_bt)
     assert mask.sum(1).min() < t - 4 and not mask.all()  # left padding and rows that stopped at EOS
 
     resp = np.asarray(out.response_mask_bt)
     assert out.logsumexp_bt.shape == (b, t) and not np.asarray(out.logsumexp_bt)[~resp].any()
-    # The native step with bf16 matmuls records the gate|up projections too (bf16), the prefill's and every step's:
-    # a forward's (over the whole rollout through a cache, which records) to within their bf16 rounding.
+    # The native step with bf16 matmuls records the gate|up projections too (bf16), the prefill's and every step's,
+    # and writes the layer inputs as bf16 at their slots: a forward's (over the whole rollout through a cache, which
+    # records) to within their bf16 rounding.
     if decode == "native" and matmul_dtype is not None:
         f2 = 2 * model.cfg.intermediate_size
         assert out.gate_up_bltf.shape == (b, L, t, f2) and out.gate_up_bltf.dtype == jnp.uint16  # bf16 bits
@@ -355,12 +357,16 @@ def test_recorded_layer_states_replay_the_update(tiny, tmp_path, decode, matmul_
         cache = KVCache.zeros(ref_model.cfg, b, t, jnp.float32)
         fwd = ref_model(out.tokens_bt, positions_from_mask(out.attention_mask_bt), out.attention_mask_bt, cache=cache,
                         cache_pos=0, record_layers=True, record_gate_up=True)
-        ref_gate_up = np.asarray(fwd.gate_up_lbtf.astype(jnp.float32)).swapaxes(0, 1)
-        ours = np.asarray(jax.lax.bitcast_convert_type(out.gate_up_bltf, jnp.bfloat16).astype(jnp.float32))
-        for l in range(L):  # equal on this model (0.0); a rounding of one bf16 step at the scale allowed
-            scale = np.abs(ref_gate_up[:, l][mask]).max()
-            np.testing.assert_allclose(ours[:, l][mask], ref_gate_up[:, l][mask], rtol=0, atol=2 ** -8 * scale,
-                                       err_msg=f"layer {l}")
+        def widened(bits):
+            return np.asarray(jax.lax.bitcast_convert_type(bits, jnp.bfloat16).astype(jnp.float32))
+
+        for name, ours, ref_lbtx in (("gate|up", out.gate_up_bltf, fwd.gate_up_lbtf),
+                                     ("inputs", out.layer_inputs_bltd, fwd.layer_states_lbtd[:L])):
+            ours, ref = widened(ours), np.asarray(ref_lbtx.astype(jnp.bfloat16).astype(jnp.float32)).swapaxes(0, 1)
+            for l in range(L):  # equal on this model (0.0); a rounding of one bf16 step at the scale allowed
+                scale = np.abs(ref[:, l][mask]).max()
+                np.testing.assert_allclose(ours[:, l][mask], ref[:, l][mask], rtol=0, atol=2 ** -8 * scale,
+                                           err_msg=f"{name}, layer {l}")
     else:
         assert out.gate_up_bltf is None
     if matmul_dtype is None:  # the states are a forward's (no remat: it records) at every real slot

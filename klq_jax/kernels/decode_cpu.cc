@@ -773,10 +773,11 @@ ffi::Error DecodeStep(ffi::Buffer<ffi::F32> x_nd, ffi::Buffer<ffi::F32> cos_nr, 
                       ffi::AnyBuffer w_qkv, ffi::AnyBuffer w_o, ffi::AnyBuffer w_gate_up, ffi::AnyBuffer w_down,
                       ffi::AnyBuffer w_head, ffi::AnyBuffer k_cache_in, ffi::AnyBuffer v_cache_in,
                       ffi::Buffer<ffi::F32> states_in, ffi::Buffer<ffi::S32> states_step,
-                      ffi::Buffer<ffi::U16> gate_up_in, ffi::ResultBuffer<ffi::F32> logits_nv,
+                      ffi::Buffer<ffi::U16> gate_up_in, ffi::Buffer<ffi::U16> inputs_in,
+                      ffi::ResultBuffer<ffi::F32> logits_nv,
                       ffi::ResultBuffer<ffi::F32> h_nd, ffi::Result<ffi::AnyBuffer> k_cache,
                       ffi::Result<ffi::AnyBuffer> v_cache, ffi::ResultBuffer<ffi::F32> states,
-                      ffi::ResultBuffer<ffi::U16> gate_up, float eps,
+                      ffi::ResultBuffer<ffi::U16> gate_up, ffi::ResultBuffer<ffi::U16> inputs, float eps,
                       int64_t num_heads, int64_t rotary_dim, int64_t num_threads, bool amx,
                       ffi::ThreadPool thread_pool) {
   const auto kdims = k_cache->dimensions();  // [L, B, K, S, hd]
@@ -860,18 +861,19 @@ ffi::Error DecodeStep(ffi::Buffer<ffi::F32> x_nd, ffi::Buffer<ffi::F32> cos_nr, 
     }
   };
 
-  // states [steps, L + 1, n, d] (updated in place, like the cache; steps 0: nothing recorded): at `states_step`, each
-  // layer's input, then the last layer's output (the update can replay them instead of running its own forward:
-  // `CausalLM.__call__(replay=...)`).
+  // states [steps, L + 1 or 1, n, d] (updated in place, like the cache; steps 0: nothing recorded): at `states_step`,
+  // each layer's input (L + 1 only), then the last layer's output (the update can replay them instead of running its
+  // own forward: `CausalLM.__call__(replay=...)`).
   const auto sdims = states->dimensions();
-  if (sdims.size() != 4 || sdims[1] != dm.layers + 1 || sdims[2] != n || sdims[3] != d)
-    return ffi::Error::InvalidArgument("states: expected [steps, L + 1, B, D]");
-  const size_t states_bytes = sizeof(float) * static_cast<size_t>(sdims[0]) * (dm.layers + 1) * n * d;
+  if (sdims.size() != 4 || (sdims[1] != dm.layers + 1 && sdims[1] != 1) || sdims[2] != n || sdims[3] != d)
+    return ffi::Error::InvalidArgument("states: expected [steps, L + 1 or 1, B, D]");
+  const int state_rows = static_cast<int>(sdims[1]);
+  const size_t states_bytes = sizeof(float) * static_cast<size_t>(sdims[0]) * state_rows * n * d;
   if (states->typed_data() != states_in.typed_data() && states_bytes)
     std::memcpy(states->typed_data(), states_in.typed_data(), states_bytes);
   const int step = states_step.typed_data()[0];
   if (sdims[0] > 0 && (step < 0 || step >= sdims[0])) return ffi::Error::InvalidArgument("states_step outside states");
-  float* xs = sdims[0] > 0 ? states->typed_data() + static_cast<int64_t>(step) * (dm.layers + 1) * n * d : nullptr;
+  float* xs = sdims[0] > 0 ? states->typed_data() + static_cast<int64_t>(step) * state_rows * n * d : nullptr;
   // gate_up [B, L, S, 2F] bf16 bits (updated in place; [B, L, 0, 2F]: nothing recorded): each layer's gate|up
   // projections of this step's token, at its cache slot (the update's MLP can replay them instead of recomputing
   // them: `Block._mlp(gate_up_btf=...)`).
@@ -883,8 +885,22 @@ ffi::Error DecodeStep(ffi::Buffer<ffi::F32> x_nd, ffi::Buffer<ffi::F32> cos_nr, 
   if (gate_up->typed_data() != gate_up_in.typed_data() && gate_up_elems)
     std::memcpy(gate_up->typed_data(), gate_up_in.typed_data(), sizeof(uint16_t) * gate_up_elems);
   uint16_t* gus = gdims[2] > 0 ? gate_up->typed_data() : nullptr;
+  // inputs [B, L, S, D] bf16 bits (updated in place; [B, L, 0, D]: nothing recorded): each layer's input at this
+  // step's cache slot, rounded to nearest even, where the update reads them (`replayed_layer_scan`): half the bytes
+  // of fp32 states, and no conversion or transposition after the loop.
+  const auto idims = inputs->dimensions();
+  if (idims.size() != 4 || idims[0] != n || idims[1] != dm.layers || idims[3] != d ||
+      (idims[2] != 0 && idims[2] != dm.slots))
+    return ffi::Error::InvalidArgument("inputs: expected [B, L, S or 0, D]");
+  const int64_t inputs_elems = static_cast<int64_t>(n) * dm.layers * idims[2] * d;
+  if (inputs->typed_data() != inputs_in.typed_data() && inputs_elems)
+    std::memcpy(inputs->typed_data(), inputs_in.typed_data(), sizeof(uint16_t) * inputs_elems);
+  uint16_t* ins = idims[2] > 0 ? inputs->typed_data() : nullptr;
   for (int l = 0; l < dm.layers; ++l) {
-    if (xs) std::memcpy(xs + static_cast<int64_t>(l) * n * d, x.data(), sizeof(float) * n * d);
+    if (xs && state_rows > 1) std::memcpy(xs + static_cast<int64_t>(l) * n * d, x.data(), sizeof(float) * n * d);
+    if (ins)
+      for (int r = 0; r < n; ++r)
+        store_row(ins + ((static_cast<int64_t>(r) * dm.layers + l) * dm.slots + pos) * d, &x[r * d], d);
     for (int r = 0; r < n; ++r) rms_norm(&x[r * d], ln1_ld.typed_data() + l * d, d, eps, &h[r * d]);
     project(wqkv + l * qkv_size * welem, h.data(), d, d, dm.qkv_out, qkv.data());
     for (int r = 0; r < n; ++r) {
@@ -940,7 +956,7 @@ ffi::Error DecodeStep(ffi::Buffer<ffi::F32> x_nd, ffi::Buffer<ffi::F32> cos_nr, 
     project(wdown + l * down_size * welem, gu.data(), 2 * f, f, d, proj.data());
     add_into(x.data(), proj.data(), n * d);
   }
-  if (xs) std::memcpy(xs + static_cast<int64_t>(dm.layers) * n * d, x.data(), sizeof(float) * n * d);
+  if (xs) std::memcpy(xs + static_cast<int64_t>(state_rows - 1) * n * d, x.data(), sizeof(float) * n * d);
   for (int r = 0; r < n; ++r) rms_norm(&x[r * d], final_d.typed_data(), d, eps, h_nd->typed_data() + r * d);
   project(whead, h_nd->typed_data(), d, d, dm.vocab, logits_nv->typed_data());
   team->Finish();
@@ -1133,12 +1149,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KlqDecodeStep, DecodeStep,
                                   .Arg<ffi::Buffer<ffi::F32>>()   // states_in
                                   .Arg<ffi::Buffer<ffi::S32>>()   // states_step
                                   .Arg<ffi::Buffer<ffi::U16>>()   // gate_up_in
+                                  .Arg<ffi::Buffer<ffi::U16>>()   // inputs_in
                                   .Ret<ffi::Buffer<ffi::F32>>()   // logits_nv
                                   .Ret<ffi::Buffer<ffi::F32>>()   // h_nd
                                   .Ret<ffi::AnyBuffer>()          // k_cache
                                   .Ret<ffi::AnyBuffer>()          // v_cache
                                   .Ret<ffi::Buffer<ffi::F32>>()   // states
                                   .Ret<ffi::Buffer<ffi::U16>>()   // gate_up
+                                  .Ret<ffi::Buffer<ffi::U16>>()   // inputs
                                   .Attr<float>("eps")
                                   .Attr<int64_t>("num_heads")
                                   .Attr<int64_t>("rotary_dim")

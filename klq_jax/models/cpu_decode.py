@@ -279,17 +279,19 @@ def pack_weights(model, native: bool = True, isa: str | None = None) -> DecodeWe
 def decode_step(weights: DecodeWeights, cfg: ModelConfig, x_nd: jax.Array, cos_nr: jax.Array, sin_nr: jax.Array,
                 kv_mask_ns: jax.Array, cache_pos: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                 num_threads: int | None = None, amx: bool | None = None, isa: str | None = None,
-                states: jax.Array | None = None, states_step: jax.Array | int = 0, gate_up: jax.Array | None = None):
+                states: jax.Array | None = None, states_step: jax.Array | int = 0, gate_up: jax.Array | None = None,
+                inputs: jax.Array | None = None):
     """One decode step of N = B rows: `x_nd` the embedded tokens [N, D], `cos_nr`/`sin_nr` their RoPE tables
     [N, rotary_dim], `kv_mask_ns` the cache slots holding real tokens after this step's write at `cache_pos`,
     `k_cache`/`v_cache` [L, B, K, S, hd] float32 or bfloat16 (updated in place; bf16: this step's keys and values
     rounded to nearest even, the cache widened exactly as the attention reads it). Returns `(logits_nv, h_nd, k_cache,
-    v_cache, states)`: float32 logits, the final-normed hidden states (for a value head), the caches, and `states`
-    [steps, L + 1, N, D] float32 (default: none, [0, L + 1, N, D]) with each layer's input then the last layer's output
-    written at `states_step` (updated in place, as the caches: what `CausalLM.__call__(record_layers=True)` records,
-    step by step), then `gate_up` [N, L, S, 2F] uint16 (default: none, [N, L, 0, 2F]), the bf16 bits of each layer's
-    gate|up projections written at slot `cache_pos` (updated in place: what `CausalLM.__call__(record_gate_up=True)`
-    records). `amx` None: where the
+    v_cache, states, gate_up, inputs)`: float32 logits, the final-normed hidden states (for a value head), the caches,
+    and `states` [steps, L + 1, N, D] float32 (default: none, [0, L + 1, N, D]) with each layer's input then the last
+    layer's output written at `states_step` (updated in place, as the caches: what `CausalLM.__call__(record_layers=True)`
+    records, step by step; [steps, 1, N, D]: the last output only), then `gate_up` [N, L, S, 2F] uint16 (default: none,
+    [N, L, 0, 2F]), the bf16 bits of each layer's gate|up projections written at slot `cache_pos` (updated in place:
+    what `CausalLM.__call__(record_gate_up=True)` records), and `inputs` [N, L, S, D] uint16 (default: none, [N, L, 0,
+    D]), the bf16 bits of each layer's input (rounded to nearest even) at slot `cache_pos`. `amx` None: where the
     CPU has it (`has_amx`); False: AVX-512 BF16 dot products only. `isa`: the build (None: `kernel_isa` of the
     packed weights' dtype)."""
     isa = _build_for(isa, weights.w_qkv.dtype)
@@ -299,15 +301,19 @@ def decode_step(weights: DecodeWeights, cfg: ModelConfig, x_nd: jax.Array, cos_n
         states = jnp.zeros((0, cfg.num_layers + 1, n, d), jnp.float32)
     if gate_up is None:
         gate_up = jnp.zeros((n, cfg.num_layers, 0, 2 * cfg.intermediate_size), jnp.uint16)
+    if inputs is None:
+        inputs = jnp.zeros((n, cfg.num_layers, 0, d), jnp.uint16)
     call = jax.ffi.ffi_call(
         targets(isa)[0],
         (jax.ShapeDtypeStruct((n, cfg.vocab_size), jnp.float32), jax.ShapeDtypeStruct(x_nd.shape, jnp.float32),
          jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype), jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype),
-         jax.ShapeDtypeStruct(states.shape, jnp.float32), jax.ShapeDtypeStruct(gate_up.shape, jnp.uint16)),
-        input_output_aliases={13: 2, 14: 3, 15: 4, 17: 5})
+         jax.ShapeDtypeStruct(states.shape, jnp.float32), jax.ShapeDtypeStruct(gate_up.shape, jnp.uint16),
+         jax.ShapeDtypeStruct(inputs.shape, jnp.uint16)),
+        input_output_aliases={13: 2, 14: 3, 15: 4, 17: 5, 18: 6})
     return call(x_nd.astype(jnp.float32), cos_nr, sin_nr, kv_mask_ns, jnp.asarray(cache_pos, jnp.int32),
                 weights.ln1_ld, weights.ln2_ld, weights.final_d, weights.w_qkv, weights.w_o, weights.w_gate_up,
                 weights.w_down, weights.w_head, k_cache, v_cache, states, jnp.asarray(states_step, jnp.int32), gate_up,
+                inputs,
                 eps=np.float32(cfg.norm_eps),
                 num_heads=np.int64(cfg.num_heads), rotary_dim=np.int64(cfg.rotary_dim),
                 num_threads=np.int64(num_threads or len(os.sched_getaffinity(0)) or 1),

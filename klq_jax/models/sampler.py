@@ -37,7 +37,8 @@ class SampleOutput:
     With the policy's own distribution (`top_k=0, top_p=1`), logprobs, values and entropy are those a
     forward of the policy over the sampled tokens gives, so the RL loop can skip that forward.
     With `record_layers`: `layer_inputs_bltd` [B, L, T, D], each layer's input at every slot (in the dtype the
-    update's remat keeps them, `CausalLM.checkpoint_dtype`), and `layer_output_btd` [B, T, D] fp32, the last layer's
+    update's remat keeps them, `CausalLM.checkpoint_dtype`; bf16 as its bit patterns, uint16, for the reason below),
+    and `layer_output_btd` [B, T, D] fp32, the last layer's
     output: what the sampler's prefill and decode steps computed, which an update at the same parameters replays
     instead of running its own forward (`CausalLM.__call__(replay=...)`). Slots after an early stop hold zeros.
     Also with `record_layers`: `logsumexp_bt` [B, T] fp32, the log-normaliser of the sampling distribution's logits
@@ -195,10 +196,13 @@ def _generate(graphdef, state, prompt_bp, prompt_mask_bp, rng, temperature, top_
     # The gate|up projections too where the native step records them (bf16: 0.24 GiB for SmolLM2's 8 x 176 slots);
     # the XLA steps do not.
     record_gate_up = record_layers and native and model.replays_gate_up()
+    inputs_dtype = model.checkpoint_dtype() or jnp.float32
+    # bf16 layer inputs as bits, written by the native step at their slot in place (as the gate|up); else every
+    # step's [L + 1, B, D] fp32 into a buffer converted after the loop.
+    record_input_bits = record_layers and native and inputs_dtype == jnp.bfloat16
     out = model(prompt_bp, positions_bp, kv_mask_bs, cache=cache, cache_pos=0, logits_from=p - 1,  # last position
                 record_layers=record_layers, record_gate_up=record_gate_up)
     num_layers, d = model.cfg.num_layers, model.cfg.hidden_size
-    inputs_dtype = model.checkpoint_dtype() or jnp.float32
     last_logits_bv = out.logits_btv[:, -1]
     has_values = out.values_bt is not None
     last_value_b = out.values_bt[:, -1] if has_values else jnp.zeros((b,), jnp.float32)
@@ -223,8 +227,9 @@ def _generate(graphdef, state, prompt_bp, prompt_mask_bp, rng, temperature, top_
 
     def model_step(token_b, positions_b, kv_mask_bs, cache, cache_pos, recorded, step):
         """(logits_bv, values_b or None, cache, recorded) of one decode step; with `record_layers` its layer inputs
-        and last output written into `recorded[0]` [n, L + 1, B, D] at `step` (and with `record_gate_up` its gate|up
-        projections into `recorded[1]` [B, L, P + n, 2F], bf16 bits, at `cache_pos`)."""
+        and last output written into `recorded[0]` [n, L + 1, B, D] at `step` (with `record_input_bits` the last output
+        only, [n, 1, B, D], and the inputs as bf16 bits into `recorded[-1]` [B, L, P + n, D] at `cache_pos`; with
+        `record_gate_up` its gate|up projections into `recorded[1]` [B, L, P + n, 2F], bf16 bits, at `cache_pos`)."""
         states_nlbd = recorded[0] if record_layers else None
         if native:
             x_bd = jnp.take(model.embed_vd[...], token_b, axis=0).astype(jnp.float32)
@@ -234,11 +239,13 @@ def _generate(graphdef, state, prompt_bp, prompt_mask_bp, rng, temperature, top_
                 cos_br = sin_br = jnp.zeros((b, 0), jnp.float32)
             # The kernel writes the states into the carried buffer in place, as it does the cache (an update of
             # the loop's buffer outside the call cost the 8 x 128-token rollout 0.4-0.6 s: copies of it).
-            logits_bv, h_bd, k, v, states_nlbd, gate_up = cpu_decode.decode_step(
+            logits_bv, h_bd, k, v, states_nlbd, gate_up, inputs = cpu_decode.decode_step(
                 packed, model.cfg, x_bd, cos_br, sin_br, kv_mask_bs, cache_pos, cache.k_lbksh, cache.v_lbksh, isa=isa,
-                states=states_nlbd, states_step=step, gate_up=recorded[1] if record_gate_up else None)
+                states=states_nlbd, states_step=step, gate_up=recorded[1] if record_gate_up else None,
+                inputs=recorded[-1] if record_input_bits else None)
             values_b = model.value_head(h_bd) if has_values else None
-            recorded = (states_nlbd, gate_up) if record_gate_up else (states_nlbd,) if record_layers else ()
+            recorded = ((states_nlbd,) if record_layers else ()) + ((gate_up,) if record_gate_up else ()) + (
+                (inputs,) if record_input_bits else ())
             return logits_bv, values_b, KVCache(k, v), recorded
         out = model(token_b[:, None], positions_b[:, None], kv_mask_bs, cache=cache, cache_pos=cache_pos,
                     layers=layers, layers_oi=weights_oi, head_vd=head_vd, record_layers=record_layers)
@@ -269,11 +276,17 @@ def _generate(graphdef, state, prompt_bp, prompt_mask_bp, rng, temperature, top_
 
     # With `record_layers`: each step's layer inputs and last output, [n, L + 1, B, D] float32; with `record_gate_up`
     # also the gate|up projections of every slot, the prefill's in place, as bf16 bits.
-    recorded = (jnp.zeros((n, num_layers + 1, b, d), jnp.float32),) if record_layers else ()
+    def slots_buffer(prefill_lbpx):  # [B, L, P + n, X] bf16 bits, the prefill's at their slots
+        bits_blpx = jax.lax.bitcast_convert_type(prefill_lbpx.astype(jnp.bfloat16), jnp.uint16).transpose(1, 0, 2, 3)
+        return jnp.concatenate([bits_blpx, jnp.zeros((*bits_blpx.shape[:2], n, bits_blpx.shape[3]), jnp.uint16)],
+                               axis=2)
+
+    state_rows = 1 if record_input_bits else num_layers + 1
+    recorded = (jnp.zeros((n, state_rows, b, d), jnp.float32),) if record_layers else ()
     if record_gate_up:
-        gate_up_blpf = jax.lax.bitcast_convert_type(out.gate_up_lbtf, jnp.uint16).transpose(1, 0, 2, 3)
-        recorded += (jnp.concatenate([gate_up_blpf, jnp.zeros((*gate_up_blpf.shape[:2], n, gate_up_blpf.shape[3]),
-                                                              jnp.uint16)], axis=2),)
+        recorded += (slots_buffer(out.gate_up_lbtf),)
+    if record_input_bits:
+        recorded += (slots_buffer(out.layer_states_lbtd[:num_layers]),)
     num_stats = 4 if record_layers else 3  # logp, value, entropy (and the log-normaliser) per response slot
     init = (jnp.int32(0), jnp.full((b, n), pad_id, jnp.int32), jnp.zeros((num_stats, b, n), jnp.float32),
             jnp.zeros((b,), bool), decode_cache, kv_mask_bs, last_logits_bv, last_value_b, rng, recorded)
@@ -282,13 +295,16 @@ def _generate(graphdef, state, prompt_bp, prompt_mask_bp, rng, temperature, top_
     if record_gate_up:
         gate_up_bltf = recorded[1]
     if record_layers:
-        recorded = recorded[0]
         prefill_lbpd = out.layer_states_lbtd
-        layer_inputs_bltd = jnp.concatenate([prefill_lbpd[:num_layers].astype(inputs_dtype).transpose(1, 0, 2, 3),
-                                             recorded[:, :num_layers].astype(inputs_dtype).transpose(2, 1, 0, 3)],
-                                            axis=2)
-        layer_output_btd = jnp.concatenate([prefill_lbpd[num_layers], recorded[:, num_layers].transpose(1, 0, 2)],
-                                           axis=1)
+        if record_input_bits:
+            layer_inputs_bltd = recorded[-1]
+        else:
+            layer_inputs_bltd = jnp.concatenate([prefill_lbpd[:num_layers].transpose(1, 0, 2, 3),
+                                                 recorded[0][:, :num_layers].transpose(2, 1, 0, 3)],
+                                                axis=2).astype(inputs_dtype)
+            if inputs_dtype == jnp.bfloat16:
+                layer_inputs_bltd = jax.lax.bitcast_convert_type(layer_inputs_bltd, jnp.uint16)
+        layer_output_btd = jnp.concatenate([prefill_lbpd[num_layers], recorded[0][:, -1].transpose(1, 0, 2)], axis=1)
     response_mask_bn = kv_mask_bs[:, p:]
     logps_bt, values_bt, entropy_bt, *logsumexp_bt = (jnp.concatenate([jnp.zeros((b, p), jnp.float32), x_bn], axis=1)
                                                       for x_bn in stats_sbn)

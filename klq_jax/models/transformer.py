@@ -913,7 +913,8 @@ def replayed_layer_scan(layer_fn: Callable, x, stacked_params, aux, inputs_bltd,
     """`remat_layer_scan` over layers whose forward already ran, at these parameters, on these rows: the sampler's,
     which computed every layer of every token it drew (`CausalLM.__call__(record_layers=True)`). Returns the recorded
     output `output_btd`; the backward is `remat_layer_scan`'s, recomputing each layer from its recorded input
-    (`inputs_bltd`, [B, L, T, D], rounded to `checkpoint_dtype` as the forward would keep it), and gives `x` its
+    (`inputs_bltd`, [B, L, T, D], rounded to `checkpoint_dtype` as the forward would keep it; or bf16 bits as uint16,
+    as the sampler records them), and gives `x` its
     gradient as if the stack had run from it. `gate_up_bltf` ([B, L, T, 2F] bf16 or its bits as uint16, or None):
     the recorded gate|up projections too, which the recomputed layers' MLPs replay (`layer_fn` takes them as a third
     `aux` entry). The recorded values differ from a forward's by summation order only (the decode step adds in
@@ -925,9 +926,11 @@ def replayed_layer_scan(layer_fn: Callable, x, stacked_params, aux, inputs_bltd,
 
 def _replayed_layer_scan_fwd(layer_fn, x, stacked_params, aux, inputs_bltd, output_btd, gate_up_bltf,
                              checkpoint_dtype, row_groups, grad_dtype):
-    # bf16 as its raw bits (a bitcast), widened one layer's slice at a time in the backward, as remat's.
-    inputs_bltd = _bf16_bits(inputs_bltd.astype(checkpoint_dtype or x.dtype))
-    if gate_up_bltf is not None and gate_up_bltf.dtype != jnp.uint16:  # bits as they are (a bitcast copies them)
+    # bf16 as its raw bits, widened one layer's slice at a time in the backward, as remat's; bits as they come (a
+    # bitcast of the argument copies it: 46 MiB for SmolLM2's 8 x 176 tokens).
+    if inputs_bltd.dtype != jnp.uint16:
+        inputs_bltd = _bf16_bits(inputs_bltd.astype(checkpoint_dtype or x.dtype))
+    if gate_up_bltf is not None and gate_up_bltf.dtype != jnp.uint16:
         gate_up_bltf = _bf16_bits(gate_up_bltf.astype(jnp.bfloat16))
     return output_btd.astype(x.dtype), (inputs_bltd, stacked_params, aux, gate_up_bltf)
 
