@@ -501,6 +501,8 @@ inline void tile_dot_f32(const float* w_tile, const float* x_rows, int in, float
     const __m512 w1 = _mm512_loadu_ps(w_tile + kTile * i + 16);
     _mm_prefetch(reinterpret_cast<const char*>(w_tile + kTile * (i + kF32Prefetch)), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(w_tile + kTile * (i + kF32Prefetch) + 16), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w_tile + kTile * (i + kPrefetchL2)), _MM_HINT_T1);
+    _mm_prefetch(reinterpret_cast<const char*>(w_tile + kTile * (i + kPrefetchL2) + 16), _MM_HINT_T1);
 #pragma GCC unroll 8
     for (int r = 0; r < kRows; ++r) {
       const __m512 xb = _mm512_set1_ps(x_rows[r * in + i]);
