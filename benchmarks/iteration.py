@@ -471,8 +471,9 @@ def main():
     args = parser.parse_args()
 
     if args.side:  # child: set up as `python -m klq_jax.main` is
-        from klq_jax.allocator import keep_freed_memory
+        from klq_jax.allocator import keep_freed_memory, restart_with_huge_pages
 
+        restart_with_huge_pages([str(Path(__file__).resolve()), *sys.argv[1:]])
         keep_freed_memory()
         print("SIDE_JSON " + json.dumps(run_ours(args)), flush=True)
         return

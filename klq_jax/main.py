@@ -68,4 +68,7 @@ def run():
 
 
 if __name__ == "__main__":
+    from klq_jax.allocator import restart_with_huge_pages
+
+    restart_with_huge_pages(["-m", "klq_jax.main", *sys.argv[1:]])  # first: glibc reads it at start-up only
     run()
