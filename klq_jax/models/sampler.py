@@ -274,8 +274,9 @@ def _generate(graphdef, state, prompt_bp, prompt_mask_bp, rng, temperature, top_
         next_value_b = next_value_b if has_values else value_b
         return i + 1, tokens_bn, stats_sbn, done_b, cache, kv_mask_bs, next_logits_bv, next_value_b, rng, recorded
 
-    # With `record_layers`: each step's layer inputs and last output, [n, L + 1, B, D] float32; with `record_gate_up`
-    # also the gate|up projections of every slot, the prefill's in place, as bf16 bits.
+    # With `record_layers`: each step's layer inputs and last output, [n, L + 1, B, D] float32 (with
+    # `record_input_bits` the last output only, the inputs as bf16 bits of every slot); with `record_gate_up` the
+    # gate|up projections of every slot too, as bf16 bits. The bits' buffers start with the prefill's at their slots.
     def slots_buffer(prefill_lbpx):  # [B, L, P + n, X] bf16 bits, the prefill's at their slots
         bits_blpx = jax.lax.bitcast_convert_type(prefill_lbpx.astype(jnp.bfloat16), jnp.uint16).transpose(1, 0, 2, 3)
         return jnp.concatenate([bits_blpx, jnp.zeros((*bits_blpx.shape[:2], n, bits_blpx.shape[3]), jnp.uint16)],
