@@ -10,7 +10,7 @@ from flax import nnx
 from klq_jax.models import cpu_decode
 from klq_jax.models.config import ModelConfig
 from klq_jax.models.sampler import Sampler, greedy, use_native_decode
-from klq_jax.models.transformer import CausalLM, KVCache, rope_cos_sin
+from klq_jax.models.transformer import CausalLM, KVCache, dense, rope_cos_sin
 
 # The kernel with fp32 matmuls (AVX-512 or AVX2); bf16 matmuls also need AVX-512 BF16 (`skip_without_bf16`).
 needs_kernel = pytest.mark.skipif(cpu_decode.machine_unsupported(None) is not None,
@@ -403,3 +403,29 @@ def test_which_build_a_cpu_runs(monkeypatch):
         cpu_decode.pack_native(jnp.zeros((64, 32)), True, jnp.float32)
     with pytest.raises(ValueError, match="isa='neon'; accepted: 'avx512', 'avx2'"):
         cpu_decode.pack_native(jnp.zeros((64, 32)), True, jnp.float32, isa="neon")
+
+
+@needs_kernel
+def test_transpose_bits_and_the_weight_gradient_it_feeds():
+    """`transpose_bits` is `x.T` of 16-bit arrays to the bit, on shapes inside, across and past its 32 x 32 blocks;
+    `dense` whose bf16 weight gradient takes `x^T` from it (`native_transpose`, the replayed MLP's down projection)
+    gives the same gradients as the plain one, to the bit, from a producer XLA would fuse into its own copy."""
+    rng = np.random.default_rng(0)
+    for shape in [(1, 1), (5, 3), (37, 70), (64, 32), (704, 96)]:
+        x = rng.integers(0, 2**16, shape, dtype=np.uint16)
+        np.testing.assert_array_equal(np.asarray(jax.jit(cpu_decode.transpose_bits)(jnp.asarray(x))), x.T)
+    with pytest.raises(ValueError, match="uint16"):
+        cpu_decode.transpose_bits(jnp.zeros((4, 4), jnp.float32))
+    gate_up = jnp.asarray(rng.normal(size=(3, 37, 2 * 70)), jnp.float32)
+    w_fd = jnp.asarray(rng.normal(size=(70, 24)) / 8, jnp.float32)
+    dy = jnp.asarray(rng.normal(size=(3, 37, 24)), jnp.float32)
+
+    def grads(native):
+        def loss(gate_up, w_fd):
+            hidden = jax.nn.silu(gate_up[..., :70]) * gate_up[..., 70:]
+            return jnp.sum(dense(hidden, w_fd, jnp.bfloat16, None, native) * dy)
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))(gate_up, w_fd)
+
+    for plain, native in zip(grads(False), grads(True)):
+        assert float(jnp.abs(plain).max()) > 0
+        np.testing.assert_array_equal(np.asarray(native), np.asarray(plain))

@@ -64,9 +64,10 @@ def _build_for(isa: str | None, matmul_dtype) -> str:
     return isa
 
 
-def targets(isa: str) -> tuple[str, str, str]:
-    """The XLA FFI targets of one build: its decode step, its packing and its packed matmul (`packed_matmul`)."""
-    return f"klq_decode_step_{isa}", f"klq_pack_tiles_{isa}", f"klq_packed_matmul_{isa}"
+def targets(isa: str) -> tuple[str, str, str, str]:
+    """The XLA FFI targets of one build: its decode step, its packing, its packed matmul (`packed_matmul`) and its
+    16-bit transposition (`transpose_bits`)."""
+    return f"klq_decode_step_{isa}", f"klq_pack_tiles_{isa}", f"klq_packed_matmul_{isa}", f"klq_transpose16_{isa}"
 
 
 def isa_runs_here(isa: str) -> bool:
@@ -175,10 +176,11 @@ def register(isa: str) -> None:
     except OSError as err:
         raise RuntimeError(f"the CPU decode kernel could not be built or loaded under {cache_root() / 'kernels'}: "
                            f"{err}") from err
-    step, pack, matmul = targets(isa)
+    step, pack, matmul, transpose = targets(isa)
     jax.ffi.register_ffi_target(step, jax.ffi.pycapsule(library.KlqDecodeStep), platform="cpu")
     jax.ffi.register_ffi_target(pack, jax.ffi.pycapsule(library.KlqPackTiles), platform="cpu")
     jax.ffi.register_ffi_target(matmul, jax.ffi.pycapsule(library.KlqPackedMatmul), platform="cpu")
+    jax.ffi.register_ffi_target(transpose, jax.ffi.pycapsule(library.KlqTranspose16), platform="cpu")
 
 
 @functools.lru_cache(maxsize=None)
@@ -318,6 +320,19 @@ def decode_step(weights: DecodeWeights, cfg: ModelConfig, x_nd: jax.Array, cos_n
                 num_heads=np.int64(cfg.num_heads), rotary_dim=np.int64(cfg.rotary_dim),
                 num_threads=np.int64(num_threads or len(os.sched_getaffinity(0)) or 1),
                 amx=bool(has_amx() if amx is None else amx))
+
+
+def transpose_bits(x_ni: jax.Array) -> jax.Array:
+    """`x.T` of a [N, I] uint16 array (bf16 bit patterns), as the kernel's custom call: a copy XLA:CPU cannot fuse
+    `x`'s producer into (`transformer._weight_gradient(native_transpose=True)`). Needs a build this CPU runs
+    (`kernel_isa(jnp.float32)`)."""
+    isa = kernel_isa(jnp.float32)
+    if isa is None or x_ni.dtype != jnp.uint16 or x_ni.ndim != 2:
+        raise ValueError(f"transpose_bits: a [N, I] uint16 array on a CPU the kernel runs on (got {x_ni.dtype} "
+                         f"{x_ni.shape}, build {isa})")
+    register(isa)
+    n, i = x_ni.shape
+    return jax.ffi.ffi_call(targets(isa)[3], jax.ShapeDtypeStruct((i, n), jnp.uint16))(x_ni)
 
 
 def packed_matmul_unsupported() -> str | None:

@@ -210,8 +210,9 @@ def weight_left_matmul(w_oi: jax.Array, x_in: jax.Array, matmul_dtype=None, out_
     return out.astype(out_dtype or x_in.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def dense(x_bti: jax.Array, w_io: jax.Array, matmul_dtype=None, out_dtype=None) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def dense(x_bti: jax.Array, w_io: jax.Array, matmul_dtype=None, out_dtype=None,
+          native_transpose: bool = False) -> jax.Array:
     """`x @ w` over the last axis of `x`, with the weight gradient computed as `x^T dy`; operands rounded to
     `matmul_dtype` (None: `x`'s dtype), accumulated in fp32 at least, the result in `out_dtype` (None: `x`'s).
     The backward rounds the cotangent to `matmul_dtype` too: autodiff's transpose of a bf16 dot would return bf16.
@@ -219,13 +220,14 @@ def dense(x_bti: jax.Array, w_io: jax.Array, matmul_dtype=None, out_dtype=None) 
     Autodiff's transpose of the matmul computes `dw^T = dy^T x` and transposes it back, which makes XLA:CPU
     transpose the [tokens, out] cotangent (fused with the activation's backward for the MLP) at every layer;
     writing the backward out keeps both cotangents in their natural layout (SmolLM2 update on 2 CPU
-    cores, 8 x 176 tokens: -0.45 s of 4.6 s). In fp32, the same values as autodiff.
+    cores, 8 x 176 tokens: -0.45 s of 4.6 s). In fp32, the same values as autodiff. `native_transpose`: the weight
+    gradient's `x^T` by the CPU kernel's custom call (`_weight_gradient`).
     """
     return matmul(x_bti, w_io, "...i,io->...o", matmul_dtype, out_dtype)
 
 
-def _dense_fwd(x_bti, w_io, matmul_dtype, out_dtype):
-    return dense(x_bti, w_io, matmul_dtype, out_dtype), (x_bti, w_io)
+def _dense_fwd(x_bti, w_io, matmul_dtype, out_dtype, native_transpose):
+    return dense(x_bti, w_io, matmul_dtype, out_dtype, native_transpose), (x_bti, w_io)
 
 
 def _row_major_transpose(x_ni: jax.Array) -> jax.Array:
@@ -242,23 +244,30 @@ def _row_major_transpose(x_ni: jax.Array) -> jax.Array:
     return jax.lax.optimization_barrier(x_ni.T.reshape(-1)).reshape(i, n)
 
 
-def _weight_gradient(x_ni, dy_no, matmul_dtype, out_dtype, transposed: bool = False):
-    """`x^T dy` ([i, o]; `[o, i]` when `transposed`): the weight gradient of `x @ w`, operands in `matmul_dtype`."""
+def _weight_gradient(x_ni, dy_no, matmul_dtype, out_dtype, transposed: bool = False, native_transpose: bool = False):
+    """`x^T dy` ([i, o]; `[o, i]` when `transposed`): the weight gradient of `x @ w`, operands in `matmul_dtype`.
+    `native_transpose` (bf16 operands): `x^T` by the CPU kernel (`cpu_decode.transpose_bits`), where XLA:CPU would
+    fuse `x`'s producer into its transposed copy and read that producer's inputs at the copy's stride (the MLP's
+    `silu(gate) * up` from the recorded gate|up: 4.3-4.6 ms per layer and row group against ~0.5 ms)."""
     mdt = jnp.dtype(matmul_dtype or x_ni.dtype)
     if mdt.itemsize != 2:
         dw_io = matmul(x_ni, dy_no, "ni,no->io", mdt, out_dtype)
         return dw_io.T if transposed else dw_io
     # bf16/fp16 operands: `x^T` written out, so that the dot runs on YNNPACK's kernels; and the result's transpose
     # kept out of the dot, which XLA would otherwise fold into it as a dot that YNNPACK refuses too.
-    dw_io = matmul(_row_major_transpose(x_ni.astype(mdt)), dy_no, "in,no->io", mdt, out_dtype)
+    if native_transpose and mdt == jnp.bfloat16:
+        x_in = jax.lax.bitcast_convert_type(cpu_decode.transpose_bits(_bf16_bits(x_ni.astype(mdt))), mdt)
+    else:
+        x_in = _row_major_transpose(x_ni.astype(mdt))
+    dw_io = matmul(x_in, dy_no, "in,no->io", mdt, out_dtype)
     return jax.lax.optimization_barrier(dw_io).T if transposed else dw_io
 
 
-def _dense_bwd(matmul_dtype, out_dtype, residuals, dy_bto):
+def _dense_bwd(matmul_dtype, out_dtype, native_transpose, residuals, dy_bto):
     x_bti, w_io = residuals
     dx_bti = matmul(dy_bto, w_io, "...o,io->...i", matmul_dtype, out_dtype=x_bti.dtype)
     dw_io = _weight_gradient(x_bti.reshape(-1, x_bti.shape[-1]), dy_bto.reshape(-1, dy_bto.shape[-1]),
-                             matmul_dtype, w_io.dtype)
+                             matmul_dtype, w_io.dtype, native_transpose=native_transpose)
     return dx_bti, dw_io
 
 
@@ -279,7 +288,7 @@ def _replayed_dense_fwd(x_bti, w_io, y_bto, matmul_dtype):
 
 
 def _replayed_dense_bwd(matmul_dtype, residuals, dy_bto):
-    return *_dense_bwd(matmul_dtype, None, residuals, dy_bto), None
+    return *_dense_bwd(matmul_dtype, None, False, residuals, dy_bto), None
 
 
 replayed_dense.defvjp(_replayed_dense_fwd, _replayed_dense_bwd)
@@ -588,7 +597,7 @@ class Block(nnx.Module):
         self.b_up_f = _zeros((f,), p) if cfg.mlp_bias else None
         self.b_down_d = _zeros((d,), p) if cfg.mlp_bias else None
 
-    def _project(self, x_bti, name: str, out_features: int, matmul_dtype=None):
+    def _project(self, x_bti, name: str, out_features: int, matmul_dtype=None, native_transpose: bool = False):
         """`x @ w` for the layer's weight `name` (viewed as [x's features, `out_features`]: `wo_nhd`'s [H, hd, D]
         as [H*hd, D]), or where it is a `PackedWeight` its tiles' native matmul (bf16 operands, fp32 accumulation:
         the same values up to summation order); returned in `x`'s dtype."""
@@ -596,7 +605,8 @@ class Block(nnx.Module):
         if isinstance(w, PackedWeight):
             w_packed = jax.lax.bitcast_convert_type(w[...], jnp.bfloat16)
             return cpu_decode.packed_matmul(x_bti, w_packed, out_features).astype(x_bti.dtype)
-        return dense(x_bti, w[...].reshape(x_bti.shape[-1], -1).astype(x_bti.dtype), matmul_dtype)
+        return dense(x_bti, w[...].reshape(x_bti.shape[-1], -1).astype(x_bti.dtype), matmul_dtype, None,
+                     native_transpose)
 
     @property
     def packed(self) -> bool:
@@ -704,7 +714,10 @@ class Block(nnx.Module):
             hidden = jax.nn.silu(gate) * up
         else:
             hidden = activation(self.cfg.activation, up)
-        out = self._project(hidden, "w_down_fd", self.cfg.hidden_size, matmul_dtype)
+        # Replayed gate|up came from the CPU kernel, which then also transposes the down projection's input for its
+        # weight gradient (bf16 operands; `_weight_gradient`).
+        native_transpose = gate_up_btf is not None and jnp.dtype(matmul_dtype or dt) == jnp.bfloat16
+        out = self._project(hidden, "w_down_fd", self.cfg.hidden_size, matmul_dtype, native_transpose)
         if self.b_down_d is not None:
             out = out + self.b_down_d[...].astype(dt)
         return out, projections
