@@ -86,4 +86,11 @@ def main():
 
 
 if __name__ == "__main__":
+    import sys
+
+    from klq_jax.allocator import restart_with_huge_pages
+
+    # As `python -m klq_jax.main` runs: without huge pages an fp32 rollout took 16.96 s instead of 11.83 on a
+    # Zen 1 VM (stop 37), every call faulting in XLA:CPU's mapped blocks page by page.
+    restart_with_huge_pages([__file__, *sys.argv[1:]])
     main()
