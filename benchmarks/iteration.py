@@ -16,7 +16,9 @@ fp32 parameters. Architectural difference kept: TRL's PPO has a separate value m
 in the rollout and in the update), ours a value head on the policy (klq_jax's design, the same for KLQ
 and PPO). Each side runs `--iterations` iterations; the first of ours includes compilation, and the
 table reports the fastest of the others (the same statistic for TRL), so noise from other processes
-on the machine inflates neither side.
+on the machine inflates neither side. `--rounds N` runs the sides in turn N times (klq, ppo, trl, klq, ...)
+and keeps each side's round with its fastest iteration: on a VM whose speed drifts over minutes, one round
+can give one side the fast minutes and the other the slow ones.
 
 The update's achieved FLOP/s counts the matmul FLOPs each side needs: per epoch `6 * N_layers * B*T`
 plus attention `12 * L * B * T^2 * d` (fwd+bwd; full T^2, as both sides compute it) plus the LM head
@@ -28,7 +30,7 @@ compared with the mean of its own two (TRL's with KLQ's), against `jnp.dot` (`*_
 against the better of the two (`*_update_best_mm_fraction`: XLA's kernel is not the CPU's fastest on
 every machine).
 
-    python benchmarks/iteration.py [--new_tokens 128] [--epochs 1] [--iterations 3] [--sides klq,ppo,trl]
+    python benchmarks/iteration.py [--new_tokens 128] [--epochs 1] [--iterations 3] [--sides klq,ppo,trl] [--rounds 1]
         [--compute_dtype bfloat16] [--matmul_dtype bfloat16] [--trl_python /work/venv-bench/bin/python] [--policy HF_FOLDER]
         [--decode_kernel auto|native|xla] [--frozen_matmul_kernel auto|native|xla] [--cache_dtype auto|float32|bfloat16]
         [--trl_device cpu|cuda] [--overlap_reference auto|on|off]
@@ -344,6 +346,15 @@ def run_child(cmd: list[str], log: Path) -> dict:
     return result
 
 
+def fastest_round(rounds: list[dict]) -> dict:
+    """One side's result from several rounds (`--rounds`): the round with its fastest iteration after the first
+    (what `best` reports), with `rss_peak_gib` the highest of all rounds and `rounds` the count."""
+    kept = dict(min(rounds, key=lambda r: best(r)["iteration"]))
+    kept["rss_peak_gib"] = max(r["rss_peak_gib"] for r in rounds)
+    kept["rounds"] = len(rounds)
+    return kept
+
+
 def model_dims(policy_path: Path) -> dict:
     c = json.loads((policy_path / "config.json").read_text())
     d, f, L, h, k = (c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["num_attention_heads"],
@@ -453,6 +464,10 @@ def main():
                         "for one update step per rollout on one device), on (the update replays the layer states "
                         "the sampler recorded instead of running its forward over the layers), off")
     parser.add_argument("--sides", default="klq,ppo,trl")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the sides in turn this many times (klq, ppo, trl, klq, ...), each side's figures "
+                             "from its round with the fastest iteration (peak RSS: the highest of its rounds): on a "
+                             "machine whose speed drifts over minutes every side then meets its fast minutes")
     parser.add_argument("--policy", help="an HF folder of a Llama-family LM used as policy, reference and (with a "
                         "fresh score head) reward model on both sides; default: the embedded SmolLM2-135M-Instruct")
     parser.add_argument("--trl_python", default=DEFAULT_TRL_PYTHON)
@@ -469,6 +484,8 @@ def main():
     parser.add_argument("--side", help=argparse.SUPPRESS)           # internal: run one of our sides
     parser.add_argument("--reward_path", help=argparse.SUPPRESS)    # internal
     args = parser.parse_args()
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds: {args.rounds}; accepted: a whole number of at least 1")
 
     if args.side:  # child: set up as `python -m klq_jax.main` is
         from klq_jax.allocator import keep_freed_memory, restart_with_huge_pages
@@ -502,7 +519,7 @@ def main():
                            "--cache_dtype", args.cache_dtype, "--overlap_reference", args.overlap_reference,
                            "--replay_sampler_forward", args.replay_sampler_forward]
     ours_flags += ["--policy_forward"] if args.policy_forward else []
-    results = {}
+    commands = {}
     for side in args.sides.split(","):
         if side in ("klq", "ppo"):
             cmd = [sys.executable, str(Path(__file__).resolve()), "--side", side] + ours_flags
@@ -514,10 +531,16 @@ def main():
             cmd += ["--device", args.trl_device]
         else:
             raise SystemExit(f"--sides: unknown side {side!r}; accepted: klq, ppo, trl")
-        print(f"running {side} ...", file=sys.stderr, flush=True)
-        results[side] = run_child(cmd, work / f"{side}.log")
+        commands[side] = cmd
+    rounds = {side: [] for side in commands}
+    for r in range(args.rounds):  # the sides in turn, so each meets the machine's fast and slow minutes alike
+        for side, cmd in commands.items():
+            print(f"running {side} ..." + (f" (round {r + 1} of {args.rounds})" if args.rounds > 1 else ""),
+                  file=sys.stderr, flush=True)
+            rounds[side].append(run_child(cmd, work / f"{side}-{r + 1}.log"))
+    results = {side: fastest_round(runs) for side, runs in rounds.items()}
     cpu = _cpu_name()
-    (work / "results.json").write_text(json.dumps({**results, "cpu": cpu}, indent=1))
+    (work / "results.json").write_text(json.dumps({**results, "cpu": cpu, "all_rounds": rounds}, indent=1))
 
     dims = model_dims(policy_path)
     cols = [s for s in ("klq", "ppo", "trl") if s in results]
@@ -550,6 +573,9 @@ def main():
         print(f"{', '.join(replayed)}: the update replayed the layer states and log-probabilities the sampler "
               "recorded instead of running its own forward over the layers and the LM head "
               "(rl.replay_sampler_forward)")
+    if args.rounds > 1:
+        print(f"{args.rounds} rounds of the sides in turn; each side's figures are from its round with the fastest "
+              "iteration, its peak RSS the highest of its rounds")
     print(header)
     labels = {"cpu": "iteration CPU-s", "scoring": "reward+reference"}
     for phase in PHASES[:3] + ("scoring",) + PHASES[3:] + ("iteration", "cpu"):
@@ -638,6 +664,7 @@ def main():
         if "trl" in on_gpu:
             out["trl_device_peak_gib"] = results["trl"]["device_peak_gib"]
         out["trl_bf16"] = float(args.trl_bf16)
+        out["rounds"] = args.rounds
         for s in ("klq", "ppo"):
             if s in on_gpu and "trl" in on_gpu:
                 key = "" if s == "klq" else "_ppo"

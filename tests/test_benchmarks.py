@@ -1,0 +1,37 @@
+"""The iteration benchmark's bookkeeping of several rounds (`benchmarks/iteration.py --rounds`)."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _iteration_module():
+    sys.path.insert(0, str(BENCHMARKS))  # iteration.py imports procstat from its folder
+    try:
+        spec = importlib.util.spec_from_file_location("iteration_bench", BENCHMARKS / "iteration.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return module
+
+
+def _round(first: float, *steady: float, rss: float, mm: float) -> dict:
+    its = [{"iteration": t, "reward": 1.0, "reference": 1.0} for t in (first, *steady)]
+    return {"iterations": its, "rss_peak_gib": rss, "matmul_gflops_jax": {"fp32": mm}}
+
+
+def test_fastest_round_keeps_the_round_of_the_fastest_steady_iteration_and_the_highest_peak():
+    bench = _iteration_module()
+    # round 2's first iteration (compilation) is the fastest of all but does not count; its steady ones are slower
+    rounds = [_round(70.0, 46.7, 47.0, rss=3.28, mm=49.0), _round(30.0, 48.0, 49.0, rss=3.31, mm=60.0),
+              _round(65.0, 41.2, 44.0, rss=3.27, mm=70.0)]
+    kept = bench.fastest_round(rounds)
+    assert bench.best(kept)["iteration"] == 41.2
+    assert kept["matmul_gflops_jax"] == {"fp32": 70.0}  # that round's own matmul reading, not another round's
+    assert kept["rss_peak_gib"] == 3.31 and kept["rounds"] == 3
+    assert rounds[2]["rss_peak_gib"] == 3.27  # the rounds themselves are left as they were
+    one = bench.fastest_round(rounds[:1])
+    assert bench.best(one)["iteration"] == 46.7 and one["rss_peak_gib"] == 3.28 and one["rounds"] == 1
