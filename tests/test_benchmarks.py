@@ -8,13 +8,14 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _iteration_module():
-    sys.path.insert(0, str(BENCHMARKS))  # iteration.py imports procstat from its folder
+    saved = list(sys.path)  # iteration.py imports procstat from its folder and adds the repo and configs/ itself
+    sys.path.insert(0, str(BENCHMARKS))
     try:
         spec = importlib.util.spec_from_file_location("iteration_bench", BENCHMARKS / "iteration.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     finally:
-        sys.path.remove(str(BENCHMARKS))
+        sys.path[:] = saved  # nothing of the import is left on this worker's path
     return module
 
 
