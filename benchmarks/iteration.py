@@ -33,7 +33,7 @@ every machine).
     python benchmarks/iteration.py [--new_tokens 128] [--epochs 1] [--iterations 3] [--sides klq,ppo,trl] [--rounds 1]
         [--compute_dtype bfloat16] [--matmul_dtype bfloat16] [--trl_python /work/venv-bench/bin/python] [--policy HF_FOLDER]
         [--decode_kernel auto|native|xla] [--frozen_matmul_kernel auto|native|xla] [--cache_dtype auto|float32|bfloat16]
-        [--trl_device cpu|cuda] [--overlap_reference auto|on|off]
+        [--trl_device cpu|cuda] [--overlap_reference auto|on|off] [--replay_gate_up auto|on|off]
 
 On a GPU machine ours runs on JAX's default backend (the GPU) and `--trl_device cuda` puts TRL there too (its
 phases timed after a `torch.cuda.synchronize()`); each side then also reports its allocator's peak on the device
@@ -114,6 +114,7 @@ def make_config(args, algo: str, reward_path: str):
     c.sampling.cache_dtype = args.cache_dtype
     c.reward.overlap_reference = args.overlap_reference
     c.rl.replay_sampler_forward = args.replay_sampler_forward
+    c.rl.replay_gate_up = args.replay_gate_up
     return c
 
 
@@ -197,13 +198,19 @@ def run_ours(args) -> dict:
     setup = trainer.build(config)
     # No EOS stop: an id that never occurs, so every response has exactly new_tokens tokens (as TRL's).
     setup.sampler = dataclasses.replace(setup.sampler, eos_ids=(-1,))
+    from klq_jax.models.sampler import use_native_decode
+    sampler = setup.sampler
+    replays_gate_up = bool(use_native_decode(sampler.decode_kernel, setup.policy, sampler.cache_dtype,
+                                             sampler.unstack_layers)
+                           and setup.policy.replays_gate_up(trainer.replay_gate_up_choice(config)))
     rl = trainer.rl_config(config)
     optimizer = make_optimizer(config.optim)
     mesh = sharding.make_mesh(config.mesh)
     state, ref_params = trainer.place_on_mesh(setup, optimizer, rl.kl_coef, mesh)  # as the trainer does
     stream = PromptStream(setup.train_prompts, config.batch_size, seed=config.seed)
     apply_fn, sample_fn, reward_fn = trainer.make_fns(setup, mesh, policy_stats=config.sampling.policy_stats,
-                                                      replay=trainer.replay_sampler_forward(config, mesh))
+                                                      replay=trainer.replay_sampler_forward(config, mesh),
+                                                      replay_gate_up=trainer.replay_gate_up_choice(config))
     ref_logprob_fn = trainer.make_ref_logprob_fn(setup, ref_params, rl.temperature)  # as the trainer does
     rss_setup = rss_gib()
     with jax.set_mesh(mesh):
@@ -225,6 +232,7 @@ def run_ours(args) -> dict:
     return {
         **device_peak, "matmul_n": mm_n, "overlap_reference": trainer.overlap_reference(config, mesh),
         "replay_sampler_forward": trainer.replay_sampler_forward(config, mesh),
+        "replay_gate_up": trainer.replay_sampler_forward(config, mesh) and replays_gate_up,
         "side": f"ours-{args.side}", "iterations": iterations, "curves": curves,
         "matmul_gflops_jax": mm, "matmul_gflops_jax_before": mm_before, "matmul_gflops_jax_after": mm_after,
         "stream_gbs": stream,
@@ -463,6 +471,9 @@ def main():
     parser.add_argument("--replay_sampler_forward", default="auto", help="config rl.replay_sampler_forward: auto (on "
                         "for one update step per rollout on one device), on (the update replays the layer states "
                         "the sampler recorded instead of running its forward over the layers), off")
+    parser.add_argument("--replay_gate_up", default="auto", help="config rl.replay_gate_up: auto (with bf16 "
+                        "matmuls), on (fp32 too: the sampler records the MLPs' gate|up in bf16 and the update's "
+                        "backward replays them), off")
     parser.add_argument("--sides", default="klq,ppo,trl")
     parser.add_argument("--rounds", type=int, default=1,
                         help="run the sides in turn this many times (klq, ppo, trl, klq, ...), each side's figures "
@@ -517,7 +528,8 @@ def main():
                            "--remat", args.remat, "--reward_path", str(reward_path), "--policy", args.policy,
                            "--decode_kernel", args.decode_kernel, "--frozen_matmul_kernel", args.frozen_matmul_kernel,
                            "--cache_dtype", args.cache_dtype, "--overlap_reference", args.overlap_reference,
-                           "--replay_sampler_forward", args.replay_sampler_forward]
+                           "--replay_sampler_forward", args.replay_sampler_forward,
+                           "--replay_gate_up", args.replay_gate_up]
     ours_flags += ["--policy_forward"] if args.policy_forward else []
     commands = {}
     for side in args.sides.split(","):
@@ -573,6 +585,10 @@ def main():
         print(f"{', '.join(replayed)}: the update replayed the layer states and log-probabilities the sampler "
               "recorded instead of running its own forward over the layers and the LM head "
               "(rl.replay_sampler_forward)")
+    gate_up = [names[s] for s in cols if results[s].get("replay_gate_up")]
+    if gate_up:
+        print(f"{', '.join(gate_up)}: the update's MLPs replayed the gate|up projections the sampler recorded in bf16 "
+              "(rl.replay_gate_up)")
     if args.rounds > 1:
         print(f"{args.rounds} rounds of the sides in turn; each side's figures are from its round with the fastest "
               "iteration, its peak RSS the highest of its rounds")

@@ -87,6 +87,10 @@ def base_config() -> ml_collections.ConfigDict:
                                    # them instead of its own forward over the layers, and its LM head the sampler's
                                    # log-probabilities ("on", "off"; auto: one device in one process; SmolLM2 bf16
                                    # update 0.69x the time, then 0.93x: docs/performance.md items 55-56)
+    c.rl.replay_gate_up = "auto"   # with it, the native decode step records the MLPs' gate|up (bf16) and the update's
+                                   # backward replays them: "auto" with bf16 matmuls, "on" with fp32 too (that
+                                   # backward then reads them rounded to bf16; SmolLM2 fp32 update 0.87x the time,
+                                   # +0.2 GiB: item 66), "off"
     c.optim = default_optim_config()
     c.optim.learning_rate = 1e-5
 

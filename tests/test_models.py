@@ -966,3 +966,21 @@ def test_layer_grad_dtype_only_for_bf16_operands_under_a_wider_compute_dtype():
     assert grad_dtype(matmul_dtype=jnp.bfloat16) == jnp.bfloat16
     assert grad_dtype() is None and grad_dtype(matmul_dtype=jnp.float16) is None
     assert grad_dtype(matmul_dtype=jnp.bfloat16, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16) is None
+
+
+def test_replays_gate_up_by_choice():
+    """`rl.replay_gate_up`: "auto" replays the gate|up with bf16 layer gradients only, "on" with fp32 matmuls too,
+    "off" never; a MLP without a gate never; anything else is refused naming the value and the accepted ones."""
+    from klq_jax.models.config import ModelConfig
+    kw = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=2, num_kv_heads=1,
+              head_dim=16, max_position_embeddings=16, rotary_dim=16, tie_embeddings=True, norm_eps=1e-5)
+    llama = ModelConfig(family="llama", **kw)
+    fp32, bf16 = CausalLM(llama, rngs=nnx.Rngs(0)), CausalLM(llama, rngs=nnx.Rngs(0), matmul_dtype=jnp.bfloat16)
+    assert [fp32.replays_gate_up(c) for c in ("auto", "on", "off")] == [False, True, False]
+    assert [bf16.replays_gate_up(c) for c in ("auto", "on", "off")] == [True, True, False]
+    assert fp32.replays_gate_up() is False and bf16.replays_gate_up() is True  # "auto" by default
+    neox = CausalLM(ModelConfig(family="gpt_neox", **{**kw, "rotary_dim": 4}), rngs=nnx.Rngs(0),
+                    matmul_dtype=jnp.bfloat16)
+    assert not neox.replays_gate_up("on") and not neox.replays_gate_up("auto")
+    with pytest.raises(ValueError, match="replay_gate_up='yes'; accepted: 'auto', 'on', 'off'"):
+        fp32.replays_gate_up("yes")

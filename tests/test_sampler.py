@@ -287,17 +287,19 @@ def test_compile_ahead_compiles_then_releases_then_runs(tiny, monkeypatch):
         np.testing.assert_array_equal(np.asarray(out.tokens_bt), np.asarray(ref.tokens_bt))
 
 
-@pytest.mark.parametrize("matmul_dtype", [None, jnp.bfloat16])
+@pytest.mark.parametrize("matmul_dtype,replay_gate_up", [(None, "auto"), (jnp.bfloat16, "auto"), (None, "on")])
 @pytest.mark.parametrize("decode", ["xla", "native", "xla-stacked"])
-def test_recorded_layer_states_replay_the_update(tiny, tmp_path, decode, matmul_dtype):
+def test_recorded_layer_states_replay_the_update(tiny, tmp_path, decode, matmul_dtype, replay_gate_up):
     """The sampler's recorded layer states (`record_layers`) are a forward's at every real slot, and an update that
     replays them (`Rollout.replay`, `CausalLM.__call__(replay=...)`) gets the loss, metrics and gradients of the one
     that runs its own forward, at the sampling parameters, with the XLA decode step (feature-major; row-major stacked
     layers, as on a mesh) and the native one. fp32 matmuls: equal up to summation order. bf16 matmuls: the sampler's
     and a forward's bf16 roundings differ where their fp32 sums do, so the replay is held to the forward's own
-    accuracy: no further from fp32 matmuls' loss, metrics and gradients than the forward it replaces. The loss runs
-    the trainer's way (`next_token_logprobs`), so the LM head replays the sampler's log-probabilities and
-    log-normalisers too (`Rollout.replay_head`)."""
+    accuracy: no further from fp32 matmuls' loss, metrics and gradients than the forward it replaces. fp32 matmuls
+    with the gate|up replayed (`replay_gate_up="on"`, native step): the loss and metrics as fp32's, the gradients
+    within the MLP's bf16 rounding of them, and nearer to them than bf16 matmuls' forward. The loss runs the trainer's
+    way (`next_token_logprobs`), so the LM head replays the sampler's log-probabilities and log-normalisers too
+    (`Rollout.replay_head`)."""
     from klq_jax.models import cpu_decode
     from klq_jax.rl.train_step import (Rollout, TrainState, compute_targets, default_algo_config,
                                        default_optim_config, make_loss_fn, make_optimizer, make_update)
@@ -336,7 +338,7 @@ def test_recorded_layer_states_replay_the_update(tiny, tmp_path, decode, matmul_
     apply_fn = apply_fn_of(graphdef)
     sampler = Sampler.for_model(model, eos_ids=(EOS,), pad_id=PAD, max_new_tokens=10, bucket=8, record_layers=True,
                                 decode_kernel="xla" if decode.startswith("xla") else "native",
-                                unstack_layers=decode != "xla-stacked")
+                                unstack_layers=decode != "xla-stacked", replay_gate_up=replay_gate_up)
     out = sampler(params, PROMPTS * 2, jax.random.key(3))
     L, (b, t), d = model.cfg.num_layers, out.tokens_bt.shape, model.cfg.hidden_size
     assert out.layer_inputs_bltd.shape == (b, L, t, d) and out.layer_output_btd.shape == (b, t, d)
@@ -347,10 +349,10 @@ def test_recorded_layer_states_replay_the_update(tiny, tmp_path, decode, matmul_
 
     resp = np.asarray(out.response_mask_bt)
     assert out.logsumexp_bt.shape == (b, t) and not np.asarray(out.logsumexp_bt)[~resp].any()
-    # The native step with bf16 matmuls records the gate|up projections too (bf16), the prefill's and every step's,
-    # and writes the layer inputs as bf16 at their slots: a forward's (over the whole rollout through a cache, which
-    # records) to within their bf16 rounding.
-    if decode == "native" and matmul_dtype is not None:
+    # The native step with bf16 matmuls (or `replay_gate_up="on"`) records the gate|up projections too (bf16), the
+    # prefill's and every step's, and with bf16 matmuls writes the layer inputs as bf16 at their slots: a forward's
+    # (over the whole rollout through a cache, which records) to within their bf16 rounding.
+    if decode == "native" and (matmul_dtype is not None or replay_gate_up == "on"):
         f2 = 2 * model.cfg.intermediate_size
         assert out.gate_up_bltf.shape == (b, L, t, f2) and out.gate_up_bltf.dtype == jnp.uint16  # bf16 bits
         ref_model = loaded(matmul_dtype=matmul_dtype)
@@ -360,8 +362,10 @@ def test_recorded_layer_states_replay_the_update(tiny, tmp_path, decode, matmul_
         def widened(bits):
             return np.asarray(jax.lax.bitcast_convert_type(bits, jnp.bfloat16).astype(jnp.float32))
 
-        for name, ours, ref_lbtx in (("gate|up", out.gate_up_bltf, fwd.gate_up_lbtf),
-                                     ("inputs", out.layer_inputs_bltd, fwd.layer_states_lbtd[:L])):
+        recorded = [("gate|up", out.gate_up_bltf, fwd.gate_up_lbtf)]
+        if matmul_dtype is not None:
+            recorded.append(("inputs", out.layer_inputs_bltd, fwd.layer_states_lbtd[:L]))
+        for name, ours, ref_lbtx in recorded:
             ours, ref = widened(ours), np.asarray(ref_lbtx.astype(jnp.bfloat16).astype(jnp.float32)).swapaxes(0, 1)
             for l in range(L):  # equal on this model (0.0); a rounding of one bf16 step at the scale allowed
                 scale = np.abs(ref[:, l][mask]).max()
@@ -407,7 +411,19 @@ def test_recorded_layer_states_replay_the_update(tiny, tmp_path, decode, matmul_
             layer_gate_up_bltf=jnp.zeros_like(with_states.layer_gate_up_bltf)))
         assert any(float(jnp.abs(a - z).max()) > 0
                    for a, z in zip(jax.tree.leaves(g_replay), jax.tree.leaves(g_zeroed)))
-    if matmul_dtype is None:
+    if matmul_dtype is None and with_states.layer_gate_up_bltf is not None:
+        # fp32 matmuls, the MLPs' gate|up replayed in bf16: the loss and metrics do not read them (the replay returns
+        # the recorded output); the gradients move by the MLP's bf16 rounding, less than bf16 matmuls move them
+        for a, r in zip(jax.tree.leaves(m_replay), jax.tree.leaves(m_fwd)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-4, atol=1e-6)
+        model16 = loaded(remat="full", matmul_dtype=jnp.bfloat16)
+        g16, _ = grads(apply_fn_of(nnx.graphdef(model16)), nnx.state(model16), without)
+        for (path, a), r, h in zip(jax.tree_util.tree_leaves_with_path(g_replay), jax.tree.leaves(g_fwd),
+                                   jax.tree.leaves(g16)):
+            scale, err_replay, err_bf16 = (float(jnp.abs(r).max()), float(jnp.abs(a - r).max()),
+                                           float(jnp.abs(h - r).max()))
+            assert err_replay <= 2 ** -8 * scale and err_replay <= err_bf16, jax.tree_util.keystr(path)
+    elif matmul_dtype is None:
         for a, r in zip(jax.tree.leaves(m_replay), jax.tree.leaves(m_fwd)):
             np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-4, atol=1e-6)
         for (path, a), r in zip(jax.tree_util.tree_leaves_with_path(g_replay), jax.tree.leaves(g_fwd)):

@@ -179,11 +179,11 @@ def bucket_length(n: int, multiple: int = 32) -> int:
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "top_k", "eos_ids", "pad_id",
                                              "cache_dtype", "unstack_layers", "weights_oi", "decode_kernel",
-                                             "record_layers"))
+                                             "record_layers", "replay_gate_up"))
 def _generate(graphdef, state, prompt_bp, prompt_mask_bp, rng, temperature, top_p, *, max_new_tokens: int,
               top_k: int, eos_ids: tuple[int, ...], pad_id: int, cache_dtype,
               unstack_layers: bool = True, weights_oi: bool = True, decode_kernel: str = "auto",
-              record_layers: bool = False) -> SampleOutput:
+              record_layers: bool = False, replay_gate_up: str = "auto") -> SampleOutput:
     model: CausalLM = nnx.merge(graphdef, state)
     isa = native_decode_isa(decode_kernel, model, cache_dtype, unstack_layers)
     native = isa is not None
@@ -193,9 +193,9 @@ def _generate(graphdef, state, prompt_bp, prompt_mask_bp, rng, temperature, top_
     prompt_len_b = jnp.sum(prompt_mask_bp, axis=1)
     positions_bp = jnp.maximum(jnp.cumsum(prompt_mask_bp, axis=1) - 1, 0)
     cache = KVCache.zeros(model.cfg, b, p + n, cache_dtype)
-    # The gate|up projections too where the native step records them (bf16: 0.24 GiB for SmolLM2's 8 x 176 slots);
-    # the XLA steps do not.
-    record_gate_up = record_layers and native and model.replays_gate_up()
+    # The gate|up projections too where the native step records them (bf16: 0.24 GiB for SmolLM2's 8 x 176 slots)
+    # and the update replays them (`replay_gate_up`: `CausalLM.replays_gate_up`); the XLA steps do not.
+    record_gate_up = record_layers and native and model.replays_gate_up(replay_gate_up)
     inputs_dtype = model.checkpoint_dtype() or jnp.float32
     # bf16 layer inputs as bits, written by the native step at their slot in place (as the gate|up); else every
     # step's [L + 1, B, D] fp32 into a buffer converted after the loop.
@@ -363,6 +363,7 @@ class Sampler:
     compile_ahead: bool = False  # each new shape compiled on its own first, its freed memory released (`generate`)
     record_layers: bool = False  # outputs record each layer's input and the last output at every slot (replayed by
                                  # an update at the sampling parameters: `SampleOutput`)
+    replay_gate_up: str = "auto"  # with `record_layers`, the MLPs' gate|up too, where `CausalLM.replays_gate_up` says
     decode_kernel: str = "auto"  # the decode step: "native" (one CPU kernel call, `cpu_decode`; "native-avx2" etc.
                                  # for one build), "xla", or "auto" (native where it can run: `native_decode_isa`)
 
@@ -400,7 +401,8 @@ class Sampler:
                         cache_dtype=self.cache_dtype,
                         unstack_layers=self.unstack_layers if unstack_layers is None else unstack_layers,
                         weights_oi=self.weights_oi, decode_kernel=self.decode_kernel,
-                        record_layers=self.record_layers, compile_ahead=self.compile_ahead)
+                        record_layers=self.record_layers, replay_gate_up=self.replay_gate_up,
+                        compile_ahead=self.compile_ahead)
 
 
 def greedy(sampler: Sampler, state, prompts, max_new_tokens: int | None = None) -> SampleOutput:

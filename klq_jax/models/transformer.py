@@ -484,6 +484,16 @@ _replayed_token_logprobs.defvjp(_replayed_token_logprobs_fwd, _replayed_token_lo
 FROZEN_MATMUL_KERNELS = ("auto", "native", "xla")
 
 
+REPLAY_GATE_UP = ("auto", "on", "off")
+
+
+def check_replay_gate_up(choice: str) -> str:
+    """`choice` if it is one of `REPLAY_GATE_UP` (config `rl.replay_gate_up`; `CausalLM.replays_gate_up`)."""
+    if choice not in REPLAY_GATE_UP:
+        raise ValueError(f"replay_gate_up={choice!r}; accepted: {', '.join(map(repr, REPLAY_GATE_UP))}")
+    return choice
+
+
 def check_frozen_matmul_kernel(kernel: str) -> str:
     """`kernel` if it is one of `FROZEN_MATMUL_KERNELS`, else a ValueError naming it and what is accepted."""
     if kernel not in FROZEN_MATMUL_KERNELS:
@@ -1292,12 +1302,16 @@ class CausalLM(nnx.Module):
             return self.matmul_dtype
         return None
 
-    def replays_gate_up(self) -> bool:
+    def replays_gate_up(self, choice: str = "auto") -> bool:
         """Whether an update's backward replays the MLPs' gate|up projections recorded in bf16 by the sampler
-        (`SampleOutput.gate_up_bltf`) instead of recomputing them: with bf16 layer gradients (`layer_grad_dtype`),
-        whose matmuls round those projections' cotangents and the down projection's input to bf16 anyway, and a
-        gated MLP. SmolLM2-135M's update, 8 x 176 tokens: ~0.15 TFLOP fewer (docs/performance.md, item 59)."""
-        return self.layer_grad_dtype() is not None and self.cfg.family == "llama"
+        (`SampleOutput.gate_up_bltf`) instead of recomputing them (config `rl.replay_gate_up`, `choice`): a gated MLP
+        only. "auto": with bf16 layer gradients (`layer_grad_dtype`), whose matmuls round those projections'
+        cotangents and the down projection's input to bf16 anyway (SmolLM2-135M's update, 8 x 176 tokens: ~0.15
+        TFLOP fewer; docs/performance.md, item 59). "on": with fp32 matmuls too, where the MLP's backward then reads
+        its gate|up rounded to bf16 (the only bf16 in an fp32 update: item 66). "off": never."""
+        if check_replay_gate_up(choice) == "off" or self.cfg.family != "llama":
+            return False
+        return choice == "on" or self.layer_grad_dtype() is not None
 
     def value_head(self, h_btd: jax.Array) -> jax.Array:
         """V(s) in fp32 from final-normed hidden states [..., D] (`__call__`'s values; the native decode's)."""
