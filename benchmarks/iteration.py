@@ -187,6 +187,7 @@ def run_ours(args) -> dict:
 
     from klq_jax import sharding, trainer
     from klq_jax.data.datasets import PromptStream
+    from klq_jax.models.sampler import use_native_decode
     from klq_jax.rl import loop as rl_loop
     from klq_jax.rl.train_step import make_optimizer
 
@@ -198,7 +199,6 @@ def run_ours(args) -> dict:
     setup = trainer.build(config)
     # No EOS stop: an id that never occurs, so every response has exactly new_tokens tokens (as TRL's).
     setup.sampler = dataclasses.replace(setup.sampler, eos_ids=(-1,))
-    from klq_jax.models.sampler import use_native_decode
     sampler = setup.sampler
     replays_gate_up = bool(use_native_decode(sampler.decode_kernel, setup.policy, sampler.cache_dtype,
                                              sampler.unstack_layers)
