@@ -187,7 +187,6 @@ def run_ours(args) -> dict:
 
     from klq_jax import sharding, trainer
     from klq_jax.data.datasets import PromptStream
-    from klq_jax.models.sampler import use_native_decode
     from klq_jax.rl import loop as rl_loop
     from klq_jax.rl.train_step import make_optimizer
 
@@ -199,18 +198,16 @@ def run_ours(args) -> dict:
     setup = trainer.build(config)
     # No EOS stop: an id that never occurs, so every response has exactly new_tokens tokens (as TRL's).
     setup.sampler = dataclasses.replace(setup.sampler, eos_ids=(-1,))
-    sampler = setup.sampler
-    replays_gate_up = bool(use_native_decode(sampler.decode_kernel, setup.policy, sampler.cache_dtype,
-                                             sampler.unstack_layers)
-                           and setup.policy.replays_gate_up(trainer.replay_gate_up_choice(config)))
     rl = trainer.rl_config(config)
     optimizer = make_optimizer(config.optim)
     mesh = sharding.make_mesh(config.mesh)
+    replay, gate_up_choice = trainer.replay_sampler_forward(config, mesh), trainer.replay_gate_up_choice(config)
+    replays_gate_up = dataclasses.replace(setup.sampler, record_layers=replay,  # make_fns's sampler
+                                          replay_gate_up=gate_up_choice).records_gate_up(setup.policy)
     state, ref_params = trainer.place_on_mesh(setup, optimizer, rl.kl_coef, mesh)  # as the trainer does
     stream = PromptStream(setup.train_prompts, config.batch_size, seed=config.seed)
     apply_fn, sample_fn, reward_fn = trainer.make_fns(setup, mesh, policy_stats=config.sampling.policy_stats,
-                                                      replay=trainer.replay_sampler_forward(config, mesh),
-                                                      replay_gate_up=trainer.replay_gate_up_choice(config))
+                                                      replay=replay, replay_gate_up=gate_up_choice)
     ref_logprob_fn = trainer.make_ref_logprob_fn(setup, ref_params, rl.temperature)  # as the trainer does
     rss_setup = rss_gib()
     with jax.set_mesh(mesh):
@@ -231,8 +228,7 @@ def run_ours(args) -> dict:
     stream = stream_gbs()  # after the peak was read: its buffer fits in the freed update block
     return {
         **device_peak, "matmul_n": mm_n, "overlap_reference": trainer.overlap_reference(config, mesh),
-        "replay_sampler_forward": trainer.replay_sampler_forward(config, mesh),
-        "replay_gate_up": trainer.replay_sampler_forward(config, mesh) and replays_gate_up,
+        "replay_sampler_forward": replay, "replay_gate_up": replays_gate_up,
         "side": f"ours-{args.side}", "iterations": iterations, "curves": curves,
         "matmul_gflops_jax": mm, "matmul_gflops_jax_before": mm_before, "matmul_gflops_jax_after": mm_after,
         "stream_gbs": stream,

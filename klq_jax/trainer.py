@@ -19,7 +19,7 @@ from klq_jax.allocator import release_freed_memory
 from klq_jax.data.datasets import DataError, PromptExample, PromptStream, load_prompts, to_messages, to_text
 from klq_jax.models.hf import CheckpointError, export_model, load_model, resolve_checkpoint
 from klq_jax.models.sampler import DECODE_KERNELS, Sampler, bucket_length, use_native_decode
-from klq_jax.models.transformer import (CausalLM, check_frozen_matmul_kernel, check_replay_gate_up, pack_frozen,
+from klq_jax.models.transformer import (REPLAY_GATE_UP, CausalLM, check_frozen_matmul_kernel, pack_frozen,
                                        positions_from_mask)
 from klq_jax.rewards import Reward, make_reward
 from klq_jax.rl import loop as rl_loop
@@ -250,10 +250,7 @@ def replay_gate_up_choice(config) -> str:
     (`CausalLM.replays_gate_up`). "auto": with bf16 matmuls (item 59); "on": with fp32 matmuls too (the MLP's backward
     then reads them rounded to bf16; SmolLM2 fp32 update on a 2-core Zen 1: 0.87x the time for +0.2 GiB, item 66);
     "off"."""
-    try:
-        return check_replay_gate_up(config.rl.get("replay_gate_up", "auto"))
-    except ValueError as err:
-        raise ConfigError(f"rl.{err}") from None
+    return _choice(config.rl.get("replay_gate_up", "auto"), "rl.replay_gate_up", REPLAY_GATE_UP)
 
 
 def replay_sampler_forward(config, mesh) -> bool:

@@ -411,11 +411,12 @@ def test_recorded_layer_states_replay_the_update(tiny, tmp_path, decode, matmul_
             layer_gate_up_bltf=jnp.zeros_like(with_states.layer_gate_up_bltf)))
         assert any(float(jnp.abs(a - z).max()) > 0
                    for a, z in zip(jax.tree.leaves(g_replay), jax.tree.leaves(g_zeroed)))
-    if matmul_dtype is None and with_states.layer_gate_up_bltf is not None:
-        # fp32 matmuls, the MLPs' gate|up replayed in bf16: the loss and metrics do not read them (the replay returns
-        # the recorded output); the gradients move by the MLP's bf16 rounding, less than bf16 matmuls move them
+    if matmul_dtype is None:  # the loss and metrics (a replayed gate|up does not enter them: the recorded output does)
         for a, r in zip(jax.tree.leaves(m_replay), jax.tree.leaves(m_fwd)):
             np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-4, atol=1e-6)
+    if matmul_dtype is None and with_states.layer_gate_up_bltf is not None:
+        # fp32 matmuls, the MLPs' gate|up replayed in bf16: the gradients move by the MLP's bf16 rounding, less than
+        # bf16 matmuls move them
         model16 = loaded(remat="full", matmul_dtype=jnp.bfloat16)
         g16, _ = grads(apply_fn_of(nnx.graphdef(model16)), nnx.state(model16), without)
         for (path, a), r, h in zip(jax.tree_util.tree_leaves_with_path(g_replay), jax.tree.leaves(g_fwd),
@@ -424,8 +425,6 @@ def test_recorded_layer_states_replay_the_update(tiny, tmp_path, decode, matmul_
                                            float(jnp.abs(h - r).max()))
             assert err_replay <= 2 ** -8 * scale and err_replay <= err_bf16, jax.tree_util.keystr(path)
     elif matmul_dtype is None:
-        for a, r in zip(jax.tree.leaves(m_replay), jax.tree.leaves(m_fwd)):
-            np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-4, atol=1e-6)
         for (path, a), r in zip(jax.tree_util.tree_leaves_with_path(g_replay), jax.tree.leaves(g_fwd)):
             scale = float(jnp.abs(r).max())
             assert scale > 0, path

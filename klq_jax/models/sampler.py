@@ -173,6 +173,13 @@ def use_native_decode(decode_kernel: str, model: CausalLM, cache_dtype, unstack_
     return native_decode_isa(decode_kernel, model, cache_dtype, unstack_layers) is not None
 
 
+def _records_gate_up(model: CausalLM, record_layers: bool, native: bool, replay_gate_up: str) -> bool:
+    """Whether a rollout records the MLPs' gate|up projections (bf16: 0.24 GiB for SmolLM2's 8 x 176 slots): with its
+    layer states, on the native step (the XLA steps do not), where the update replays them
+    (`CausalLM.replays_gate_up`)."""
+    return record_layers and native and model.replays_gate_up(replay_gate_up)
+
+
 def bucket_length(n: int, multiple: int = 32) -> int:
     return max(multiple, -(-n // multiple) * multiple)
 
@@ -193,9 +200,7 @@ def _generate(graphdef, state, prompt_bp, prompt_mask_bp, rng, temperature, top_
     prompt_len_b = jnp.sum(prompt_mask_bp, axis=1)
     positions_bp = jnp.maximum(jnp.cumsum(prompt_mask_bp, axis=1) - 1, 0)
     cache = KVCache.zeros(model.cfg, b, p + n, cache_dtype)
-    # The gate|up projections too where the native step records them (bf16: 0.24 GiB for SmolLM2's 8 x 176 slots)
-    # and the update replays them (`replay_gate_up`: `CausalLM.replays_gate_up`); the XLA steps do not.
-    record_gate_up = record_layers and native and model.replays_gate_up(replay_gate_up)
+    record_gate_up = _records_gate_up(model, record_layers, native, replay_gate_up)
     inputs_dtype = model.checkpoint_dtype() or jnp.float32
     # bf16 layer inputs as bits, written by the native step at their slot in place (as the gate|up); else every
     # step's [L + 1, B, D] fp32 into a buffer converted after the loop.
@@ -370,6 +375,11 @@ class Sampler:
     @classmethod
     def for_model(cls, model: CausalLM, **kwargs) -> "Sampler":
         return cls(graphdef=nnx.graphdef(model), **kwargs)
+
+    def records_gate_up(self, model: CausalLM) -> bool:
+        """Whether this sampler's outputs carry the gate|up projections (`SampleOutput.gate_up_bltf`) for `model`."""
+        native = use_native_decode(self.decode_kernel, model, self.cache_dtype, self.unstack_layers)
+        return _records_gate_up(model, self.record_layers, native, self.replay_gate_up)
 
     def pad_prompts(self, prompts: Sequence[Sequence[int]], length: int | None = None):
         length = length or bucket_length(max(len(x) for x in prompts), self.bucket)
