@@ -19,7 +19,7 @@ from klq_jax.allocator import release_freed_memory
 from klq_jax.data.datasets import DataError, PromptExample, PromptStream, load_prompts, to_messages, to_text
 from klq_jax.models.hf import CheckpointError, export_model, load_model, resolve_checkpoint
 from klq_jax.models.sampler import DECODE_KERNELS, Sampler, bucket_length, use_native_decode
-from klq_jax.models.transformer import (REPLAY_GATE_UP, CausalLM, check_frozen_matmul_kernel, pack_frozen,
+from klq_jax.models.transformer import (REPLAY_ATTENTION, REPLAY_GATE_UP, CausalLM, check_frozen_matmul_kernel, pack_frozen,
                                        positions_from_mask)
 from klq_jax.rewards import Reward, make_reward
 from klq_jax.rl import loop as rl_loop
@@ -253,6 +253,15 @@ def replay_gate_up_choice(config) -> str:
     return _choice(config.rl.get("replay_gate_up", "auto"), "rl.replay_gate_up", REPLAY_GATE_UP)
 
 
+def replay_attention_choice(config) -> str:
+    """`rl.replay_attention` (where the gate|up is replayed: `replay_gate_up_choice`): "on", the sampler records each
+    layer's attention q|k|v (before the rotation) and output projection after its gate|up (bf16), and the update's
+    backward replays them instead of recomputing those four matmuls; the attention itself (scores, softmax, values)
+    is still recomputed from them. With fp32 matmuls the attention's backward then reads them rounded to bf16.
+    SmolLM2 fp32 update on a 2-core Zen 1: 0.92x the time for +0.12 GiB (docs/performance.md, item 67). "off"."""
+    return _choice(config.rl.get("replay_attention", "off"), "rl.replay_attention", REPLAY_ATTENTION)
+
+
 def replay_sampler_forward(config, mesh) -> bool:
     """`rl.replay_sampler_forward`: whether the sampler records every layer's input at every slot and the update
     replays them instead of running the policy's forward over the layers (`CausalLM.__call__(replay=...)`). They are
@@ -273,6 +282,7 @@ def build(config) -> Setup:
     _overlap_reference_choice(config)  # a bad value stops before anything loads
     _replay_choice(config)
     replay_gate_up_choice(config)
+    replay_attention_choice(config)
     decode_kernel = _choice(config.sampling.get("decode_kernel", "auto"), "sampling.decode_kernel", DECODE_KERNELS)
     try:
         frozen_kernel = check_frozen_matmul_kernel(config.model.get("frozen_matmul_kernel", "auto"))
@@ -344,14 +354,17 @@ def build(config) -> Setup:
                  sampler, build_reward(config), prompt_length, _matmul_dtype(config))
 
 
-def make_fns(setup: Setup, mesh, *, policy_stats: bool = True, replay: bool = False, replay_gate_up: str = "auto"):
+def make_fns(setup: Setup, mesh, *, policy_stats: bool = True, replay: bool = False, replay_gate_up: str = "auto",
+             replay_attention: str = "off"):
     """The injected functions of the loop for an LM policy (the reference's: `make_ref_logprob_fn`).
     `policy_stats` (config `sampling.policy_stats`): the rollout carries the sampler's logprobs, values and
     entropy as the policy's (no policy forward). `replay` (`replay_sampler_forward`): it also carries the sampler's
     layer states, which the policy forward and the update replay; `replay_gate_up` (`replay_gate_up_choice`): the
-    MLPs' gate|up projections among them where `CausalLM.replays_gate_up(replay_gate_up)`."""
+    MLPs' gate|up projections among them where `CausalLM.replays_gate_up(replay_gate_up)`, and with them the
+    attention's q|k|v and output projections where `replay_attention` (`replay_attention_choice`) is "on"."""
     graphdef = setup.graphdef
-    sampler = dataclasses.replace(setup.sampler, record_layers=replay, replay_gate_up=replay_gate_up)
+    sampler = dataclasses.replace(setup.sampler, record_layers=replay, replay_gate_up=replay_gate_up,
+                                  replay_attention=replay_attention)
     policy_stats = policy_stats and sampler.top_k == 0 and sampler.top_p >= 1.0
 
     def apply_fn(params, tokens_bt, positions_bt, mask_bt, logits_from: int = 0, logits_to: int | None = None,
@@ -510,7 +523,8 @@ def _train_on_mesh(config, workdir, ckpt, setup, rl, optimizer, state, ref_param
             evals_path.write_text(json.dumps(evals, indent=2))
     apply_fn, sample_fn, reward_fn = make_fns(setup, mesh, policy_stats=config.sampling.policy_stats,
                                               replay=replay_sampler_forward(config, mesh),
-                                              replay_gate_up=replay_gate_up_choice(config))
+                                              replay_gate_up=replay_gate_up_choice(config),
+                                              replay_attention=replay_attention_choice(config))
     ref_logprob_fn = make_ref_logprob_fn(setup, ref_params, rl.temperature)
     metrics: dict[str, float] = {}
     with logs.MetricsLogger(workdir, start_iteration=start, total_iterations=config.num_iterations) as logger:

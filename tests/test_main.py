@@ -177,6 +177,11 @@ def test_bad_replay_gate_up(tiny_model, tmp_path):
          "'auto'", "'on'", "'off'")
 
 
+def test_bad_replay_attention(tiny_model, tmp_path):
+    _bad(_cmd(tmp_path / "w", tiny_model, "--config.rl.replay_attention=auto"), "rl.replay_attention", "'auto'",
+         "'off'", "'on'")
+
+
 def _dialogue_config_and_meshes():
     """The embedded default's config, a one-device mesh and an abstract 8-device one."""
     from klq_jax.memory import load_config

@@ -14,7 +14,7 @@ from klq_jax.models import sampler as sampler_lib  # noqa: E402
 from klq_jax.models.hf import load_model  # noqa: E402
 from klq_jax.models.sampler import (Sampler, categorical_with_stats, filter_logits, greedy,  # noqa: E402
                                     sample_categorical)
-from klq_jax.models.transformer import KVCache, positions_from_mask  # noqa: E402
+from klq_jax.models.transformer import KVCache, positions_from_mask, recorded_width  # noqa: E402
 
 PAD, EOS = 0, 1
 
@@ -287,9 +287,12 @@ def test_compile_ahead_compiles_then_releases_then_runs(tiny, monkeypatch):
         np.testing.assert_array_equal(np.asarray(out.tokens_bt), np.asarray(ref.tokens_bt))
 
 
-@pytest.mark.parametrize("matmul_dtype,replay_gate_up", [(None, "auto"), (jnp.bfloat16, "auto"), (None, "on")])
+@pytest.mark.parametrize("matmul_dtype,replay_gate_up,replay_attention", [
+    (None, "auto", "off"), (jnp.bfloat16, "auto", "off"), (None, "on", "off"), (None, "on", "on"),
+    (jnp.bfloat16, "auto", "on")])
 @pytest.mark.parametrize("decode", ["xla", "native", "xla-stacked"])
-def test_recorded_layer_states_replay_the_update(tiny, tmp_path, decode, matmul_dtype, replay_gate_up):
+def test_recorded_layer_states_replay_the_update(tiny, tmp_path, decode, matmul_dtype, replay_gate_up,
+                                                 replay_attention):
     """The sampler's recorded layer states (`record_layers`) are a forward's at every real slot, and an update that
     replays them (`Rollout.replay`, `CausalLM.__call__(replay=...)`) gets the loss, metrics and gradients of the one
     that runs its own forward, at the sampling parameters, with the XLA decode step (feature-major; row-major stacked
@@ -297,7 +300,8 @@ def test_recorded_layer_states_replay_the_update(tiny, tmp_path, decode, matmul_
     and a forward's bf16 roundings differ where their fp32 sums do, so the replay is held to the forward's own
     accuracy: no further from fp32 matmuls' loss, metrics and gradients than the forward it replaces. fp32 matmuls
     with the gate|up replayed (`replay_gate_up="on"`, native step): the loss and metrics as fp32's, the gradients
-    within the MLP's bf16 rounding of them, and nearer to them than bf16 matmuls' forward. The loss runs the trainer's
+    within the MLP's bf16 rounding of them, and nearer to them than bf16 matmuls' forward; the same with the
+    attention's q|k|v and output projection replayed too (`replay_attention="on"`). The loss runs the trainer's
     way (`next_token_logprobs`), so the LM head replays the sampler's log-probabilities and log-normalisers too
     (`Rollout.replay_head`)."""
     from klq_jax.models import cpu_decode
@@ -338,7 +342,8 @@ def test_recorded_layer_states_replay_the_update(tiny, tmp_path, decode, matmul_
     apply_fn = apply_fn_of(graphdef)
     sampler = Sampler.for_model(model, eos_ids=(EOS,), pad_id=PAD, max_new_tokens=10, bucket=8, record_layers=True,
                                 decode_kernel="xla" if decode.startswith("xla") else "native",
-                                unstack_layers=decode != "xla-stacked", replay_gate_up=replay_gate_up)
+                                unstack_layers=decode != "xla-stacked", replay_gate_up=replay_gate_up,
+                                replay_attention=replay_attention)
     out = sampler(params, PROMPTS * 2, jax.random.key(3))
     L, (b, t), d = model.cfg.num_layers, out.tokens_bt.shape, model.cfg.hidden_size
     assert out.layer_inputs_bltd.shape == (b, L, t, d) and out.layer_output_btd.shape == (b, t, d)
@@ -352,17 +357,20 @@ def test_recorded_layer_states_replay_the_update(tiny, tmp_path, decode, matmul_
     # The native step with bf16 matmuls (or `replay_gate_up="on"`) records the gate|up projections too (bf16), the
     # prefill's and every step's, and with bf16 matmuls writes the layer inputs as bf16 at their slots: a forward's
     # (over the whole rollout through a cache, which records) to within their bf16 rounding.
+    # With `replay_attention="on"` the attention's q|k|v and output projection follow each layer's gate|up.
     if decode == "native" and (matmul_dtype is not None or replay_gate_up == "on"):
-        f2 = 2 * model.cfg.intermediate_size
+        attention = replay_attention == "on"
+        f2 = recorded_width(model.cfg, attention)
+        assert sampler.records_gate_up(model) and sampler.records_attention(model) == attention
         assert out.gate_up_bltf.shape == (b, L, t, f2) and out.gate_up_bltf.dtype == jnp.uint16  # bf16 bits
         ref_model = loaded(matmul_dtype=matmul_dtype)
         cache = KVCache.zeros(ref_model.cfg, b, t, jnp.float32)
         fwd = ref_model(out.tokens_bt, positions_from_mask(out.attention_mask_bt), out.attention_mask_bt, cache=cache,
-                        cache_pos=0, record_layers=True, record_gate_up=True)
+                        cache_pos=0, record_layers=True, record_gate_up=True, record_attention=attention)
         def widened(bits):
             return np.asarray(jax.lax.bitcast_convert_type(bits, jnp.bfloat16).astype(jnp.float32))
 
-        recorded = [("gate|up", out.gate_up_bltf, fwd.gate_up_lbtf)]
+        recorded = [("gate|up (and attention)", out.gate_up_bltf, fwd.gate_up_lbtf)]
         if matmul_dtype is not None:
             recorded.append(("inputs", out.layer_inputs_bltd, fwd.layer_states_lbtd[:L]))
         for name, ours, ref_lbtx in recorded:
@@ -372,7 +380,7 @@ def test_recorded_layer_states_replay_the_update(tiny, tmp_path, decode, matmul_
                 np.testing.assert_allclose(ours[:, l][mask], ref[:, l][mask], rtol=0, atol=2 ** -8 * scale,
                                            err_msg=f"{name}, layer {l}")
     else:
-        assert out.gate_up_bltf is None
+        assert out.gate_up_bltf is None and not sampler.records_attention(model)
     if matmul_dtype is None:  # the states are a forward's (no remat: it records) at every real slot
         fwd = loaded()(out.tokens_bt, positions_from_mask(out.attention_mask_bt), out.attention_mask_bt,
                        record_layers=True)
@@ -415,8 +423,8 @@ def test_recorded_layer_states_replay_the_update(tiny, tmp_path, decode, matmul_
         for a, r in zip(jax.tree.leaves(m_replay), jax.tree.leaves(m_fwd)):
             np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-4, atol=1e-6)
     if matmul_dtype is None and with_states.layer_gate_up_bltf is not None:
-        # fp32 matmuls, the MLPs' gate|up replayed in bf16: the gradients move by the MLP's bf16 rounding, less than
-        # bf16 matmuls move them
+        # fp32 matmuls, the MLPs' gate|up (and the attention's projections) replayed in bf16: the gradients move by
+        # their bf16 rounding, less than bf16 matmuls move them
         model16 = loaded(remat="full", matmul_dtype=jnp.bfloat16)
         g16, _ = grads(apply_fn_of(nnx.graphdef(model16)), nnx.state(model16), without)
         for (path, a), r, h in zip(jax.tree_util.tree_leaves_with_path(g_replay), jax.tree.leaves(g_fwd),

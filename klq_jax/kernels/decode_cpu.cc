@@ -901,14 +901,17 @@ ffi::Error DecodeStep(ffi::Buffer<ffi::F32> x_nd, ffi::Buffer<ffi::F32> cos_nr, 
   const int step = states_step.typed_data()[0];
   if (sdims[0] > 0 && (step < 0 || step >= sdims[0])) return ffi::Error::InvalidArgument("states_step outside states");
   float* xs = sdims[0] > 0 ? states->typed_data() + static_cast<int64_t>(step) * state_rows * n * d : nullptr;
-  // gate_up [B, L, S, 2F] bf16 bits (updated in place; [B, L, 0, 2F]: nothing recorded): each layer's gate|up
-  // projections of this step's token, at its cache slot (the update's MLP can replay them instead of recomputing
-  // them: `Block._mlp(gate_up_btf=...)`).
+  // gate_up [B, L, S, 2F or 2F + A] bf16 bits (updated in place; [B, L, 0, .]: nothing recorded): each layer's
+  // gate|up projections of this step's token, at its cache slot, then (width 2F + A, A = qkv_out + D) its q|k|v before
+  // the rotation and its output projection (the update's layers can replay them instead of recomputing them:
+  // `Block.__call__(gate_up_btf=...)`).
   const auto gdims = gate_up->dimensions();
-  if (gdims.size() != 4 || gdims[0] != n || gdims[1] != dm.layers || gdims[3] != 2 * f ||
+  const int64_t record_width = gdims.size() == 4 ? gdims[3] : 0;
+  const bool record_attention = record_width == 2 * f + dm.qkv_out + d;
+  if (gdims.size() != 4 || gdims[0] != n || gdims[1] != dm.layers || (record_width != 2 * f && !record_attention) ||
       (gdims[2] != 0 && gdims[2] != dm.slots))
-    return ffi::Error::InvalidArgument("gate_up: expected [B, L, S or 0, 2F]");
-  const int64_t gate_up_elems = static_cast<int64_t>(n) * dm.layers * gdims[2] * 2 * f;
+    return ffi::Error::InvalidArgument("gate_up: expected [B, L, S or 0, 2F or 2F + qkv + D]");
+  const int64_t gate_up_elems = static_cast<int64_t>(n) * dm.layers * gdims[2] * record_width;
   if (gate_up->typed_data() != gate_up_in.typed_data() && gate_up_elems)
     std::memcpy(gate_up->typed_data(), gate_up_in.typed_data(), sizeof(uint16_t) * gate_up_elems);
   uint16_t* gus = gdims[2] > 0 ? gate_up->typed_data() : nullptr;
@@ -930,6 +933,12 @@ ffi::Error DecodeStep(ffi::Buffer<ffi::F32> x_nd, ffi::Buffer<ffi::F32> cos_nr, 
         store_row(ins + ((static_cast<int64_t>(r) * dm.layers + l) * dm.slots + pos) * d, &x[r * d], d);
     for (int r = 0; r < n; ++r) rms_norm(&x[r * d], ln1_ld.typed_data() + l * d, d, eps, &h[r * d]);
     project(wqkv + l * qkv_size * welem, h.data(), d, d, dm.qkv_out, qkv.data());
+    // this layer's recorded projections of row r: [gate|up, q|k|v, o] at its slot
+    auto recorded_row = [&](int r) { return gus + ((static_cast<int64_t>(r) * dm.layers + l) * dm.slots + pos) *
+                                                      record_width; };
+    if (gus && record_attention)
+      for (int r = 0; r < n; ++r)
+        store_row(recorded_row(r) + 2 * f, &qkv[static_cast<int64_t>(r) * dm.qkv_out], dm.qkv_out);
     for (int r = 0; r < n; ++r) {
       float* row = &qkv[static_cast<int64_t>(r) * dm.qkv_out];
       const float* c = cosp + static_cast<int64_t>(r) * dm.rot;
@@ -961,14 +970,13 @@ ffi::Error DecodeStep(ffi::Buffer<ffi::F32> x_nd, ffi::Buffer<ffi::F32> cos_nr, 
                out, sc);
     });
     project(wo + l * o_size * welem, att.data(), hf, hf, d, proj.data());
+    if (gus && record_attention)
+      for (int r = 0; r < n; ++r) store_row(recorded_row(r) + 2 * f + dm.qkv_out, &proj[static_cast<int64_t>(r) * d], d);
     add_into(x.data(), proj.data(), n * d);
     for (int r = 0; r < n; ++r) rms_norm(&x[r * d], ln2_ld.typed_data() + l * d, d, eps, &h[r * d]);
     project(wgu + l * gu_size * welem, h.data(), d, d, 2 * f, gu.data());
     if (gus)
-      for (int r = 0; r < n; ++r) {
-        const int64_t at = ((static_cast<int64_t>(r) * dm.layers + l) * dm.slots + pos) * 2 * f;
-        store_row(gus + at, &gu[static_cast<int64_t>(r) * 2 * f], 2 * f);
-      }
+      for (int r = 0; r < n; ++r) store_row(recorded_row(r), &gu[static_cast<int64_t>(r) * 2 * f], 2 * f);
     for (int r = 0; r < n; ++r) {  // silu(gate) * up, kLanes at a time
       float* g = &gu[static_cast<int64_t>(r) * 2 * f];
       const float* up = g + f;

@@ -47,7 +47,8 @@ class SampleOutput:
     With `record_layers`, the native decode step and a model whose update can replay them
     (`CausalLM.replays_gate_up`): `gate_up_bltf` [B, L, T, 2F] uint16, the bf16 bit patterns of each layer's gate|up
     projections at every slot, which the update's MLPs replay in its backward (`replay=(inputs, output, gate_up)`);
-    else None. Bits, not bf16: XLA:CPU copies an array it bitcasts (0.24 GiB for SmolLM2's 8 x 176 slots), at the
+    with `replay_attention="on"` [B, L, T, 2F + (H + 2K) hd + D], each layer's attention q|k|v (before the rotation) and
+    output projection after its gate|up, which the update's attention replays too (`Block.__call__`); else None. Bits, not bf16: XLA:CPU copies an array it bitcasts (0.24 GiB for SmolLM2's 8 x 176 slots), at the
     sampler's output and again at the update's input.
     """
 
@@ -186,11 +187,12 @@ def bucket_length(n: int, multiple: int = 32) -> int:
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "top_k", "eos_ids", "pad_id",
                                              "cache_dtype", "unstack_layers", "weights_oi", "decode_kernel",
-                                             "record_layers", "replay_gate_up"))
+                                             "record_layers", "replay_gate_up", "replay_attention"))
 def _generate(graphdef, state, prompt_bp, prompt_mask_bp, rng, temperature, top_p, *, max_new_tokens: int,
               top_k: int, eos_ids: tuple[int, ...], pad_id: int, cache_dtype,
               unstack_layers: bool = True, weights_oi: bool = True, decode_kernel: str = "auto",
-              record_layers: bool = False, replay_gate_up: str = "auto") -> SampleOutput:
+              record_layers: bool = False, replay_gate_up: str = "auto",
+              replay_attention: str = "off") -> SampleOutput:
     model: CausalLM = nnx.merge(graphdef, state)
     isa = native_decode_isa(decode_kernel, model, cache_dtype, unstack_layers)
     native = isa is not None
@@ -201,12 +203,14 @@ def _generate(graphdef, state, prompt_bp, prompt_mask_bp, rng, temperature, top_
     positions_bp = jnp.maximum(jnp.cumsum(prompt_mask_bp, axis=1) - 1, 0)
     cache = KVCache.zeros(model.cfg, b, p + n, cache_dtype)
     record_gate_up = _records_gate_up(model, record_layers, native, replay_gate_up)
+    # and after them the attention's q|k|v and output projection (+0.12 GiB for SmolLM2's 8 x 176 slots)
+    record_attention = record_gate_up and replay_attention == "on"
     inputs_dtype = model.checkpoint_dtype() or jnp.float32
     # bf16 layer inputs as bits, written by the native step at their slot in place (as the gate|up); else every
     # step's [L + 1, B, D] fp32 into a buffer converted after the loop.
     record_input_bits = record_layers and native and inputs_dtype == jnp.bfloat16
     out = model(prompt_bp, positions_bp, kv_mask_bs, cache=cache, cache_pos=0, logits_from=p - 1,  # last position
-                record_layers=record_layers, record_gate_up=record_gate_up)
+                record_layers=record_layers, record_gate_up=record_gate_up, record_attention=record_attention)
     num_layers, d = model.cfg.num_layers, model.cfg.hidden_size
     last_logits_bv = out.logits_btv[:, -1]
     has_values = out.values_bt is not None
@@ -369,6 +373,7 @@ class Sampler:
     record_layers: bool = False  # outputs record each layer's input and the last output at every slot (replayed by
                                  # an update at the sampling parameters: `SampleOutput`)
     replay_gate_up: str = "auto"  # with `record_layers`, the MLPs' gate|up too, where `CausalLM.replays_gate_up` says
+    replay_attention: str = "off"  # "on": with the gate|up, the attention's q|k|v and output projection too
     decode_kernel: str = "auto"  # the decode step: "native" (one CPU kernel call, `cpu_decode`; "native-avx2" etc.
                                  # for one build), "xla", or "auto" (native where it can run: `native_decode_isa`)
 
@@ -380,6 +385,10 @@ class Sampler:
         """Whether this sampler's outputs carry the gate|up projections (`SampleOutput.gate_up_bltf`) for `model`."""
         native = use_native_decode(self.decode_kernel, model, self.cache_dtype, self.unstack_layers)
         return _records_gate_up(model, self.record_layers, native, self.replay_gate_up)
+
+    def records_attention(self, model: CausalLM) -> bool:
+        """Whether those recorded projections include the attention's (`replay_attention`)."""
+        return self.records_gate_up(model) and self.replay_attention == "on"
 
     def pad_prompts(self, prompts: Sequence[Sequence[int]], length: int | None = None):
         length = length or bucket_length(max(len(x) for x in prompts), self.bucket)
@@ -412,6 +421,7 @@ class Sampler:
                         unstack_layers=self.unstack_layers if unstack_layers is None else unstack_layers,
                         weights_oi=self.weights_oi, decode_kernel=self.decode_kernel,
                         record_layers=self.record_layers, replay_gate_up=self.replay_gate_up,
+                        replay_attention=self.replay_attention,
                         compile_ahead=self.compile_ahead)
 
 

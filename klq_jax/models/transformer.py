@@ -487,6 +487,16 @@ FROZEN_MATMUL_KERNELS = ("auto", "native", "xla")
 REPLAY_GATE_UP = ("auto", "on", "off")
 
 
+def recorded_width(cfg: ModelConfig, attention: bool) -> int:
+    """The width of a layer's recorded projections (`Block.__call__(record_gate_up=True)`): gate|up (2F), then with
+    `attention` q|k|v and the output projection ((H + 2K) hd + D)."""
+    return 2 * cfg.intermediate_size + attention * ((cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+                                                    + cfg.hidden_size)
+
+# config `rl.replay_attention`: with the gate|up, the attention's q|k|v and output projection ("on") or not
+REPLAY_ATTENTION = ("off", "on")
+
+
 def check_replay_gate_up(choice: str) -> str:
     """`choice` if it is one of `REPLAY_GATE_UP` (config `rl.replay_gate_up`; `CausalLM.replays_gate_up`)."""
     if choice not in REPLAY_GATE_UP:
@@ -671,17 +681,31 @@ class Block(nnx.Module):
                  for lo, hi in zip(bounds[:-1], bounds[1:])], axis=3)
         return out_bkgth.transpose(0, 3, 1, 2, 4).reshape(b, t, k_heads * g * hd), cache_kv
 
-    def _attention(self, x_btd, rope, mask_bts, cache_kv, cache_pos, fuse_projections=False, matmul_dtype=None):
+    def _attention(self, x_btd, rope, mask_bts, cache_kv, cache_pos, fuse_projections=False, matmul_dtype=None,
+                   attention_btp=None):
+        """The attention's output, the cache, and its matmuls' outputs before the biases: q|k|v [B, T, (H + 2K) hd]
+        and the output projection's [B, T, D]. `attention_btp` [.., (H + 2K) hd + D]: those of a forward that already
+        ran on this `x` at these weights (the sampler's), returned by `replayed_dense` in place of the four matmuls,
+        whose backward is theirs."""
         cfg, dt = self.cfg, x_btd.dtype
         h, k_heads, g, hd = cfg.num_heads, cfg.num_kv_heads, cfg.num_groups, cfg.head_dim
         b, t, d = x_btd.shape
-        if fuse_projections and not self.packed:
+        q_width, kv_width = h * hd, k_heads * hd
+        if attention_btp is not None:
+            if self.packed:
+                raise ValueError("attention_btp: replayed projections need unpacked weights")
+            q_rec, k_rec, v_rec, o_rec = jnp.split(attention_btp, [q_width, q_width + kv_width,
+                                                                   q_width + 2 * kv_width], axis=-1)
+            q, k, v = (replayed_dense(x_btd, w[...].reshape(d, -1).astype(dt), y, matmul_dtype)
+                       for w, y in ((self.wq_dnh, q_rec), (self.wk_dkh, k_rec), (self.wv_dkh, v_rec)))
+        elif fuse_projections and not self.packed:
             wq, wk, wv = (w[...].reshape(d, -1) for w in (self.wq_dnh, self.wk_dkh, self.wv_dkh))
             qkv = dense(x_btd, jnp.concatenate([wq, wk, wv], axis=1).astype(dt), matmul_dtype)
             q, k, v = jnp.split(qkv, [h * hd, (h + k_heads) * hd], axis=-1)
         else:
             q, k, v = (self._project(x_btd, name, out, matmul_dtype)
-                       for name, out in (("wq_dnh", h * hd), ("wk_dkh", k_heads * hd), ("wv_dkh", k_heads * hd)))
+                       for name, out in (("wq_dnh", q_width), ("wk_dkh", kv_width), ("wv_dkh", kv_width)))
+        qkv_btf = (q, k, v)  # the matmuls' outputs, before the biases and the rotation
         q, k, v = q.reshape(b, t, h, hd), k.reshape(b, t, k_heads, hd), v.reshape(b, t, k_heads, hd)
         if self.bq_nh is not None:
             q, k, v = q + self.bq_nh[...].astype(dt), k + self.bk_kh[...].astype(dt), v + self.bv_kh[...].astype(dt)
@@ -695,10 +719,14 @@ class Block(nnx.Module):
         out_btf, cache_kv = self._attend(q_bkgth, k_bksh, v_bksh, mask_bts, cache_kv, cache_pos,
                                          matmul_dtype if cache_kv is None else None)
         # the output projection as one [H*hd, D] matrix (a free reshape of [H, hd, D])
-        out = self._project(out_btf, "wo_nhd", d, matmul_dtype)
+        if attention_btp is not None:
+            out = replayed_dense(out_btf, self.wo_nhd[...].reshape(q_width, d).astype(dt), o_rec, matmul_dtype)
+        else:
+            out = self._project(out_btf, "wo_nhd", d, matmul_dtype)
+        projections = jnp.concatenate([*qkv_btf, out], axis=-1)
         if self.bo_d is not None:
             out = out + self.bo_d[...].astype(dt)
-        return out, cache_kv
+        return out, cache_kv, projections
 
     def _mlp(self, x_btd, fuse_projections=False, matmul_dtype=None, gate_up_btf=None):
         """The MLP's output and its (gate, up) projections (gate None without one). `gate_up_btf` [.., 2F]: those of a
@@ -733,15 +761,25 @@ class Block(nnx.Module):
         return out, projections
 
     def __call__(self, x_btd, rope, mask_bts, cache_kv=None, cache_pos=None, fuse_projections=False,
-                 matmul_dtype=None, gate_up_btf=None, record_gate_up=False):
+                 matmul_dtype=None, gate_up_btf=None, record_gate_up=False, record_attention=False):
         """`fuse_projections`: q|k|v and gate|up as one matmul each, on weights concatenated in the program
         (the unrolled decode path, whose per-layer weights are loop-invariant: XLA hoists the concatenation
         out of the decode loop). Not for sharded weights, whose q and k/v shard over different head counts.
         A layer state of [out, in] copies (`CausalLM.unstack_layers(weights_oi=True)`) runs through
-        `decode_feature_major` instead. `gate_up_btf`: the MLP replays these gate|up projections (`_mlp`).
-        `record_gate_up`: a third output, the gate|up projections [B, T, 2F] (a gated MLP only)."""
+        `decode_feature_major` instead. `gate_up_btf` [.., 2F] or [.., `recorded_width(cfg, True)`]: the MLP replays these
+        gate|up projections (`_mlp`), and in the wider layout the attention its q|k|v and output projection
+        (`_attention`). `record_gate_up`: a third output, the gate|up projections [B, T, 2F] (a gated MLP only), with
+        `record_attention` followed by the attention's ([B, T, recorded_width(cfg, True)]): what `gate_up_btf` takes."""
+        f2 = 2 * self.cfg.intermediate_size
+        attention_btp = None
+        if gate_up_btf is not None and gate_up_btf.shape[-1] != f2:
+            if gate_up_btf.shape[-1] != recorded_width(self.cfg, True):
+                raise ValueError(f"gate_up_btf: {gate_up_btf.shape[-1]} features, expected {f2} or "
+                                 f"{recorded_width(self.cfg, True)}")
+            gate_up_btf, attention_btp = gate_up_btf[..., :f2], gate_up_btf[..., f2:]
         h = self._norm(x_btd, self.ln1_scale, self.ln1_bias)
-        attn, cache_kv = self._attention(h, rope, mask_bts, cache_kv, cache_pos, fuse_projections, matmul_dtype)
+        attn, cache_kv, attention_proj = self._attention(h, rope, mask_bts, cache_kv, cache_pos, fuse_projections,
+                                                         matmul_dtype, attention_btp)
         if not self.cfg.parallel_residual:
             x_btd = x_btd + attn
         mlp, (gate, up) = self._mlp(self._norm(x_btd, self.ln2_scale, self.ln2_bias), fuse_projections,
@@ -751,7 +789,7 @@ class Block(nnx.Module):
             return x_btd, cache_kv
         if gate is None:
             raise ValueError("record_gate_up: this MLP has no gate")
-        return x_btd, cache_kv, jnp.concatenate([gate, up], axis=-1)
+        return x_btd, cache_kv, jnp.concatenate([gate, up] + ([attention_proj] if record_attention else []), axis=-1)
 
     def decode_feature_major(self, x_dn, rope_rn, mask_bts, cache_kv, cache_pos, matmul_dtype=None, keys_hs=False):
         """`__call__` on feature-major activations [D, N] (N = B*T rows, batch-major) with a layer state of
@@ -1102,7 +1140,7 @@ class CausalLM(nnx.Module):
                  return_logits: bool = True, layers: tuple[nnx.State, ...] | None = None,
                  logits_from: int = 0, logits_to: int | None = None, layers_oi: bool = False,
                  head_vd: jax.Array | None = None, record_layers: bool = False, record_gate_up: bool = False,
-                 replay: tuple[jax.Array, ...] | None = None) -> ModelOutput:
+                 record_attention: bool = False, replay: tuple[jax.Array, ...] | None = None) -> ModelOutput:
         """Forward over `tokens_bt` at `positions_bt`.
 
         Without a cache, `kv_mask_bs` is the attention mask of `tokens_bt` (S == T). With a cache of S
@@ -1117,10 +1155,11 @@ class CausalLM(nnx.Module):
         response token, and the float32 logits are the largest activation of a forward.
         `record_layers` (with a cache, or without remat): `layer_states_lbtd` holds each layer's input and the last
         layer's output, what `replay` takes back. `record_gate_up` (with a cache, the stacked layers, a gated MLP):
-        `gate_up_lbtf` holds each layer's gate|up projections in bf16. `replay = (inputs_bltd, output_btd)` or
+        `gate_up_lbtf` holds each layer's gate|up projections in bf16, with `record_attention` followed by its
+        attention's q|k|v and output projections (`Block.__call__`). `replay = (inputs_bltd, output_btd)` or
         `(inputs_bltd, output_btd, gate_up_bltf)` (remat "full", no cache): those of a forward that already ran at
         these parameters on these tokens (the sampler's); the layers are not run again, and their gradients come from
-        recomputing each one from its recorded input (`replayed_layer_scan`), the MLPs' gate|up projections replayed.
+        recomputing each one from its recorded input (`replayed_layer_scan`), the recorded projections replayed.
         """
         cfg, dt = self.cfg, self.dtype
         x = jnp.take(self.embed_vd[...], tokens_bt, axis=0).astype(dt)
@@ -1159,7 +1198,8 @@ class CausalLM(nnx.Module):
         def body(x_btd, layer):
             state, kv = layer
             if record_gate_up:  # collected as bf16 bits: XLA:CPU runs a bf16 dynamic-update-slice in fp32
-                x_out, kv, gate_up = run_layer(x_btd, state, rope, mask_bts, kv, record_gate_up=True)
+                x_out, kv, gate_up = run_layer(x_btd, state, rope, mask_bts, kv, record_gate_up=True,
+                                               record_attention=record_attention)
                 return x_out, (kv, x_btd, _bf16_bits(gate_up.astype(jnp.bfloat16)))
             x_out, kv = run_layer(x_btd, state, rope, mask_bts, kv)
             return x_out, ((kv, x_btd) if record_layers else kv)
@@ -1170,6 +1210,8 @@ class CausalLM(nnx.Module):
             raise ValueError("record_layers: a forward with remat='full' keeps no layer states to record")
         if record_gate_up and not (record_layers and cache is not None and layers is None):
             raise ValueError("record_gate_up: with record_layers, on a forward with a cache over the stacked layers")
+        if record_attention and not record_gate_up:
+            raise ValueError("record_attention: with record_gate_up (recorded after the gate|up projections)")
         states = []  # with record_layers: each layer's input, [B, T, D]
 
         if layers is not None:  # unrolled: each layer's weights and cache read in place
