@@ -150,9 +150,10 @@ class Rollout:
     # layers again (`CausalLM.__call__(replay=...)`).
     layer_inputs_bltd: Array | None = None   # (B, L, T, D)
     layer_output_btd: Array | None = None    # float32 (B, T, D)
-    # With them, where the sampler recorded them (`SampleOutput.gate_up_bltf`): each layer's gate|up projections,
-    # which the update's MLPs replay in its backward instead of recomputing them.
-    layer_gate_up_bltf: Array | None = None  # uint16 (B, L, T, 2F): bf16 bit patterns
+    # With them, where the sampler recorded them (`SampleOutput.gate_up_bltf`): each layer's gate|up projections
+    # (and with `rl.replay_attention` its attention's q|k|v and output projection after them), which the update's
+    # layers replay in their backward instead of recomputing them.
+    layer_gate_up_bltf: Array | None = None  # uint16 (B, L, T, 2F or `recorded_width`): bf16 bit patterns
     # With them, where the sampler drew from the policy itself (`policy_stats_from_sampler`): the log-normaliser of
     # the distribution each action was drawn from (`SampleOutput.logsumexp_bt`), which the update's LM head replays
     # with `old_logp_bt` instead of running its forward (`CausalLM.next_token_logprobs(replay_head=...)`).
