@@ -19,8 +19,8 @@ from klq_jax.allocator import release_freed_memory
 from klq_jax.data.datasets import DataError, PromptExample, PromptStream, load_prompts, to_messages, to_text
 from klq_jax.models.hf import CheckpointError, export_model, load_model, resolve_checkpoint
 from klq_jax.models.sampler import DECODE_KERNELS, Sampler, bucket_length, use_native_decode
-from klq_jax.models.transformer import (REPLAY_ATTENTION, REPLAY_GATE_UP, CausalLM, check_frozen_matmul_kernel, pack_frozen,
-                                       positions_from_mask)
+from klq_jax.models.transformer import (REPLAY_ATTENTION, REPLAY_GATE_UP, CausalLM, check_frozen_matmul_kernel,
+                                       pack_frozen, positions_from_mask)
 from klq_jax.rewards import Reward, make_reward
 from klq_jax.rl import loop as rl_loop
 from klq_jax.rl.train_step import Rollout, make_optimizer

@@ -971,7 +971,8 @@ ffi::Error DecodeStep(ffi::Buffer<ffi::F32> x_nd, ffi::Buffer<ffi::F32> cos_nr, 
     });
     project(wo + l * o_size * welem, att.data(), hf, hf, d, proj.data());
     if (gus && record_attention)
-      for (int r = 0; r < n; ++r) store_row(recorded_row(r) + 2 * f + dm.qkv_out, &proj[static_cast<int64_t>(r) * d], d);
+      for (int r = 0; r < n; ++r)
+        store_row(recorded_row(r) + 2 * f + dm.qkv_out, &proj[static_cast<int64_t>(r) * d], d);
     add_into(x.data(), proj.data(), n * d);
     for (int r = 0; r < n; ++r) rms_norm(&x[r * d], ln2_ld.typed_data() + l * d, d, eps, &h[r * d]);
     project(wgu + l * gu_size * welem, h.data(), d, d, 2 * f, gu.data());

@@ -48,8 +48,9 @@ class SampleOutput:
     (`CausalLM.replays_gate_up`): `gate_up_bltf` [B, L, T, 2F] uint16, the bf16 bit patterns of each layer's gate|up
     projections at every slot, which the update's MLPs replay in its backward (`replay=(inputs, output, gate_up)`);
     with `replay_attention="on"` [B, L, T, 2F + (H + 2K) hd + D], each layer's attention q|k|v (before the rotation) and
-    output projection after its gate|up, which the update's attention replays too (`Block.__call__`); else None. Bits, not bf16: XLA:CPU copies an array it bitcasts (0.24 GiB for SmolLM2's 8 x 176 slots), at the
-    sampler's output and again at the update's input.
+    output projection after its gate|up, which the update's attention replays too (`Block.__call__`); else None.
+    Bits, not bf16: XLA:CPU copies an array it bitcasts (0.24 GiB for SmolLM2's 8 x 176 slots), at the sampler's
+    output and again at the update's input.
     """
 
     tokens_bt: jax.Array

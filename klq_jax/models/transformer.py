@@ -493,6 +493,7 @@ def recorded_width(cfg: ModelConfig, attention: bool) -> int:
     return 2 * cfg.intermediate_size + attention * ((cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
                                                     + cfg.hidden_size)
 
+
 # config `rl.replay_attention`: with the gate|up, the attention's q|k|v and output projection ("on") or not
 REPLAY_ATTENTION = ("off", "on")
 
@@ -766,10 +767,11 @@ class Block(nnx.Module):
         (the unrolled decode path, whose per-layer weights are loop-invariant: XLA hoists the concatenation
         out of the decode loop). Not for sharded weights, whose q and k/v shard over different head counts.
         A layer state of [out, in] copies (`CausalLM.unstack_layers(weights_oi=True)`) runs through
-        `decode_feature_major` instead. `gate_up_btf` [.., 2F] or [.., `recorded_width(cfg, True)`]: the MLP replays these
-        gate|up projections (`_mlp`), and in the wider layout the attention its q|k|v and output projection
-        (`_attention`). `record_gate_up`: a third output, the gate|up projections [B, T, 2F] (a gated MLP only), with
-        `record_attention` followed by the attention's ([B, T, recorded_width(cfg, True)]): what `gate_up_btf` takes."""
+        `decode_feature_major` instead. `gate_up_btf` [.., 2F] or [.., `recorded_width(cfg, True)`]: the MLP
+        replays these gate|up projections (`_mlp`), and in the wider layout the attention its q|k|v and output
+        projection (`_attention`). `record_gate_up`: a third output, the gate|up projections [B, T, 2F] (a gated
+        MLP only), with `record_attention` followed by the attention's ([B, T, recorded_width(cfg, True)]): what
+        `gate_up_btf` takes."""
         f2 = 2 * self.cfg.intermediate_size
         attention_btp = None
         if gate_up_btf is not None and gate_up_btf.shape[-1] != f2:
