@@ -984,3 +984,48 @@ def test_replays_gate_up_by_choice():
     assert not neox.replays_gate_up("on") and not neox.replays_gate_up("auto")
     with pytest.raises(ValueError, match="replay_gate_up='yes'; accepted: 'auto', 'on', 'off'"):
         fp32.replays_gate_up("yes")
+
+
+def test_block_replays_recorded_projections():
+    """A layer given its own recorded projections (`Block.__call__(record_gate_up=True, record_attention=True)`,
+    fp32 here) replays them (`gate_up_btf`, 2F wide or with the attention's q|k|v and output projection after
+    them): the output and the gradients of the input and every weight are the forward's, up to summation order;
+    zeroed attention projections move them, so they are read; a record of another width is refused."""
+    from klq_jax.models.config import ModelConfig
+    from klq_jax.models.sampler import Sampler
+    from klq_jax.models.transformer import Block, attention_mask, recorded_width, rope_cos_sin
+    cfg = ModelConfig(family="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=4,
+                      num_kv_heads=2, head_dim=8, max_position_embeddings=16, rotary_dim=8, norm_eps=1e-5)
+    block = Block(cfg, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(block)
+    params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(1), p.shape), params)  # biasless
+    b, t = 2, 6
+    x = jax.random.normal(jax.random.key(2), (b, t, cfg.hidden_size))
+    kv_mask = jnp.asarray([[False, True, True, True, True, True], [True] * t])
+    positions = jnp.maximum(jnp.cumsum(kv_mask, axis=1) - 1, 0)
+    rope = rope_cos_sin(cfg, positions)
+    mask = attention_mask(jnp.broadcast_to(jnp.arange(t)[None], (b, t)), kv_mask)
+    _, _, recorded = nnx.merge(graphdef, params)(x, rope, mask, record_gate_up=True, record_attention=True)
+    assert recorded.shape == (b, t, recorded_width(cfg, True))
+    f2 = recorded_width(cfg, False)
+    cot = jax.random.normal(jax.random.key(3), x.shape)
+
+    def run(gate_up_btf):
+        out, vjp = jax.vjp(lambda x, p: nnx.merge(graphdef, p)(x, rope, mask, gate_up_btf=gate_up_btf)[0], x, params)
+        return out, vjp(cot)
+
+    ref_out, ref_grads = run(None)
+    for rec in (recorded[..., :f2], recorded):
+        out, grads = run(rec)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(ref_out), rtol=1e-5, atol=1e-5)
+        for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads)):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=0, atol=1e-5 * float(jnp.abs(r).max()),
+                                       err_msg=jax.tree_util.keystr(path))
+    _, zeroed = run(recorded.at[..., f2:].set(0.0))
+    moved = {jax.tree_util.keystr(path): float(jnp.abs(z - r).max())
+             for (path, z), r in zip(jax.tree_util.tree_leaves_with_path(zeroed[1]), jax.tree.leaves(ref_grads[1]))}
+    assert all(moved[k] > 1e-3 for k in moved if "wq_dnh" in k or "wo_nhd" in k), moved
+    with pytest.raises(ValueError, match="gate_up_btf: 50 features, expected 96 or 192"):
+        run(recorded[..., :50])
+    with pytest.raises(ValueError, match="replay_attention='yes'; accepted: 'off', 'on'"):
+        Sampler(graphdef=None, eos_ids=(1,), pad_id=0, max_new_tokens=1, replay_attention="yes").records_attention(None)

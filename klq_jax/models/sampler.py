@@ -20,7 +20,7 @@ from flax import nnx, struct
 
 from klq_jax.allocator import release_freed_memory
 from klq_jax.models import cpu_decode
-from klq_jax.models.transformer import CausalLM, KVCache, rope_cos_sin
+from klq_jax.models.transformer import CausalLM, KVCache, check_replay_attention, rope_cos_sin
 
 
 @struct.dataclass
@@ -205,7 +205,7 @@ def _generate(graphdef, state, prompt_bp, prompt_mask_bp, rng, temperature, top_
     cache = KVCache.zeros(model.cfg, b, p + n, cache_dtype)
     record_gate_up = _records_gate_up(model, record_layers, native, replay_gate_up)
     # and after them the attention's q|k|v and output projection (+0.12 GiB for SmolLM2's 8 x 176 slots)
-    record_attention = record_gate_up and replay_attention == "on"
+    record_attention = check_replay_attention(replay_attention) == "on" and record_gate_up
     inputs_dtype = model.checkpoint_dtype() or jnp.float32
     # bf16 layer inputs as bits, written by the native step at their slot in place (as the gate|up); else every
     # step's [L + 1, B, D] fp32 into a buffer converted after the loop.
@@ -389,7 +389,7 @@ class Sampler:
 
     def records_attention(self, model: CausalLM) -> bool:
         """Whether those recorded projections include the attention's (`replay_attention`)."""
-        return self.records_gate_up(model) and self.replay_attention == "on"
+        return check_replay_attention(self.replay_attention) == "on" and self.records_gate_up(model)
 
     def pad_prompts(self, prompts: Sequence[Sequence[int]], length: int | None = None):
         length = length or bucket_length(max(len(x) for x in prompts), self.bucket)

@@ -498,6 +498,13 @@ def recorded_width(cfg: ModelConfig, attention: bool) -> int:
 REPLAY_ATTENTION = ("off", "on")
 
 
+def check_replay_attention(choice: str) -> str:
+    """`choice` if it is one of `REPLAY_ATTENTION` (config `rl.replay_attention`; `Sampler.replay_attention`)."""
+    if choice not in REPLAY_ATTENTION:
+        raise ValueError(f"replay_attention={choice!r}; accepted: {', '.join(map(repr, REPLAY_ATTENTION))}")
+    return choice
+
+
 def check_replay_gate_up(choice: str) -> str:
     """`choice` if it is one of `REPLAY_GATE_UP` (config `rl.replay_gate_up`; `CausalLM.replays_gate_up`)."""
     if choice not in REPLAY_GATE_UP:
