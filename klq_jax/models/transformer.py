@@ -779,12 +779,11 @@ class Block(nnx.Module):
         projection (`_attention`). `record_gate_up`: a third output, the gate|up projections [B, T, 2F] (a gated
         MLP only), with `record_attention` followed by the attention's ([B, T, recorded_width(cfg, True)]): what
         `gate_up_btf` takes."""
-        f2 = 2 * self.cfg.intermediate_size
+        f2, wide = recorded_width(self.cfg, False), recorded_width(self.cfg, True)
         attention_btp = None
         if gate_up_btf is not None and gate_up_btf.shape[-1] != f2:
-            if gate_up_btf.shape[-1] != recorded_width(self.cfg, True):
-                raise ValueError(f"gate_up_btf: {gate_up_btf.shape[-1]} features, expected {f2} or "
-                                 f"{recorded_width(self.cfg, True)}")
+            if gate_up_btf.shape[-1] != wide:
+                raise ValueError(f"gate_up_btf: {gate_up_btf.shape[-1]} features, expected {f2} or {wide}")
             gate_up_btf, attention_btp = gate_up_btf[..., :f2], gate_up_btf[..., f2:]
         h = self._norm(x_btd, self.ln1_scale, self.ln1_bias)
         attn, cache_kv, attention_proj = self._attention(h, rope, mask_bts, cache_kv, cache_pos, fuse_projections,
