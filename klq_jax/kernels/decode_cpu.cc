@@ -453,21 +453,27 @@ class Team {
   int size_ = 1;
 };
 
-// Runs tile(t, r0, next_in_run) for every tile t of `out` outputs and every group of kRows rows from r0, the tiles
-// split over the team in runs of adjacent tiles: about two runs per member, at most 16 tiles each (few claims for
-// the head's 1536 tiles). A run is one contiguous stream of weights, where the prefetches run on into the next tile
-// (next_in_run: whether t + 1 is in this run); one tile per claim had the two threads take turns, each tile a fresh
-// stream (a scratch matvec over SmolLM2's 270 MB: 23-25 GB/s against 29-30 in runs of 16; the decode step 11.8-12.4
-// -> 11.4-11.7 ms at slot 110).
-template <typename TileFn>
-void over_tiles(Team& team, int rows, int out, const TileFn& tile) {
-  const int tiles = (out + kTile - 1) / kTile;
+// Tiles per claimed run when a team splits `tiles` tiles: about two runs per member, at most 16 tiles each (few
+// claims for the head's 1536 tiles), or with `one_run_each` one run per member (see `kF32OneRunEach`). A run is one
+// contiguous stream of weights, where the prefetches run on into the next tile; one tile per claim had the two
+// threads take turns, each tile a fresh stream (a scratch matvec over SmolLM2's 270 MB: 23-25 GB/s against 29-30 in
+// runs of 16; the decode step 11.8-12.4 -> 11.4-11.7 ms at slot 110).
+inline int run_tiles(const Team& team, int tiles, bool one_run_each) {
+  if (one_run_each) return std::max(1, (tiles + team.size() - 1) / team.size());
   const int runs = 2 * team.size();
-  const int per_task = std::max(1, std::min(16, (tiles + runs - 1) / runs));
+  return std::max(1, std::min(16, (tiles + runs - 1) / runs));
+}
+
+// Runs tile(t, r0, next_in_run, task) for every tile t of `out` outputs and every group of kRows rows from r0, the
+// tiles split over the team in runs of `per_task` adjacent tiles (task: the run's number; next_in_run: whether t + 1
+// is in this run).
+template <typename TileFn>
+void over_tiles(Team& team, int rows, int out, int per_task, const TileFn& tile) {
+  const int tiles = (out + kTile - 1) / kTile;
   team.parallel_for((tiles + per_task - 1) / per_task, [&](int task) {
     const int run_end = std::min(tiles, (task + 1) * per_task);
     for (int t = task * per_task; t < run_end; ++t) {
-      for (int r0 = 0; r0 < rows; r0 += kRows) tile(t, r0, t + 1 < run_end);
+      for (int r0 = 0; r0 < rows; r0 += kRows) tile(t, r0, t + 1 < run_end, task);
     }
   });
 }
@@ -480,7 +486,7 @@ void matvec(Team& team, const uint16_t* w_packed, const uint32_t* pairs, int row
   const int in2 = in / 2;
   const int64_t tile_elems = static_cast<int64_t>(in2) * 64;
   const uint64_t amx_call = team.amx_call();
-  over_tiles(team, rows, out, [&](int t, int r0, bool) {
+  over_tiles(team, rows, out, run_tiles(team, (out + kTile - 1) / kTile, false), [&](int t, int r0, bool, int) {
     if (amx_call) amx_enter(amx_call);
     (amx_call ? tile_dot_amx : tile_dot)(w_packed + t * tile_elems, pairs + static_cast<int64_t>(r0) * in2, in2,
                                          y + static_cast<int64_t>(r0) * y_stride, y_stride, t * kTile, out,
@@ -495,7 +501,7 @@ constexpr int kF32Prefetch = 24;  // inputs ahead (3 KiB of the tile): 8 x 128 f
 
 #if defined(__AVX512F__)
 inline void tile_dot_f32(const float* w_tile, const float* x_rows, int in, float* y, int y_stride, int o0, int out,
-                         int rows, const float* /*next*/) {
+                         int rows, const float* /*next*/, int /*next_in*/) {
   __m512 acc[kRows][2];
   for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
   for (int i = 0; i < in; ++i) {
@@ -545,10 +551,10 @@ inline void rows_dot_f32(const float* w_tile, const float* x, int in, float (*c)
 }
 
 inline void tile_dot_f32(const float* w_tile, const float* x_rows, int in, float* y, int y_stride, int o0, int out,
-                         int rows, const float* next) {
+                         int rows, const float* next, int next_in) {
   alignas(32) float c[kRows][kTile];
-  // The next tile's 2 * in lines of 64 bytes, split over the first (at most) two passes.
-  const int next_lines = next == nullptr ? 0 : 2 * in;
+  // The next tile's 2 * next_in lines of 64 bytes, split over the first (at most) two passes.
+  const int next_lines = next == nullptr ? 0 : 2 * next_in;
   const int passes = std::min(2, (rows + 2) / 3);
   const int per_pass = (next_lines + passes - 1) / passes;
   const char* next_bytes = reinterpret_cast<const char*>(next);
@@ -565,15 +571,38 @@ inline void tile_dot_f32(const float* w_tile, const float* x_rows, int in, float
 }
 #endif
 
+// fp32 matvecs split one run per team member on AVX2: a member's run is then its whole share of the matrix, one
+// stream, whose last tile also streams into L2 the first tile this member will likely claim of the step's next
+// matrix (`w_next`: next_in x next_out, null for none). In a scratch of a SmolLM2 step's 121 fp32 matvecs (Zen 1
+// VM, two threads, five runs of 30 alternations) runs of at most 16 tiles took 1.06-1.19x the time of one flat
+// stream over the same bytes (the head's 96 runs alone 14.1 against 16.4 GB/s); one run each took 0.94-0.99x their
+// time, with the next matrix's first tile 0.91-1.02x (median of the five 0.94x); 8 x 128 rollouts 0.95x (median of
+// 12 alternations).
+#if defined(__AVX512F__)
+constexpr bool kF32OneRunEach = false;  // not measured on AVX-512 CPUs: their split stays as it was
+#else
+constexpr bool kF32OneRunEach = true;
+#endif
+
 // `matvec` on fp32 tiles ([ceil(out/32)][in][32]); `x_rows` from `pack_rows_f32`.
 void matvec_f32(Team& team, const float* w_packed, const float* x_rows, int rows, int in, int out, float* y,
-                int y_stride) {
+                int y_stride, const float* w_next, int next_in, int next_out) {
   const int64_t tile_elems = static_cast<int64_t>(in) * kTile;
-  over_tiles(team, rows, out, [&](int t, int r0, bool next_in_run) {
+  const int next_tiles = (next_out + kTile - 1) / kTile;
+  const int next_per_task = w_next ? run_tiles(team, next_tiles, kF32OneRunEach) : 0;
+  over_tiles(team, rows, out, run_tiles(team, (out + kTile - 1) / kTile, kF32OneRunEach),
+             [&](int t, int r0, bool next_in_run, int task) {
     const float* w_tile = w_packed + t * tile_elems;
+    const float* next = nullptr;
+    int lines_in = in;
+    if (r0 == 0 && next_in_run) {
+      next = w_tile + tile_elems;
+    } else if (r0 == 0 && w_next && kF32OneRunEach && task * next_per_task < next_tiles) {
+      next = w_next + static_cast<int64_t>(task) * next_per_task * next_in * kTile;
+      lines_in = next_in;
+    }
     tile_dot_f32(w_tile, x_rows + static_cast<int64_t>(r0) * in, in, y + static_cast<int64_t>(r0) * y_stride,
-                 y_stride, t * kTile, out, std::min(kRows, rows - r0),
-                 next_in_run && r0 == 0 ? w_tile + tile_elems : nullptr);
+                 y_stride, t * kTile, out, std::min(kRows, rows - r0), next, lines_in);
   });
 }
 
@@ -685,6 +714,8 @@ inline void axpy_hd(float p, const T* v, float* out, int hd) {
 // probs [G][n_valid] (each head's softmax numerators) -> out [G][hd] = sum_i probs[g][i] / sum[g] * V[slot_i], with the
 // G heads' outputs held in registers (kAttVecs vectors of each at a time) and each value row read once for all G:
 // 0.03 -> ~0.02 ms per valid slot of a SmolLM2 step (axpy_hd per head loaded and stored its output at every slot).
+// The sums divide the outputs once at the end, not each numerator at each slot of each pass: on AVX2 (4 passes of a
+// 64-wide head) that was 12 scalar divisions per slot beside 24 FMAs.
 constexpr int kAttVecs = kLanes == 16 ? 4 : 2;  // AVX-512: 4 x G <= 16 accumulators; AVX2: 2 x G <= 8
 
 constexpr int kAttPrefetch = 4;  // key rows ahead
@@ -706,15 +737,17 @@ void weighted_values(const float* probs, int stride, const float* sums, const T*
     for (int i = 0; i < n_valid; ++i) {
       const T* v = v_sh + static_cast<int64_t>(slots_valid[i]) * hd + c0;
       vfloat p[G];
-      for (int g = 0; g < G; ++g) p[g] = vset(probs[g * stride + i] / sums[g]);
+      for (int g = 0; g < G; ++g) p[g] = vset(probs[g * stride + i]);
       for (int c = 0; c < kAttVecs; ++c) {
         if (c >= nc) break;
         const vfloat vv = vload_row(v + c * kLanes);
         for (int g = 0; g < G; ++g) acc[g][c] = vfma(p[g], vv, acc[g][c]);
       }
     }
-    for (int g = 0; g < G; ++g)
-      for (int c = 0; c < nc; ++c) vstore(out_gh + g * hd + c0 + c * kLanes, acc[g][c]);
+    for (int g = 0; g < G; ++g) {
+      const vfloat sum = vset(sums[g]);
+      for (int c = 0; c < nc; ++c) vstore(out_gh + g * hd + c0 + c * kLanes, vdiv(acc[g][c], sum));
+    }
   }
 }
 
@@ -876,10 +909,14 @@ ffi::Error DecodeStep(ffi::Buffer<ffi::F32> x_nd, ffi::Buffer<ffi::F32> cos_nr, 
 
   auto team = Team::Gather(thread_pool, num_threads - 1, amx && !f32 && amx_permitted());
   // y [n, out] = x [n, in] (row stride x_stride) W^T, W the packed matrix at `w` (bf16 pairs or fp32 tiles).
-  auto project = [&](const char* w, const float* xs, int x_stride, int in, int out, float* y) {
+  // `w_next`: the matrix the step multiplies next (next_in x next_out), whose first tiles the fp32 matvec streams
+  // into L2 as it ends (null: none).
+  auto project = [&](const char* w, const float* xs, int x_stride, int in, int out, float* y,
+                     const char* w_next = nullptr, int next_in = 0, int next_out = 0) {
     if (f32) {
       pack_rows_f32(xs, n, in, x_stride, x_rows.data());
-      matvec_f32(*team, reinterpret_cast<const float*>(w), x_rows.data(), n, in, out, y, out);
+      matvec_f32(*team, reinterpret_cast<const float*>(w), x_rows.data(), n, in, out, y, out,
+                 reinterpret_cast<const float*>(w_next), next_in, next_out);
     } else {
 #if defined(__AVX512F__)
       pack_rows(xs, n, in, x_stride, pairs.data());
@@ -932,7 +969,7 @@ ffi::Error DecodeStep(ffi::Buffer<ffi::F32> x_nd, ffi::Buffer<ffi::F32> cos_nr, 
       for (int r = 0; r < n; ++r)
         store_row(ins + ((static_cast<int64_t>(r) * dm.layers + l) * dm.slots + pos) * d, &x[r * d], d);
     for (int r = 0; r < n; ++r) rms_norm(&x[r * d], ln1_ld.typed_data() + l * d, d, eps, &h[r * d]);
-    project(wqkv + l * qkv_size * welem, h.data(), d, d, dm.qkv_out, qkv.data());
+    project(wqkv + l * qkv_size * welem, h.data(), d, d, dm.qkv_out, qkv.data(), wo + l * o_size * welem, hf, d);
     // this layer's recorded projections of row r: [gate|up, q|k|v, o] at its slot
     auto recorded_row = [&](int r) { return gus + ((static_cast<int64_t>(r) * dm.layers + l) * dm.slots + pos) *
                                                       record_width; };
@@ -969,13 +1006,13 @@ ffi::Error DecodeStep(ffi::Buffer<ffi::F32> x_nd, ffi::Buffer<ffi::F32> cos_nr, 
         attend(dm, q, static_cast<const float*>(kc) + base, static_cast<const float*>(vc) + base, slots, n_valid[r],
                out, sc);
     });
-    project(wo + l * o_size * welem, att.data(), hf, hf, d, proj.data());
+    project(wo + l * o_size * welem, att.data(), hf, hf, d, proj.data(), wgu + l * gu_size * welem, d, 2 * f);
     if (gus && record_attention)
       for (int r = 0; r < n; ++r)
         store_row(recorded_row(r) + 2 * f + dm.qkv_out, &proj[static_cast<int64_t>(r) * d], d);
     add_into(x.data(), proj.data(), n * d);
     for (int r = 0; r < n; ++r) rms_norm(&x[r * d], ln2_ld.typed_data() + l * d, d, eps, &h[r * d]);
-    project(wgu + l * gu_size * welem, h.data(), d, d, 2 * f, gu.data());
+    project(wgu + l * gu_size * welem, h.data(), d, d, 2 * f, gu.data(), wdown + l * down_size * welem, f, d);
     if (gus)
       for (int r = 0; r < n; ++r) store_row(recorded_row(r), &gu[static_cast<int64_t>(r) * 2 * f], 2 * f);
     for (int r = 0; r < n; ++r) {  // silu(gate) * up, kLanes at a time
@@ -989,7 +1026,11 @@ ffi::Error DecodeStep(ffi::Buffer<ffi::F32> x_nd, ffi::Buffer<ffi::F32> cos_nr, 
       }
       for (; i < f; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * up[i];
     }
-    project(wdown + l * down_size * welem, gu.data(), 2 * f, f, d, proj.data());
+    if (l + 1 < dm.layers)
+      project(wdown + l * down_size * welem, gu.data(), 2 * f, f, d, proj.data(), wqkv + (l + 1) * qkv_size * welem, d,
+              dm.qkv_out);
+    else
+      project(wdown + l * down_size * welem, gu.data(), 2 * f, f, d, proj.data(), whead, d, dm.vocab);
     add_into(x.data(), proj.data(), n * d);
   }
   if (xs) std::memcpy(xs + static_cast<int64_t>(state_rows - 1) * n * d, x.data(), sizeof(float) * n * d);
