@@ -1,8 +1,14 @@
-"""The iteration benchmark's bookkeeping of several rounds (`benchmarks/iteration.py --rounds`)."""
+"""The iteration benchmark's bookkeeping of several rounds (`benchmarks/iteration.py --rounds`), and the decode
+split benchmark built against the kernel's source (`benchmarks/decode_split.py`)."""
 
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from klq_jax.models import cpu_decode
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -36,3 +42,23 @@ def test_fastest_round_keeps_the_round_of_the_fastest_steady_iteration_and_the_h
     assert rounds[2]["rss_peak_gib"] == 3.27  # the rounds themselves are left as they were
     one = bench.fastest_round(rounds[:1])
     assert bench.best(one)["iteration"] == 46.7 and one["rss_peak_gib"] == 3.28 and one["rounds"] == 1
+
+
+@pytest.mark.skipif(not cpu_decode.isa_runs_here("avx2") or cpu_decode.machine_unsupported(None) is not None,
+                    reason="needs the kernel's AVX2 build (x86-64 with AVX2 and FMA, a C++ compiler)")
+def test_decode_split_builds_against_the_kernel_and_reports_each_split():
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "decode_split.py"), "--rounds", "1"], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    last = done.stdout.strip().splitlines()[-1]
+    assert last.startswith("RESULT ")
+    fields = dict(kv.split("=") for kv in last.split()[1:])
+    assert set(fields) == {"one_run_over_runs16", "one_run_next_over_runs16", "flat_over_runs16", "runs16_ms"}
+    assert all(float(v) > 0 for v in fields.values())
+
+
+def test_decode_split_refuses_a_bad_round_count():
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "decode_split.py"), "--rounds", "0"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines()[-1] == "--rounds=0: expected a positive number of rounds"
