@@ -573,11 +573,11 @@ inline void tile_dot_f32(const float* w_tile, const float* x_rows, int in, float
 
 // fp32 matvecs split one run per team member on AVX2: a member's run is then its whole share of the matrix, one
 // stream, whose last tile also streams into L2 the first tile this member will likely claim of the step's next
-// matrix (`w_next`: next_in x next_out, null for none). In a scratch of a SmolLM2 step's 121 fp32 matvecs (Zen 1
-// VM, two threads, five runs of 30 alternations) runs of at most 16 tiles took 1.06-1.19x the time of one flat
-// stream over the same bytes (the head's 96 runs alone 14.1 against 16.4 GB/s); one run each took 0.94-0.99x their
-// time, with the next matrix's first tile 0.91-1.02x (median of the five 0.94x); 8 x 128 rollouts 0.95x (median of
-// 12 alternations).
+// matrix (`w_next`: next_in x next_out, null for none). Over a SmolLM2 step's 121 fp32 matvecs
+// (`benchmarks/decode_split.py`; Zen 1 VM, two threads, five runs of 30 alternations) runs of at most 16 tiles took
+// 1.06-1.16x the time of one flat stream over the same bytes (the head's 96 runs alone 14.1 against 16.4 GB/s); one
+// run each 0.94-0.99x their time, with the next matrix's first tile 0.91-1.02x (median of the five 0.94x); 8 x 128
+// rollouts 0.95x (median of 12 alternations).
 #if defined(__AVX512F__)
 constexpr bool kF32OneRunEach = false;  // not measured on AVX-512 CPUs: their split stays as it was
 #else
