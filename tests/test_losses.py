@@ -1,5 +1,7 @@
 """Unit tests of klq_jax.rl.losses against plain numpy loops (klq-method.md section 6, facts 1, 2, 5)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -344,3 +346,39 @@ def test_appending_padding_changes_nothing(algo):
     for gp, gb in zip(padded[3], base[3]):
         np.testing.assert_allclose(gp[:, sl], gb, atol=1e-7)
         assert np.all(np.asarray(gp[:, :left]) == 0) and np.all(np.asarray(gp[:, left + T:]) == 0)
+
+
+@pytest.mark.parametrize("algo", ["klq", "ppo"])
+def test_rollout_targets_are_compute_targets_fields_and_leave_the_recorded_states_out(algo):
+    """The loop's jitted targets (`loop.rollout_targets`) give `compute_targets`' advantages and targets, and its
+    program returns those two arrays alone: returning the rollout copied the sampler's recorded layer states
+    (~0.5 GB a SmolLM2 iteration)."""
+    from klq_jax.rl.loop import rollout_targets
+    from klq_jax.rl.train_step import Rollout, compute_targets, default_algo_config
+
+    b, t, layers, d, f = 3, 12, 2, 8, 40
+    rng = np.random.default_rng(0)
+    response_bt = np.zeros((b, t), bool)
+    response_bt[:, 4:] = True
+    response_bt[1, 9:] = False  # an early EOS
+    batch = Rollout.from_samples(
+        rng.integers(0, 50, (b, t)), np.tile(np.arange(t), (b, 1)), np.ones((b, t), bool), response_bt,
+        rng.normal(size=(b, t)) - 2.0, np.array([False, True, False]), values_bt=rng.normal(size=(b, t)),
+        entropy_bt=np.abs(rng.normal(size=(b, t))), first_action=4,
+        layer_inputs_bltd=jnp.asarray(rng.normal(size=(b, layers, t, d)), jnp.float32),
+        layer_output_btd=jnp.asarray(rng.normal(size=(b, t, d)), jnp.float32),
+        logsumexp_bt=jnp.asarray(rng.normal(size=(b, t)), jnp.float32),
+        gate_up_bltf=jnp.asarray(rng.integers(0, 2**16, (b, layers, t, f)), jnp.uint16))
+    batch = batch.replace(rewards_b=jnp.asarray([1.0, -0.5, 0.25]),
+                          ref_logp_bt=jnp.asarray(rng.normal(size=(b, t)) - 2.0, jnp.float32))
+    algo_cfg = default_algo_config()
+    algo_cfg.algo = algo
+
+    targets_fn = jax.jit(functools.partial(rollout_targets, algo_cfg=algo_cfg))
+    advantages, targets = targets_fn(batch, 0.1)
+    want = jax.jit(functools.partial(compute_targets, algo_cfg=algo_cfg))(batch, 0.1)  # what the loop ran before
+    np.testing.assert_array_equal(np.asarray(advantages), np.asarray(want.advantages_bt))
+    np.testing.assert_array_equal(np.asarray(targets), np.asarray(want.targets_bt))
+    assert float(np.abs(np.asarray(advantages)).max()) > 0
+    out_info = jax.tree.leaves(targets_fn.lower(batch, 0.1).out_info)
+    assert [(o.shape, o.dtype) for o in out_info] == [((b, t), jnp.float32)] * 2

@@ -137,6 +137,15 @@ def _shaped_rewards(raw_rewards_b: Array, batch: Rollout, algo_cfg) -> Array:
     return rewards_b
 
 
+def rollout_targets(batch: Rollout, kl_coef, algo_cfg) -> tuple[Array, Array]:
+    """`compute_targets`' advantages and targets alone. Jitted on the whole rollout, a program that returns the
+    rollout returns a copy of every array in it, the sampler's recorded layer states included (SmolLM2, 8 x 176
+    slots with the gate|up and attention projections recorded: ~0.5 GB copied, 0.48 s of a 34 s fp32 iteration
+    on a Zen 1 VM); the inputs it does not read are pruned from the program."""
+    out = compute_targets(batch, kl_coef, algo_cfg)
+    return out.advantages_bt, out.targets_bt
+
+
 def _reference_beside_reward(pool: concurrent.futures.Executor, reference: Callable[[], Array],
                               reward: Callable[[], Array]) -> tuple[Array, Array, float, float]:
     """`(ref_logp, raw_rewards, reference_s, reward_s)`: `reference()` on `pool`'s thread while `reward()` runs
@@ -195,7 +204,7 @@ def run(
     """
     forward = make_policy_forward(apply_fn, algo_cfg.temperature)
     update = make_update(apply_fn, algo_cfg, optimizer)
-    targets_fn = jax.jit(functools.partial(compute_targets, algo_cfg=algo_cfg))
+    targets_fn = jax.jit(functools.partial(rollout_targets, algo_cfg=algo_cfg))
     shape_rewards = jax.jit(functools.partial(_shaped_rewards, algo_cfg=algo_cfg))
     summarise = jax.jit(rollout_metrics)
 
@@ -244,7 +253,8 @@ def run(
             old_logp, old_values, entropy = lap("forward", forward(state.params, batch))
             batch = batch.replace(old_logp_bt=old_logp, old_values_bt=old_values, entropy_bt=entropy)
         batch = batch.replace(rewards_b=shape_rewards(raw_rewards, batch), ref_logp_bt=ref_logp)
-        batch = targets_fn(batch, state.kl_coef)
+        advantages, targets = targets_fn(batch, state.kl_coef)
+        batch = batch.replace(advantages_bt=advantages, targets_bt=targets)
         stats = lap("targets", summarise(batch, raw_rewards, state.kl_coef))
         update_args = (state, batch, k_update, algo_cfg.epochs, algo_cfg.num_minibatches)
         if it == start_iteration:
