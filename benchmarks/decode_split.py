@@ -14,8 +14,6 @@ compiler; prints a table and a last line `RESULT ...`.
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,7 +32,7 @@ def main():
         sys.exit(f"--rounds={args.rounds}: expected a positive number of rounds")
     if not cpu_decode.isa_runs_here("avx2"):
         sys.exit("this machine cannot run the kernel's AVX2 build (it needs an x86-64 CPU with AVX2 and FMA)")
-    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    compiler = cpu_decode._compiler()  # the one the kernel's own build uses
     if compiler is None:
         sys.exit("no C++ compiler (g++, or $CXX)")
     here = Path(__file__).resolve().parent

@@ -465,11 +465,12 @@ inline int run_tiles(const Team& team, int tiles, bool one_run_each) {
 }
 
 // Runs tile(t, r0, next_in_run, task) for every tile t of `out` outputs and every group of kRows rows from r0, the
-// tiles split over the team in runs of `per_task` adjacent tiles (task: the run's number; next_in_run: whether t + 1
-// is in this run).
+// tiles split over the team in runs of `run_tiles(team, tiles, one_run_each)` adjacent tiles (task: the run's number;
+// next_in_run: whether t + 1 is in this run).
 template <typename TileFn>
-void over_tiles(Team& team, int rows, int out, int per_task, const TileFn& tile) {
+void over_tiles(Team& team, int rows, int out, bool one_run_each, const TileFn& tile) {
   const int tiles = (out + kTile - 1) / kTile;
+  const int per_task = run_tiles(team, tiles, one_run_each);
   team.parallel_for((tiles + per_task - 1) / per_task, [&](int task) {
     const int run_end = std::min(tiles, (task + 1) * per_task);
     for (int t = task * per_task; t < run_end; ++t) {
@@ -486,7 +487,7 @@ void matvec(Team& team, const uint16_t* w_packed, const uint32_t* pairs, int row
   const int in2 = in / 2;
   const int64_t tile_elems = static_cast<int64_t>(in2) * 64;
   const uint64_t amx_call = team.amx_call();
-  over_tiles(team, rows, out, run_tiles(team, (out + kTile - 1) / kTile, false), [&](int t, int r0, bool, int) {
+  over_tiles(team, rows, out, false, [&](int t, int r0, bool, int) {
     if (amx_call) amx_enter(amx_call);
     (amx_call ? tile_dot_amx : tile_dot)(w_packed + t * tile_elems, pairs + static_cast<int64_t>(r0) * in2, in2,
                                          y + static_cast<int64_t>(r0) * y_stride, y_stride, t * kTile, out,
@@ -590,8 +591,7 @@ void matvec_f32(Team& team, const float* w_packed, const float* x_rows, int rows
   const int64_t tile_elems = static_cast<int64_t>(in) * kTile;
   const int next_tiles = (next_out + kTile - 1) / kTile;
   const int next_per_task = w_next ? run_tiles(team, next_tiles, kF32OneRunEach) : 0;
-  over_tiles(team, rows, out, run_tiles(team, (out + kTile - 1) / kTile, kF32OneRunEach),
-             [&](int t, int r0, bool next_in_run, int task) {
+  over_tiles(team, rows, out, kF32OneRunEach, [&](int t, int r0, bool next_in_run, int task) {
     const float* w_tile = w_packed + t * tile_elems;
     const float* next = nullptr;
     int lines_in = in;
