@@ -291,10 +291,12 @@ def test_chunked_token_logprobs_never_make_the_logits():
     np.testing.assert_allclose(np.asarray(fn(h, head_vd, targets, 1.0)), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
-def test_chunked_token_logprobs_backward_keeps_the_bf16_head(monkeypatch):
-    """With bf16 matmuls the backward's vocabulary-block loops take the rounded head as it is: XLA:CPU widens a bf16
-    loop input to fp32 before the loop, so the blocks go in as their bits, and each loop's only fp32 array of a
-    half's blocks is the head's gradient. The two halves are separate loops."""
+@pytest.mark.parametrize("matmul_dtype", [None, jnp.bfloat16])
+def test_chunked_token_logprobs_backward_reads_the_whole_head_in_place(monkeypatch, matmul_dtype):
+    """The backward's two vocabulary-block loops (halves of the blocks) each take the whole head and its transpose
+    and slice a block per step: no copy of a half of either goes in (fp32 SmolLM2: two of 113 MB, item 70). With
+    bf16 matmuls both go in as their bits: XLA:CPU widens a bf16 loop input to fp32 before the loop. Each loop's
+    only array of a half's blocks is the head's gradient (fp32)."""
     import re
 
     from klq_jax.models import transformer
@@ -306,18 +308,20 @@ def test_chunked_token_logprobs_backward_keeps_the_bf16_head(monkeypatch):
     head_vd = jnp.asarray(g.normal(size=(v, d)) / 8, jnp.float32)
     targets = jnp.asarray(g.integers(0, v, (b, t)), jnp.int32)
     grad = jax.jit(jax.grad(lambda h, w: transformer.chunked_token_logprobs(h, w, targets, 1.0,
-                                                                            matmul_dtype=jnp.bfloat16).sum(), (0, 1)))
+                                                                            matmul_dtype=matmul_dtype).sum(), (0, 1)))
     hlo = grad.lower(h, head_vd).compile().as_text()
-    half = 4 * 1024 * d
+    sizes = {4 * 1024 * d: "half", v * d: "whole"}
     loops = []
     for line in hlo.splitlines():
         if " while(" not in line:
             continue
         carried = re.findall(r"\b(f32|bf16|u16)\[([\d,]+)\]", line.split(" while(")[0])
-        blocks = [dtype for dtype, dims in carried if np.prod([int(x) for x in dims.split(",")]) == half]
-        if blocks:
-            loops.append(sorted(blocks))
-    assert loops == [["f32", "u16", "u16"]] * 2, loops
+        heads = sorted(f"{sizes[n]} {dtype}[{dims}]" for dtype, dims in carried
+                       if (n := int(np.prod([int(x) for x in dims.split(",")]))) in sizes)
+        if any(x.startswith("half") for x in heads):
+            loops.append(heads)
+    head = "u16" if matmul_dtype == jnp.bfloat16 else "f32"
+    assert loops == [["half f32[4,1024,64]", f"whole {head}[64,8192]", f"whole {head}[8192,64]"]] * 2, loops
 
 
 @pytest.mark.parametrize("vocab_block", [48, 4096])

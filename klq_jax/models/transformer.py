@@ -413,14 +413,15 @@ def _chunked_token_logprobs_bwd(matmul_dtype, rows, residuals, g_bt):
     block = min(LOGPROB_VOCAB_BLOCK, v)
     blocks = -(-v // block)
     head_pad = jnp.pad(head_vd, ((0, blocks * block - v), (0, 0)))
-    head_kvd = head_pad.reshape(blocks, block, d)
     # [D, V] for the hidden states' gradient (the head as the left operand of its dot): a row-major copy
-    # (`_row_major_transpose`'s barrier).
-    head_dv = jax.lax.optimization_barrier(head_pad.T.reshape(-1)).reshape(d, blocks * block)
-    head_kdv = head_dv.reshape(d, blocks, block).swapaxes(0, 1)
+    # (`_row_major_transpose`'s barrier). Each step slices its block out of the two whole arrays: halves of them
+    # as the scans' inputs were copies (two of 113 MB for SmolLM2 in fp32, the transposed one a strided gather of
+    # one element per cache line), where a block's slice is a 9.4 MB copy into a buffer every step reuses.
+    head_dv = _row_major_transpose(head_pad)
 
-    def vocab_block(dh_dn, args):
-        k, w_vd, w_dv = (args[0], *(_from_bf16_bits(w) for w in args[1:]))
+    def vocab_block(dh_dn, k):
+        w_vd, w_dv = (_from_bf16_bits(jax.lax.dynamic_slice_in_dim(w, k * block, block, axis))
+                      for w, axis in ((head_bits_vd, 0), (head_bits_dv, 1)))
         logits_vn = weight_left_matmul(w_vd, h_dn, mdt, jnp.float32) / temperature
         probs_vn = jnp.exp(logits_vn - lse_n[None])
         onehot = jax.lax.broadcasted_iota(jnp.int32, probs_vn.shape, 0) + k * block == targets_n[None]
@@ -428,14 +429,13 @@ def _chunked_token_logprobs_bwd(matmul_dtype, rows, residuals, g_bt):
         dhead_vd = matmul(dlogits_vn, h_nd, "vn,nd->vd", mdt, jnp.float32)
         return dh_dn + weight_left_matmul(w_dv, dlogits_vn, mdt, jnp.float32), dhead_vd
 
-    # The blocks go in as bf16 bit patterns: XLA:CPU widens bf16 loop inputs to fp32 before the loop (SmolLM2's
+    # The head goes in as bf16 bit patterns: XLA:CPU widens bf16 loop inputs to fp32 before the loop (SmolLM2's
     # head and its transpose: fp32 copies of 113 MB, written on one thread, rounded again block by block). Two scans
     # over halves of the blocks, independent until their sums of dh meet: XLA:CPU runs each thunk of a loop
     # body on one thread, and one scan's chain (logits, softmax, cotangent) left the other core idle.
     halves = [(0, blocks // 2), (blocks // 2, blocks)] if blocks > 1 else [(0, blocks)]
-    head_kvd, head_kdv = _bf16_bits(head_kvd), _bf16_bits(head_kdv)
-    parts = [jax.lax.scan(vocab_block, jnp.zeros((d, b * t), jnp.float32),
-                          (jnp.arange(lo, hi), head_kvd[lo:hi], head_kdv[lo:hi])) for lo, hi in halves]
+    head_bits_vd, head_bits_dv = _bf16_bits(head_pad), _bf16_bits(head_dv)
+    parts = [jax.lax.scan(vocab_block, jnp.zeros((d, b * t), jnp.float32), jnp.arange(lo, hi)) for lo, hi in halves]
     # The barrier keeps XLA from folding the transpose below into the dot of a single block's scan (a vocabulary of
     # at most LOGPROB_VOCAB_BLOCK, whose one-step loop it inlines) as a column-major result: a bf16 dot YNNPACK
     # refuses and XLA's own dot does not run ("BF16 x BF16 = F32" unsupported).
