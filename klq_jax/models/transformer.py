@@ -418,6 +418,9 @@ def _chunked_token_logprobs_bwd(matmul_dtype, rows, residuals, g_bt):
     # as the scans' inputs were copies (two of 113 MB for SmolLM2 in fp32, the transposed one a strided gather of
     # one element per cache line), where a block's slice is a 9.4 MB copy into a buffer every step reuses.
     head_dv = _row_major_transpose(head_pad)
+    # The head goes in as bf16 bit patterns: XLA:CPU widens bf16 loop inputs to fp32 before the loop (SmolLM2's
+    # head and its transpose: fp32 copies of 113 MB, written on one thread, rounded again block by block).
+    head_bits_vd, head_bits_dv = _bf16_bits(head_pad), _bf16_bits(head_dv)
 
     def vocab_block(dh_dn, k):
         w_vd, w_dv = (_from_bf16_bits(jax.lax.dynamic_slice_in_dim(w, k * block, block, axis))
@@ -429,12 +432,9 @@ def _chunked_token_logprobs_bwd(matmul_dtype, rows, residuals, g_bt):
         dhead_vd = matmul(dlogits_vn, h_nd, "vn,nd->vd", mdt, jnp.float32)
         return dh_dn + weight_left_matmul(w_dv, dlogits_vn, mdt, jnp.float32), dhead_vd
 
-    # The head goes in as bf16 bit patterns: XLA:CPU widens bf16 loop inputs to fp32 before the loop (SmolLM2's
-    # head and its transpose: fp32 copies of 113 MB, written on one thread, rounded again block by block). Two scans
-    # over halves of the blocks, independent until their sums of dh meet: XLA:CPU runs each thunk of a loop
-    # body on one thread, and one scan's chain (logits, softmax, cotangent) left the other core idle.
+    # Two scans over halves of the blocks, independent until their sums of dh meet: XLA:CPU runs each thunk of a
+    # loop body on one thread, and one scan's chain (logits, softmax, cotangent) left the other core idle.
     halves = [(0, blocks // 2), (blocks // 2, blocks)] if blocks > 1 else [(0, blocks)]
-    head_bits_vd, head_bits_dv = _bf16_bits(head_pad), _bf16_bits(head_dv)
     parts = [jax.lax.scan(vocab_block, jnp.zeros((d, b * t), jnp.float32), jnp.arange(lo, hi)) for lo, hi in halves]
     # The barrier keeps XLA from folding the transpose below into the dot of a single block's scan (a vocabulary of
     # at most LOGPROB_VOCAB_BLOCK, whose one-step loop it inlines) as a column-major result: a bf16 dot YNNPACK
