@@ -34,7 +34,7 @@ every machine).
         [--compute_dtype bfloat16] [--matmul_dtype bfloat16] [--trl_python /work/venv-bench/bin/python] [--policy HF_FOLDER]
         [--decode_kernel auto|native|xla] [--frozen_matmul_kernel auto|native|xla] [--cache_dtype auto|float32|bfloat16]
         [--trl_device cpu|cuda] [--overlap_reference auto|on|off] [--replay_gate_up auto|on|off]
-        [--replay_attention off|on]
+        [--replay_attention off|on] [--replay_probs off|on]
 
 On a GPU machine ours runs on JAX's default backend (the GPU) and `--trl_device cuda` puts TRL there too (its
 phases timed after a `torch.cuda.synchronize()`); each side then also reports its allocator's peak on the device
@@ -117,6 +117,7 @@ def make_config(args, algo: str, reward_path: str):
     c.rl.replay_sampler_forward = args.replay_sampler_forward
     c.rl.replay_gate_up = args.replay_gate_up
     c.rl.replay_attention = args.replay_attention
+    c.rl.replay_probs = args.replay_probs
     return c
 
 
@@ -204,15 +205,15 @@ def run_ours(args) -> dict:
     optimizer = make_optimizer(config.optim)
     mesh = sharding.make_mesh(config.mesh)
     replay, gate_up_choice = trainer.replay_sampler_forward(config, mesh), trainer.replay_gate_up_choice(config)
-    attention_choice = trainer.replay_attention_choice(config)
+    attention_choice, probs_choice = trainer.replay_attention_choice(config), trainer.replay_probs_choice(config, mesh)
     sampler = dataclasses.replace(setup.sampler, record_layers=replay, replay_gate_up=gate_up_choice,  # make_fns's
-                                  replay_attention=attention_choice)
+                                  replay_attention=attention_choice, replay_probs=probs_choice)
     replays_gate_up, replays_attention = sampler.records_gate_up(setup.policy), sampler.records_attention(setup.policy)
     state, ref_params = trainer.place_on_mesh(setup, optimizer, rl.kl_coef, mesh)  # as the trainer does
     stream = PromptStream(setup.train_prompts, config.batch_size, seed=config.seed)
     apply_fn, sample_fn, reward_fn = trainer.make_fns(setup, mesh, policy_stats=config.sampling.policy_stats,
                                                       replay=replay, replay_gate_up=gate_up_choice,
-                                                      replay_attention=attention_choice)
+                                                      replay_attention=attention_choice, replay_probs=probs_choice)
     ref_logprob_fn = trainer.make_ref_logprob_fn(setup, ref_params, rl.temperature)  # as the trainer does
     rss_setup = rss_gib()
     with jax.set_mesh(mesh):
@@ -234,6 +235,7 @@ def run_ours(args) -> dict:
     return {
         **device_peak, "matmul_n": mm_n, "overlap_reference": trainer.overlap_reference(config, mesh),
         "replay_sampler_forward": replay, "replay_gate_up": replays_gate_up, "replay_attention": replays_attention,
+        "replay_probs": replay and config.sampling.policy_stats and probs_choice == "on",
         "side": f"ours-{args.side}", "iterations": iterations, "curves": curves,
         "matmul_gflops_jax": mm, "matmul_gflops_jax_before": mm_before, "matmul_gflops_jax_after": mm_after,
         "stream_gbs": stream,
@@ -477,6 +479,9 @@ def main():
                         "backward replays them), off")
     parser.add_argument("--replay_attention", default="off", help="config rl.replay_attention: on (where the gate|up "
                         "is replayed, the attention's q|k|v and output projection too), off")
+    parser.add_argument("--replay_probs", default="off", help="config rl.replay_probs: on (where the head replays the "
+                        "sampler's log-probabilities, its backward reads the sampler's onehot - softmax in bf16 "
+                        "instead of recomputing the logits), off")
     parser.add_argument("--sides", default="klq,ppo,trl")
     parser.add_argument("--rounds", type=int, default=1,
                         help="run the sides in turn this many times (klq, ppo, trl, klq, ...), each side's figures "
@@ -532,7 +537,8 @@ def main():
                            "--decode_kernel", args.decode_kernel, "--frozen_matmul_kernel", args.frozen_matmul_kernel,
                            "--cache_dtype", args.cache_dtype, "--overlap_reference", args.overlap_reference,
                            "--replay_sampler_forward", args.replay_sampler_forward,
-                           "--replay_gate_up", args.replay_gate_up, "--replay_attention", args.replay_attention]
+                           "--replay_gate_up", args.replay_gate_up, "--replay_attention", args.replay_attention,
+                           "--replay_probs", args.replay_probs]
     ours_flags += ["--policy_forward"] if args.policy_forward else []
     commands = {}
     for side in args.sides.split(","):
@@ -595,6 +601,10 @@ def main():
     attention = [names[s] for s in cols if results[s].get("replay_attention")]
     if attention:
         print(f"{', '.join(attention)}: and their attention the q|k|v and output projections (rl.replay_attention)")
+    probs = [names[s] for s in cols if results[s].get("replay_probs")]
+    if probs:
+        print(f"{', '.join(probs)}: the update's LM-head backward read the sampler's onehot - softmax in bf16 instead "
+              "of recomputing the logits (rl.replay_probs)")
     if args.rounds > 1:
         print(f"{args.rounds} rounds of the sides in turn; each side's figures are from its round with the fastest "
               "iteration, its peak RSS the highest of its rounds")

@@ -94,6 +94,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.rl.replay_attention = "off"  # "on": with the gate|up, the attention's q|k|v and output projection (bf16), which
                                    # the update's backward replays too (SmolLM2 fp32 update 0.92x the time, +0.12 GiB:
                                    # item 67)
+    c.rl.replay_probs = "off"      # "on": with the head's replay, each drawn token's onehot - softmax (bf16), which the
+                                   # head's backward reads instead of recomputing the logits (one device; +0.1 GiB:
+                                   # item 71)
     c.optim = default_optim_config()
     c.optim.learning_rate = 1e-5
 

@@ -19,8 +19,8 @@ from klq_jax.allocator import release_freed_memory
 from klq_jax.data.datasets import DataError, PromptExample, PromptStream, load_prompts, to_messages, to_text
 from klq_jax.models.hf import CheckpointError, export_model, load_model, resolve_checkpoint
 from klq_jax.models.sampler import DECODE_KERNELS, Sampler, bucket_length, use_native_decode
-from klq_jax.models.transformer import (REPLAY_ATTENTION, REPLAY_GATE_UP, CausalLM, check_frozen_matmul_kernel,
-                                       pack_frozen, positions_from_mask)
+from klq_jax.models.transformer import (REPLAY_ATTENTION, REPLAY_GATE_UP, REPLAY_PROBS, CausalLM,
+                                       check_frozen_matmul_kernel, pack_frozen, positions_from_mask)
 from klq_jax.rewards import Reward, make_reward
 from klq_jax.rl import loop as rl_loop
 from klq_jax.rl.train_step import Rollout, make_optimizer
@@ -262,6 +262,16 @@ def replay_attention_choice(config) -> str:
     return _choice(config.rl.get("replay_attention", "off"), "rl.replay_attention", REPLAY_ATTENTION)
 
 
+def replay_probs_choice(config, mesh=None) -> str:
+    """`rl.replay_probs` (with `replay_sampler_forward`, where the head replays the sampler's log-probabilities): "on",
+    the sampler records each drawn token's `onehot - softmax` (bf16, [V, N, B]: 0.1 GiB for SmolLM2's 8 x 128
+    tokens) and the update's LM-head backward reads it instead of recomputing the logits, one of the head's three
+    matmuls (with fp32 matmuls that backward then reads it rounded to bf16; docs/performance.md, item 71). On one
+    device (`mesh.size == 1`): the array leads with the vocabulary, not the batch. "off"."""
+    choice = _choice(config.rl.get("replay_probs", "off"), "rl.replay_probs", REPLAY_PROBS)
+    return choice if mesh is None or mesh.size == 1 else "off"
+
+
 def replay_sampler_forward(config, mesh) -> bool:
     """`rl.replay_sampler_forward`: whether the sampler records every layer's input at every slot and the update
     replays them instead of running the policy's forward over the layers (`CausalLM.__call__(replay=...)`). They are
@@ -283,6 +293,7 @@ def build(config) -> Setup:
     _replay_choice(config)
     replay_gate_up_choice(config)
     replay_attention_choice(config)
+    replay_probs_choice(config)
     decode_kernel = _choice(config.sampling.get("decode_kernel", "auto"), "sampling.decode_kernel", DECODE_KERNELS)
     try:
         frozen_kernel = check_frozen_matmul_kernel(config.model.get("frozen_matmul_kernel", "auto"))
@@ -355,16 +366,17 @@ def build(config) -> Setup:
 
 
 def make_fns(setup: Setup, mesh, *, policy_stats: bool = True, replay: bool = False, replay_gate_up: str = "auto",
-             replay_attention: str = "off"):
+             replay_attention: str = "off", replay_probs: str = "off"):
     """The injected functions of the loop for an LM policy (the reference's: `make_ref_logprob_fn`).
     `policy_stats` (config `sampling.policy_stats`): the rollout carries the sampler's logprobs, values and
     entropy as the policy's (no policy forward). `replay` (`replay_sampler_forward`): it also carries the sampler's
     layer states, which the policy forward and the update replay; `replay_gate_up` (`replay_gate_up_choice`): the
     MLPs' gate|up projections among them where `CausalLM.replays_gate_up(replay_gate_up)`, and with them the
-    attention's q|k|v and output projections where `replay_attention` (`replay_attention_choice`) is "on"."""
+    attention's q|k|v and output projections where `replay_attention` (`replay_attention_choice`) is "on", and each
+    action's `onehot - softmax` where `replay_probs` (`replay_probs_choice`) is "on"."""
     graphdef = setup.graphdef
     sampler = dataclasses.replace(setup.sampler, record_layers=replay, replay_gate_up=replay_gate_up,
-                                  replay_attention=replay_attention)
+                                  replay_attention=replay_attention, replay_probs=replay_probs)
     policy_stats = policy_stats and sampler.top_k == 0 and sampler.top_p >= 1.0
 
     def apply_fn(params, tokens_bt, positions_bt, mask_bt, logits_from: int = 0, logits_to: int | None = None,
@@ -395,7 +407,8 @@ def make_fns(setup: Setup, mesh, *, policy_stats: bool = True, replay: bool = Fa
         return Rollout.from_samples(out.tokens_bt, positions_from_mask(out.attention_mask_bt), out.attention_mask_bt,
                                     out.response_mask_bt, out.logprobs_bt, out.eos_b, first_action=out.prompt_len,
                                     layer_inputs_bltd=out.layer_inputs_bltd, layer_output_btd=out.layer_output_btd,
-                                    logsumexp_bt=out.logsumexp_bt, gate_up_bltf=out.gate_up_bltf, **stats)
+                                    logsumexp_bt=out.logsumexp_bt, gate_up_bltf=out.gate_up_bltf,
+                                    logp_grad_vtb=out.logp_grad_vtb, **stats)
 
     def reward_fn(prompt_batch: list[Prompt], batch: Rollout):
         texts = decode_responses(setup, batch.tokens_bt, batch.response_mask_bt)
@@ -524,7 +537,8 @@ def _train_on_mesh(config, workdir, ckpt, setup, rl, optimizer, state, ref_param
     apply_fn, sample_fn, reward_fn = make_fns(setup, mesh, policy_stats=config.sampling.policy_stats,
                                               replay=replay_sampler_forward(config, mesh),
                                               replay_gate_up=replay_gate_up_choice(config),
-                                              replay_attention=replay_attention_choice(config))
+                                              replay_attention=replay_attention_choice(config),
+                                              replay_probs=replay_probs_choice(config, mesh))
     ref_logprob_fn = make_ref_logprob_fn(setup, ref_params, rl.temperature)
     metrics: dict[str, float] = {}
     with logs.MetricsLogger(workdir, start_iteration=start, total_iterations=config.num_iterations) as logger:

@@ -182,6 +182,11 @@ def test_bad_replay_attention(tiny_model, tmp_path):
          "'off'", "'on'")
 
 
+def test_bad_replay_probs(tiny_model, tmp_path):
+    _bad(_cmd(tmp_path / "w", tiny_model, "--config.rl.replay_probs=bf16"), "rl.replay_probs", "'bf16'", "'off'",
+         "'on'")
+
+
 def _dialogue_config_and_meshes():
     """The embedded default's config, a one-device mesh and an abstract 8-device one."""
     from klq_jax.memory import load_config
@@ -234,6 +239,17 @@ def test_replay_sampler_forward_auto_is_on_for_one_step_per_rollout_only():
     config.rl.replay_sampler_forward = "off"
     config.rl.epochs = 1
     assert not trainer.replay_sampler_forward(config, one)
+
+
+def test_replay_probs_is_off_by_default_and_on_one_device_only():
+    """`rl.replay_probs` (the sampler's onehot - softmax, [V, N, B]: not split over a mesh's batch axis)."""
+    from klq_jax import trainer
+
+    config, one, several = _dialogue_config_and_meshes()
+    assert config.rl.replay_probs == "off" and trainer.replay_probs_choice(config, one) == "off"
+    config.rl.replay_probs = "on"
+    assert trainer.replay_probs_choice(config, one) == "on" and trainer.replay_probs_choice(config) == "on"
+    assert trainer.replay_probs_choice(config, several) == "off"
 
 
 def test_matmul_precision_reaches_the_compiled_dots():

@@ -400,6 +400,67 @@ def test_replayed_token_logprobs_return_the_record_and_the_heads_gradients(monke
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))
 
 
+@pytest.mark.parametrize("matmul_dtype", [None, jnp.bfloat16])
+@pytest.mark.parametrize("vocab_block", [48, 4096])
+def test_replayed_token_logprobs_backward_from_the_recorded_logp_grad(monkeypatch, matmul_dtype, vocab_block):
+    """Given the sampler's `onehot - softmax` ([V, T, B], `logp_grad_vtb`) the head's backward makes no logits and
+    its gradients are those of that array: against a float64 numpy product of the same operands (the recorded array
+    as given, fp32 or rounded to bf16; the dots' operands rounded as the matmul dtype rounds them), over whole and
+    partial vocabulary blocks (97 tokens in blocks of 48; one block of all of them). With the exact fp32 array, the
+    gradients are `chunked_token_logprobs`'s. A position whose log-normaliser is +inf (one the loss does not read)
+    gets none, whatever the array holds there; an array of another shape is refused."""
+    from klq_jax.models import transformer
+
+    monkeypatch.setattr(transformer, "LOGPROB_VOCAB_BLOCK", vocab_block)
+    b, t, d, temperature = 3, 21, 16, 0.7
+    g = np.random.default_rng(2)
+    h = jnp.asarray(g.normal(size=(b, t, d)), jnp.float32)
+    head_vd = jnp.asarray(g.normal(size=(VOCAB, d)), jnp.float32)
+    targets = jnp.asarray(g.integers(0, VOCAB, (b, t)), jnp.int32)
+    weights = jnp.asarray(g.normal(size=(b, t)), jnp.float32)
+    mdt = matmul_dtype or jnp.float32
+    logits_btv = jnp.einsum("btd,vd->btv", h.astype(mdt), head_vd.astype(mdt),
+                            preferred_element_type=jnp.float32) / temperature
+    lse_bt = jax.nn.logsumexp(logits_btv, axis=-1)
+    logp_grad_btv = jax.nn.one_hot(targets, VOCAB) - jax.nn.softmax(logits_btv, axis=-1)
+    recorded_bt = jnp.take_along_axis(logits_btv, targets[..., None], -1)[..., 0] - lse_bt
+
+    def replayed(h, head_vd, grad_vtb, lse_bt=lse_bt):
+        return jnp.sum(weights * transformer.replayed_token_logprobs(
+            h, head_vd, targets, temperature, recorded_bt, lse_bt, grad_vtb, matmul_dtype=matmul_dtype))
+
+    def chunked(h, head_vd):
+        return jnp.sum(weights * transformer.chunked_token_logprobs(h, head_vd, targets, temperature,
+                                                                   matmul_dtype=matmul_dtype))
+
+    def numpy_grads(grad_btv, weights):  # float64, the recorded array and the dots' operands as the backward reads them
+        round_mdt = lambda x: np.asarray(jnp.asarray(x, jnp.float32).astype(mdt).astype(jnp.float32), np.float64)
+        dlogits = round_mdt(np.asarray(grad_btv, np.float64) * np.asarray(weights, np.float64)[..., None] / temperature)
+        return (np.einsum("btv,vd->btd", dlogits, round_mdt(head_vd)),
+                np.einsum("btv,btd->vd", dlogits, round_mdt(h)))
+
+    for name, grad_btv in (("fp32", logp_grad_btv), ("bf16", logp_grad_btv.astype(jnp.bfloat16))):
+        grads = jax.jit(jax.grad(replayed, argnums=(0, 1)))(h, head_vd, grad_btv.transpose(2, 1, 0))
+        for got, want in zip(grads, numpy_grads(grad_btv.astype(jnp.float32), weights)):
+            scale = float(np.max(np.abs(want)))
+            # bf16 dlogits: the product's rounding may differ by one bf16 step where fp32 and float64 products differ
+            atol = (2 ** -8 if matmul_dtype else 1e-6) * scale
+            np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=atol, err_msg=name)
+        if name == "fp32":
+            for got, want in zip(grads, jax.grad(chunked, argnums=(0, 1))(h, head_vd)):
+                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))
+
+    # Slots the loss does not read: +inf log-normalisers there, and no gradient from what the array holds there
+    garbage_btv = logp_grad_btv.at[:, :4].set(5.0)
+    grads = jax.grad(replayed, argnums=(0, 1))(h, head_vd, garbage_btv.transpose(2, 1, 0), lse_bt.at[:, :4].set(jnp.inf))
+    assert float(jnp.max(jnp.abs(grads[0][:, :4]))) == 0
+    for got, want in zip(grads, numpy_grads(logp_grad_btv, weights.at[:, :4].set(0.0))):
+        np.testing.assert_allclose(np.asarray(got), want, rtol=0,
+                                   atol=(2 ** -8 if matmul_dtype else 1e-6) * float(np.max(np.abs(want))))
+    with pytest.raises(ValueError, match=r"logp_grad_vtb has shape \(97, 3, 21\); expected"):
+        replayed(h, head_vd, logp_grad_btv.transpose(2, 0, 1))
+
+
 def test_loss_from_next_token_logprobs_equals_the_logits_loss(tiny_checkpoint):
     """An `apply_fn` with `next_token_logprobs` (the trainer's): the KLQ and PPO losses and their gradients equal
     those computed from the logits, with the actions from a later slot."""

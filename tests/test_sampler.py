@@ -224,6 +224,27 @@ def test_two_level_draws_follow_the_distribution():
         np.testing.assert_allclose(np.asarray(entropy_nb)[:, row], entropy, rtol=1e-5)
 
 
+def test_draws_with_the_gradient_of_their_log_probability():
+    """`with_logp_grad`: `onehot(token) - softmax` of each row, float64 numpy's to fp32 rounding (the drawn entry `1 - p`
+    made in fp32, before the sampler rounds the array to bf16), 0 at removed entries; the draw and its statistics
+    unchanged."""
+    logits = _blocky_logits().at[0, 5].set(12.0)  # row 0 draws entry 5 with p ~ 1
+    key = jax.random.key(7)
+    token_b, logp_b, entropy_b, lse_b, grad_bv = categorical_with_stats(key, logits, with_logsumexp=True,
+                                                                        with_logp_grad=True)
+    for got, want in zip((token_b, logp_b, entropy_b), categorical_with_stats(key, logits)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    z = np.asarray(logits, np.float64)
+    probs = np.exp(z - z.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    want_bv = np.eye(300)[np.asarray(token_b)] - probs
+    np.testing.assert_allclose(np.asarray(grad_bv), want_bv, rtol=1e-5, atol=1e-7)
+    assert int(token_b[0]) == 5 and 0 < want_bv[0, 5] < 1e-2
+    np.testing.assert_allclose(float(grad_bv[0, 5]), want_bv[0, 5], rtol=1e-4)
+    assert not np.asarray(grad_bv)[~np.isfinite(z)].any()
+    np.testing.assert_allclose(np.asarray(lse_b), np.log(np.exp(z).sum(-1)), rtol=1e-6)
+
+
 @pytest.mark.parametrize("u", [0.0, 1.0 - 2.0**-24])
 def test_two_level_draw_at_the_uniforms_ends(u, monkeypatch):
     """A uniform of 0 draws each row's first entry with mass, one just below 1 its last: never an entry (or block)
@@ -287,12 +308,12 @@ def test_compile_ahead_compiles_then_releases_then_runs(tiny, monkeypatch):
         np.testing.assert_array_equal(np.asarray(out.tokens_bt), np.asarray(ref.tokens_bt))
 
 
-@pytest.mark.parametrize("matmul_dtype,replay_gate_up,replay_attention", [
-    (None, "auto", "off"), (jnp.bfloat16, "auto", "off"), (None, "on", "off"), (None, "on", "on"),
-    (jnp.bfloat16, "auto", "on")])
+@pytest.mark.parametrize("matmul_dtype,replay_gate_up,replay_attention,replay_probs", [
+    (None, "auto", "off", "off"), (jnp.bfloat16, "auto", "off", "off"), (None, "on", "off", "off"),
+    (None, "on", "on", "on"), (jnp.bfloat16, "auto", "on", "on")])
 @pytest.mark.parametrize("decode", ["xla", "native", "xla-stacked"])
 def test_recorded_layer_states_replay_the_update(tiny, tmp_path, decode, matmul_dtype, replay_gate_up,
-                                                 replay_attention):
+                                                 replay_attention, replay_probs):
     """The sampler's recorded layer states (`record_layers`) are a forward's at every real slot, and an update that
     replays them (`Rollout.replay`, `CausalLM.__call__(replay=...)`) gets the loss, metrics and gradients of the one
     that runs its own forward, at the sampling parameters, with the XLA decode step (feature-major; row-major stacked
@@ -303,7 +324,8 @@ def test_recorded_layer_states_replay_the_update(tiny, tmp_path, decode, matmul_
     within the MLP's bf16 rounding of them, and nearer to them than bf16 matmuls' forward; the same with the
     attention's q|k|v and output projection replayed too (`replay_attention="on"`). The loss runs the trainer's
     way (`next_token_logprobs`), so the LM head replays the sampler's log-probabilities and log-normalisers too
-    (`Rollout.replay_head`)."""
+    (`Rollout.replay_head`), and with `replay_probs="on"` its backward reads the sampler's `onehot - softmax` in bf16
+    (a forward's to within its bf16 rounding) instead of recomputing the logits."""
     from klq_jax.models import cpu_decode
     from klq_jax.rl.train_step import (Rollout, TrainState, compute_targets, default_algo_config,
                                        default_optim_config, make_loss_fn, make_optimizer, make_update)
@@ -343,7 +365,7 @@ def test_recorded_layer_states_replay_the_update(tiny, tmp_path, decode, matmul_
     sampler = Sampler.for_model(model, eos_ids=(EOS,), pad_id=PAD, max_new_tokens=10, bucket=8, record_layers=True,
                                 decode_kernel="xla" if decode.startswith("xla") else "native",
                                 unstack_layers=decode != "xla-stacked", replay_gate_up=replay_gate_up,
-                                replay_attention=replay_attention)
+                                replay_attention=replay_attention, replay_probs=replay_probs)
     out = sampler(params, PROMPTS * 2, jax.random.key(3))
     L, (b, t), d = model.cfg.num_layers, out.tokens_bt.shape, model.cfg.hidden_size
     assert out.layer_inputs_bltd.shape == (b, L, t, d) and out.layer_output_btd.shape == (b, t, d)
@@ -354,6 +376,20 @@ def test_recorded_layer_states_replay_the_update(tiny, tmp_path, decode, matmul_
 
     resp = np.asarray(out.response_mask_bt)
     assert out.logsumexp_bt.shape == (b, t) and not np.asarray(out.logsumexp_bt)[~resp].any()
+    p, v = out.prompt_len, model.cfg.vocab_size
+    if replay_probs == "on":  # [V, N, B] bf16 bits: each step's onehot - softmax, a forward's to within bf16 rounding
+        assert out.logp_grad_vtb.shape == (v, t - p, b) and out.logp_grad_vtb.dtype == jnp.uint16
+        grad_btv = np.asarray(jax.lax.bitcast_convert_type(out.logp_grad_vtb, jnp.bfloat16).astype(jnp.float32))
+        grad_btv = grad_btv.transpose(2, 1, 0)
+        fwd = loaded(matmul_dtype=matmul_dtype)(out.tokens_bt, positions_from_mask(out.attention_mask_bt),
+                                                out.attention_mask_bt)
+        want_btv = np.asarray(jax.nn.one_hot(out.tokens_bt[:, p:], v) - jax.nn.softmax(fwd.logits_btv[:, p - 1:-1]))
+        # one bf16 step where the sampler's and the forward's sums differ; bf16 matmuls: their logits' own gap
+        rtol, atol = (2 ** -8, 1e-6) if matmul_dtype is None else (2 ** -5, 1e-3)
+        np.testing.assert_allclose(grad_btv[resp[:, p:]], want_btv[resp[:, p:]], rtol=rtol, atol=atol)
+        np.testing.assert_allclose(grad_btv[resp[:, p:]].sum(-1), 0.0, atol=v * 2 ** -9)  # rows sum to 0
+    else:
+        assert out.logp_grad_vtb is None
     # The native step with bf16 matmuls (or `replay_gate_up="on"`) records the gate|up projections too (bf16), the
     # prefill's and every step's, and with bf16 matmuls writes the layer inputs as bf16 at their slots: a forward's
     # (over the whole rollout through a cache, which records) to within their bf16 rounding.
@@ -402,8 +438,8 @@ def test_recorded_layer_states_replay_the_update(tiny, tmp_path, decode, matmul_
         out.tokens_bt, positions_from_mask(out.attention_mask_bt), out.attention_mask_bt, out.response_mask_bt,
         out.logprobs_bt, out.eos_b, values_bt=out.values_bt, entropy_bt=out.entropy_bt, first_action=out.prompt_len,
         layer_inputs_bltd=out.layer_inputs_bltd, layer_output_btd=out.layer_output_btd, logsumexp_bt=out.logsumexp_bt,
-        gate_up_bltf=out.gate_up_bltf)
-    assert with_states.replay_head() is not None
+        gate_up_bltf=out.gate_up_bltf, logp_grad_vtb=out.logp_grad_vtb)
+    assert len(with_states.replay_head()) == 2 + (replay_probs == "on")
     assert len(with_states.replay()) == 2 + (out.gate_up_bltf is not None)
     with_states = compute_targets(with_states.replace(rewards_b=jnp.linspace(-1.0, 1.0, b),
                                                       ref_logp_bt=out.logprobs_bt * 1.1), 0.1, algo_cfg)
@@ -419,12 +455,18 @@ def test_recorded_layer_states_replay_the_update(tiny, tmp_path, decode, matmul_
             layer_gate_up_bltf=jnp.zeros_like(with_states.layer_gate_up_bltf)))
         assert any(float(jnp.abs(a - z).max()) > 0
                    for a, z in zip(jax.tree.leaves(g_replay), jax.tree.leaves(g_zeroed)))
+    if with_states.sample_logp_grad_vtb is not None:  # the head's backward reads the recorded onehot - softmax
+        g_zeroed, _ = grads(apply_fn, params, with_states.replace(
+            sample_logp_grad_vtb=jnp.zeros_like(with_states.sample_logp_grad_vtb)))
+        assert any(float(jnp.abs(a - z).max()) > 0
+                   for a, z in zip(jax.tree.leaves(g_replay), jax.tree.leaves(g_zeroed)))
     if matmul_dtype is None:  # the loss and metrics (a replayed gate|up does not enter them: the recorded output does)
         for a, r in zip(jax.tree.leaves(m_replay), jax.tree.leaves(m_fwd)):
             np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-4, atol=1e-6)
-    if matmul_dtype is None and with_states.layer_gate_up_bltf is not None:
-        # fp32 matmuls, the MLPs' gate|up (and the attention's projections) replayed in bf16: the gradients move by
-        # their bf16 rounding, less than bf16 matmuls move them
+    if matmul_dtype is None and (with_states.layer_gate_up_bltf is not None
+                                 or with_states.sample_logp_grad_vtb is not None):
+        # fp32 matmuls, the MLPs' gate|up (and the attention's projections), or the head's onehot - softmax, replayed
+        # in bf16: the gradients move by their bf16 rounding, less than bf16 matmuls move them
         model16 = loaded(remat="full", matmul_dtype=jnp.bfloat16)
         g16, _ = grads(apply_fn_of(nnx.graphdef(model16)), nnx.state(model16), without)
         for (path, a), r, h in zip(jax.tree_util.tree_leaves_with_path(g_replay), jax.tree.leaves(g_fwd),

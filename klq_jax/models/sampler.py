@@ -20,7 +20,7 @@ from flax import nnx, struct
 
 from klq_jax.allocator import release_freed_memory
 from klq_jax.models import cpu_decode
-from klq_jax.models.transformer import CausalLM, KVCache, check_replay_attention, rope_cos_sin
+from klq_jax.models.transformer import CausalLM, KVCache, check_replay_attention, check_replay_probs, rope_cos_sin
 
 
 @struct.dataclass
@@ -51,6 +51,10 @@ class SampleOutput:
     output projection after its gate|up, which the update's attention replays too (`Block.__call__`); else None.
     Bits, not bf16: XLA:CPU copies an array it bitcasts (0.24 GiB for SmolLM2's 8 x 176 slots), at the sampler's
     output and again at the update's input.
+    With `record_layers` and `record_logp_grad`: `logp_grad_vtb` [V, N, B] uint16 (response slots only, step-major),
+    the bf16 bit patterns of `onehot(token) - softmax` of each drawn token's distribution (after temperature, top-k
+    and top-p; a finished row's discarded draws after its EOS, zeros after the loop stops early), which the
+    update's head reads in its backward at the response's slots instead of recomputing the logits (`CausalLM.next_token_logprobs(replay_head=...)`); else None.
     """
 
     tokens_bt: jax.Array
@@ -65,6 +69,7 @@ class SampleOutput:
     layer_output_btd: jax.Array | None = None
     logsumexp_bt: jax.Array | None = None
     gate_up_bltf: jax.Array | None = None
+    logp_grad_vtb: jax.Array | None = None
 
 
 def filter_logits(logits_bv: jax.Array, temperature, top_k: int, top_p) -> jax.Array:
@@ -91,10 +96,12 @@ CATEGORICAL_BLOCK = 128  # entries per block of `categorical_with_stats`'s two-l
 
 
 def categorical_with_stats(key: jax.Array, logits_bv: jax.Array, block: int = CATEGORICAL_BLOCK, *,
-                           with_logsumexp: bool = False):
+                           with_logsumexp: bool = False, with_logp_grad: bool = False):
     """One draw per row from softmax(logits_bv) (-inf logits never drawn), with its log-probability and the
     distribution's entropy: `(token_b int32, logp_b, entropy_b)`, all from one exponential per entry; with
-    `with_logsumexp` also the log-normaliser `logsumexp(logits_bv)` per row (a fourth output).
+    `with_logsumexp` also the log-normaliser `logsumexp(logits_bv)` per row (a fourth output), with
+    `with_logp_grad` (after it) the gradient of each drawn token's log-probability with respect to the logits,
+    `onehot(token) - softmax(logits_bv)` [B, V] fp32.
 
     The draw is an inverse transform with one uniform per row (`jax.random.categorical` draws a Gumbel per
     vocabulary entry: 8 x 49152 random numbers per decode step, 5.3 ms of a ~35 ms step on a 2-core CPU), in two
@@ -126,9 +133,12 @@ def categorical_with_stats(key: jax.Array, logits_bv: jax.Array, block: int = CA
     token_b = (k_b * block + j_b).astype(jnp.int32)
     logp_b = jnp.take_along_axis(z_bv, token_b[:, None], axis=-1)[:, 0] - log_s_b
     entropy_b = log_s_b - jnp.sum(jnp.where(e_bv > 0, e_bv * z_bv, 0.0), axis=-1) / s_b
-    if with_logsumexp:
-        return token_b, logp_b, entropy_b, max_b1[:, 0] + log_s_b
-    return token_b, logp_b, entropy_b
+    out = (token_b, logp_b, entropy_b) + ((max_b1[:, 0] + log_s_b,) if with_logsumexp else ())
+    if with_logp_grad:
+        probs_bv = e_bv / s_b[:, None]
+        drawn_bv = jax.lax.broadcasted_iota(jnp.int32, (b, v), 1) == token_b[:, None]
+        out += (jnp.where(drawn_bv, 1.0 - probs_bv, -probs_bv),)
+    return out
 
 
 def sample_categorical(key: jax.Array, logits_bv: jax.Array) -> jax.Array:
@@ -188,12 +198,13 @@ def bucket_length(n: int, multiple: int = 32) -> int:
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "top_k", "eos_ids", "pad_id",
                                              "cache_dtype", "unstack_layers", "weights_oi", "decode_kernel",
-                                             "record_layers", "replay_gate_up", "replay_attention"))
+                                             "record_layers", "replay_gate_up", "replay_attention",
+                                             "record_logp_grad"))
 def _generate(graphdef, state, prompt_bp, prompt_mask_bp, rng, temperature, top_p, *, max_new_tokens: int,
               top_k: int, eos_ids: tuple[int, ...], pad_id: int, cache_dtype,
               unstack_layers: bool = True, weights_oi: bool = True, decode_kernel: str = "auto",
               record_layers: bool = False, replay_gate_up: str = "auto",
-              replay_attention: str = "off") -> SampleOutput:
+              replay_attention: str = "off", record_logp_grad: bool = False) -> SampleOutput:
     model: CausalLM = nnx.merge(graphdef, state)
     isa = native_decode_isa(decode_kernel, model, cache_dtype, unstack_layers)
     native = isa is not None
@@ -206,6 +217,7 @@ def _generate(graphdef, state, prompt_bp, prompt_mask_bp, rng, temperature, top_
     record_gate_up = _records_gate_up(model, record_layers, native, replay_gate_up)
     # and after them the attention's q|k|v and output projection (+0.12 GiB for SmolLM2's 8 x 176 slots)
     record_attention = check_replay_attention(replay_attention) == "on" and record_gate_up
+    record_logp_grad = record_logp_grad and record_layers
     inputs_dtype = model.checkpoint_dtype() or jnp.float32
     # bf16 layer inputs as bits, written by the native step at their slot in place (as the gate|up); else every
     # step's [L + 1, B, D] fp32 into a buffer converted after the loop.
@@ -268,10 +280,11 @@ def _generate(graphdef, state, prompt_bp, prompt_mask_bp, rng, temperature, top_
         return (i < n) & ~jnp.all(done_b)
 
     def step(carry):
-        i, tokens_bn, stats_sbn, done_b, cache, kv_mask_bs, logits_bv, value_b, rng, recorded = carry
+        i, tokens_bn, stats_sbn, done_b, cache, kv_mask_bs, logits_bv, value_b, rng, recorded, logp_grad = carry
         rng, key = jax.random.split(rng)
         filtered_bv = filter_logits(logits_bv, temperature, top_k, top_p)
-        token_b, logp_b, entropy_b, lse_b = categorical_with_stats(key, filtered_bv, with_logsumexp=True)
+        token_b, logp_b, entropy_b, lse_b, *logp_grad_bv = categorical_with_stats(
+            key, filtered_bv, with_logsumexp=True, with_logp_grad=record_logp_grad)
         active_b = ~done_b
         token_b = jnp.where(active_b, token_b, pad_id)
         tokens_bn = tokens_bn.at[:, i].set(token_b)
@@ -279,10 +292,14 @@ def _generate(graphdef, state, prompt_bp, prompt_mask_bp, rng, temperature, top_
         stats_sbn = stats_sbn.at[:, :, i].set(jnp.where(active_b, jnp.stack(stats), 0.0))
         kv_mask_bs = kv_mask_bs.at[:, p + i].set(active_b)
         done_b = done_b | jnp.isin(token_b, eos_v)
+        if record_logp_grad:  # this step's [V, B] column of every vocabulary row (the head's backward reads rows)
+            grad_bits_vb = jax.lax.bitcast_convert_type(logp_grad_bv[0].T.astype(jnp.bfloat16), jnp.uint16)
+            logp_grad = (jax.lax.dynamic_update_index_in_dim(logp_grad[0], grad_bits_vb, i, 1),)
         next_logits_bv, next_value_b, cache, recorded = model_step(token_b, prompt_len_b + i, kv_mask_bs, cache, p + i,
                                                                    recorded, i)
         next_value_b = next_value_b if has_values else value_b
-        return i + 1, tokens_bn, stats_sbn, done_b, cache, kv_mask_bs, next_logits_bv, next_value_b, rng, recorded
+        return (i + 1, tokens_bn, stats_sbn, done_b, cache, kv_mask_bs, next_logits_bv, next_value_b, rng, recorded,
+                logp_grad)
 
     # With `record_layers`: each step's layer inputs and last output, [n, L + 1, B, D] float32 (with
     # `record_input_bits` the last output only, the inputs as bf16 bits of every slot); with `record_gate_up` the
@@ -299,9 +316,12 @@ def _generate(graphdef, state, prompt_bp, prompt_mask_bp, rng, temperature, top_
     if record_input_bits:
         recorded += (slots_buffer(out.layer_states_lbtd[:num_layers]),)
     num_stats = 4 if record_layers else 3  # logp, value, entropy (and the log-normaliser) per response slot
+    # With `record_logp_grad`: [V, n, B] bf16 bits, step i's `onehot - softmax` at [:, i] (8 x 128 slots of SmolLM2's
+    # 49152 tokens: 0.1 GiB).
+    logp_grad = (jnp.zeros((last_logits_bv.shape[-1], n, b), jnp.uint16),) if record_logp_grad else ()
     init = (jnp.int32(0), jnp.full((b, n), pad_id, jnp.int32), jnp.zeros((num_stats, b, n), jnp.float32),
-            jnp.zeros((b,), bool), decode_cache, kv_mask_bs, last_logits_bv, last_value_b, rng, recorded)
-    _, tokens_bn, stats_sbn, done_b, _, kv_mask_bs, _, _, _, recorded = jax.lax.while_loop(cond, step, init)
+            jnp.zeros((b,), bool), decode_cache, kv_mask_bs, last_logits_bv, last_value_b, rng, recorded, logp_grad)
+    _, tokens_bn, stats_sbn, done_b, _, kv_mask_bs, _, _, _, recorded, logp_grad = jax.lax.while_loop(cond, step, init)
     layer_inputs_bltd = layer_output_btd = gate_up_bltf = None
     if record_gate_up:
         gate_up_bltf = recorded[1]
@@ -325,7 +345,8 @@ def _generate(graphdef, state, prompt_bp, prompt_mask_bp, rng, temperature, top_
         response_mask_bt=jnp.concatenate([jnp.zeros((b, p), bool), response_mask_bn], axis=1),
         logprobs_bt=logps_bt, eos_b=done_b, values_bt=values_bt, entropy_bt=entropy_bt, prompt_len=p,
         layer_inputs_bltd=layer_inputs_bltd, layer_output_btd=layer_output_btd,
-        logsumexp_bt=logsumexp_bt[0] if record_layers else None, gate_up_bltf=gate_up_bltf)
+        logsumexp_bt=logsumexp_bt[0] if record_layers else None, gate_up_bltf=gate_up_bltf,
+        logp_grad_vtb=logp_grad[0] if record_logp_grad else None)
 
 
 _compiled_ahead: set = set()  # signatures `generate(compile_ahead=True)` has compiled on their own
@@ -375,6 +396,8 @@ class Sampler:
                                  # an update at the sampling parameters: `SampleOutput`)
     replay_gate_up: str = "auto"  # with `record_layers`, the MLPs' gate|up too, where `CausalLM.replays_gate_up` says
     replay_attention: str = "off"  # "on": with the gate|up, the attention's q|k|v and output projection too
+    replay_probs: str = "off"  # "on": with `record_layers`, each drawn token's `onehot - softmax` too (bf16,
+                               # `SampleOutput.logp_grad_vtb`), which the update's head backward reads
     decode_kernel: str = "auto"  # the decode step: "native" (one CPU kernel call, `cpu_decode`; "native-avx2" etc.
                                  # for one build), "xla", or "auto" (native where it can run: `native_decode_isa`)
 
@@ -423,6 +446,7 @@ class Sampler:
                         weights_oi=self.weights_oi, decode_kernel=self.decode_kernel,
                         record_layers=self.record_layers, replay_gate_up=self.replay_gate_up,
                         replay_attention=self.replay_attention,
+                        record_logp_grad=check_replay_probs(self.replay_probs) == "on",
                         compile_ahead=self.compile_ahead)
 
 

@@ -411,44 +411,58 @@ def _chunked_token_logprobs_bwd(matmul_dtype, rows, residuals, g_bt):
     lse_n, targets_n = lse_bt.reshape(-1), targets_bt.reshape(-1)
     g_n = g_bt.reshape(-1).astype(jnp.float32) / temperature
     block = min(LOGPROB_VOCAB_BLOCK, v)
-    blocks = -(-v // block)
-    head_pad = jnp.pad(head_vd, ((0, blocks * block - v), (0, 0)))
-    # [D, V] for the hidden states' gradient (the head as the left operand of its dot): a row-major copy
-    # (`_row_major_transpose`'s barrier). Each step slices its block out of the two whole arrays: halves of them
-    # as the scans' inputs were copies (two of 113 MB for SmolLM2 in fp32, the transposed one a strided gather of
-    # one element per cache line), where a block's slice is a 9.4 MB copy into a buffer every step reuses.
-    head_dv = _row_major_transpose(head_pad)
+    head_pad = jnp.pad(head_vd, ((0, -v % block), (0, 0)))
     # The head goes in as bf16 bit patterns: XLA:CPU widens bf16 loop inputs to fp32 before the loop (SmolLM2's
-    # head and its transpose: fp32 copies of 113 MB, written on one thread, rounded again block by block).
-    head_bits_vd, head_bits_dv = _bf16_bits(head_pad), _bf16_bits(head_dv)
+    # head: an fp32 copy of 113 MB, written on one thread, rounded again block by block).
+    head_bits_vd = _bf16_bits(head_pad)
 
-    def vocab_block(dh_dn, k):
-        w_vd, w_dv = (_from_bf16_bits(jax.lax.dynamic_slice_in_dim(w, k * block, block, axis))
-                      for w, axis in ((head_bits_vd, 0), (head_bits_dv, 1)))
+    def dlogits_block(k):
+        w_vd = _from_bf16_bits(jax.lax.dynamic_slice_in_dim(head_bits_vd, k * block, block, 0))
         logits_vn = weight_left_matmul(w_vd, h_dn, mdt, jnp.float32) / temperature
         probs_vn = jnp.exp(logits_vn - lse_n[None])
         onehot = jax.lax.broadcasted_iota(jnp.int32, probs_vn.shape, 0) + k * block == targets_n[None]
-        dlogits_vn = ((onehot.astype(jnp.float32) - probs_vn) * g_n[None]).astype(mdt)
+        return ((onehot.astype(jnp.float32) - probs_vn) * g_n[None]).astype(mdt)
+
+    dh_nd, dhead_vd = _head_block_backward(dlogits_block, head_pad, h_nd, block, mdt)
+    return dh_nd.reshape(b, t, d).astype(h_btd.dtype), dhead_vd[:v].astype(empty_like_head.dtype), None, None
+
+
+def _head_block_backward(dlogits_block: Callable, head_pad_vd: jax.Array, h_nd: jax.Array, block: int, mdt):
+    """`(dh_nd fp32, dhead_vd fp32)` of a [V, D] head (V a multiple of `block`, operands in `mdt`) from the logits'
+    cotangent `dlogits_block(k)` ([block, N] in `mdt`) of vocabulary block `k`, over two loops of blocks: each block
+    gives its rows of the head's gradient whole and adds its part of the hidden states' (a [D, N] sum)."""
+    n, d = h_nd.shape
+    blocks = head_pad_vd.shape[0] // block
+    # [D, V] for the hidden states' gradient (the head as the left operand of its dot): a row-major copy
+    # (`_row_major_transpose`'s barrier). Each step slices its block out of the whole array: halves of it as the
+    # loops' inputs were copies (of 113 MB for SmolLM2 in fp32, the transposed one a strided gather of one element
+    # per cache line), where a block's slice is a 9.4 MB copy into a buffer every step reuses. As bf16 bits, as the
+    # callers' head (XLA:CPU widens bf16 loop inputs to fp32 before the loop).
+    head_bits_dv = _bf16_bits(_row_major_transpose(head_pad_vd))
+
+    def vocab_block(dh_dn, k):
+        w_dv = _from_bf16_bits(jax.lax.dynamic_slice_in_dim(head_bits_dv, k * block, block, 1))
+        dlogits_vn = dlogits_block(k)
         dhead_vd = matmul(dlogits_vn, h_nd, "vn,nd->vd", mdt, jnp.float32)
         return dh_dn + weight_left_matmul(w_dv, dlogits_vn, mdt, jnp.float32), dhead_vd
 
     # Two scans over halves of the blocks, independent until their sums of dh meet: XLA:CPU runs each thunk of a
     # loop body on one thread, and one scan's chain (logits, softmax, cotangent) left the other core idle.
     halves = [(0, blocks // 2), (blocks // 2, blocks)] if blocks > 1 else [(0, blocks)]
-    parts = [jax.lax.scan(vocab_block, jnp.zeros((d, b * t), jnp.float32), jnp.arange(lo, hi)) for lo, hi in halves]
+    parts = [jax.lax.scan(vocab_block, jnp.zeros((d, n), jnp.float32), jnp.arange(lo, hi)) for lo, hi in halves]
     # The barrier keeps XLA from folding the transpose below into the dot of a single block's scan (a vocabulary of
     # at most LOGPROB_VOCAB_BLOCK, whose one-step loop it inlines) as a column-major result: a bf16 dot YNNPACK
     # refuses and XLA's own dot does not run ("BF16 x BF16 = F32" unsupported).
     dh_dn = jax.lax.optimization_barrier(sum(dh for dh, _ in parts))
-    dhead_vd = jnp.concatenate([dhead for _, dhead in parts]).reshape(blocks * block, d)[:v]
-    return dh_dn.T.reshape(b, t, d).astype(h_btd.dtype), dhead_vd.astype(empty_like_head.dtype), None, None
+    return dh_dn.T, jnp.concatenate([dhead for _, dhead in parts]).reshape(blocks * block, d)
 
 
 _chunked_token_logprobs.defvjp(_chunked_token_logprobs_fwd, _chunked_token_logprobs_bwd)
 
 
 def replayed_token_logprobs(h_btd: jax.Array, head_vd: jax.Array, targets_bt: jax.Array, temperature,
-                            logp_bt: jax.Array, logsumexp_bt: jax.Array, *, matmul_dtype=None) -> jax.Array:
+                            logp_bt: jax.Array, logsumexp_bt: jax.Array, logp_grad_vtb: jax.Array | None = None, *,
+                            matmul_dtype=None) -> jax.Array:
     """`chunked_token_logprobs` of a head whose forward already ran, at these parameters, on these hidden states:
     the sampler's, which computed the logits of every token it drew. Returns the recorded log-probabilities
     `logp_bt`; the backward is `chunked_token_logprobs`'s, recomputing the logits block by block and normalising
@@ -457,25 +471,67 @@ def replayed_token_logprobs(h_btd: jax.Array, head_vd: jax.Array, targets_bt: ja
     head's 0.83 s; docs/performance.md, item 56). A position whose log-normaliser is +inf gets no gradient through
     the softmax (the sampler recorded none there: a position the loss does not read). The recorded values differ
     from a forward's by summation order only; they must be this head's at `head_vd` on `h_btd`, which the caller
-    vouches for."""
+    vouches for.
+
+    `logp_grad_vtb` [V, T, B] (bf16 bit patterns, uint16; `SampleOutput.logp_grad_vtb`): the gradient of each
+    position's log-probability with respect to its logits after temperature, `onehot(target) - softmax`, recorded
+    by the sampler: the backward then reads it instead of recomputing the logits, which leaves two of the head's
+    three matmuls (item 71). It must be that of `targets_bt` under the distribution of `logsumexp_bt`; rounded to
+    bf16, as the dots' operands are with bf16 matmuls."""
+    if logp_grad_vtb is not None and logp_grad_vtb.shape != (head_vd.shape[0], *h_btd.shape[1::-1]):
+        raise ValueError(f"logp_grad_vtb has shape {logp_grad_vtb.shape}; expected [V, T, B] = "
+                         f"{(head_vd.shape[0], *h_btd.shape[1::-1])}")
     return _replayed_token_logprobs(h_btd, head_vd, targets_bt, jnp.asarray(temperature, jnp.float32),
-                                    logp_bt.astype(jnp.float32), logsumexp_bt.astype(jnp.float32), matmul_dtype)
+                                    logp_bt.astype(jnp.float32), logsumexp_bt.astype(jnp.float32),
+                                    None if logp_grad_vtb is None else _bf16_bits(logp_grad_vtb), matmul_dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _replayed_token_logprobs(h_btd, head_vd, targets_bt, temperature, logp_bt, logsumexp_bt, matmul_dtype):
-    del h_btd, head_vd, targets_bt, temperature, logsumexp_bt, matmul_dtype
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _replayed_token_logprobs(h_btd, head_vd, targets_bt, temperature, logp_bt, logsumexp_bt, logp_grad_bits_vtb,
+                             matmul_dtype):
+    del h_btd, head_vd, targets_bt, temperature, logsumexp_bt, logp_grad_bits_vtb, matmul_dtype
     return logp_bt
 
 
-def _replayed_token_logprobs_fwd(h_btd, head_vd, targets_bt, temperature, logp_bt, logsumexp_bt, matmul_dtype):
+def _replayed_token_logprobs_fwd(h_btd, head_vd, targets_bt, temperature, logp_bt, logsumexp_bt, logp_grad_bits_vtb,
+                                 matmul_dtype):
     head = head_vd.astype(jnp.dtype(matmul_dtype or h_btd.dtype))  # rounded once, as the forward's
-    return logp_bt, _head_residuals(h_btd, head, head_vd.dtype, targets_bt, temperature, logsumexp_bt)
+    return logp_bt, (_head_residuals(h_btd, head, head_vd.dtype, targets_bt, temperature, logsumexp_bt),
+                     logp_grad_bits_vtb)
 
 
 def _replayed_token_logprobs_bwd(matmul_dtype, residuals, g_bt):
-    dh, dhead, _, _ = _chunked_token_logprobs_bwd(matmul_dtype, None, residuals, g_bt)
-    return dh, dhead, None, None, None, None
+    residuals, logp_grad_bits_vtb = residuals
+    if logp_grad_bits_vtb is None:
+        dh, dhead, _, _ = _chunked_token_logprobs_bwd(matmul_dtype, None, residuals, g_bt)
+    else:
+        dh, dhead = _recorded_logp_grad_bwd(matmul_dtype, residuals, logp_grad_bits_vtb, g_bt)
+    return dh, dhead, None, None, None, None, None
+
+
+def _recorded_logp_grad_bwd(matmul_dtype, residuals, logp_grad_bits_vtb, g_bt):
+    """The head's backward from the recorded `onehot - softmax` [V, T, B] (`replayed_token_logprobs`): the logits'
+    cotangent of a vocabulary block is its rows times `g / temperature`, and no logits are made."""
+    h_btd, head_vd, _, temperature, lse_bt, empty_like_head = residuals  # head_vd: the matmuls' dtype
+    b, t, d = h_btd.shape
+    v = head_vd.shape[0]
+    mdt = jnp.dtype(matmul_dtype or h_btd.dtype)
+    # Positions in the recorded array's (t, b) order: each decode step wrote its rows of every vocabulary block.
+    h_nd = h_btd.swapaxes(0, 1).reshape(-1, d).astype(mdt)
+    g_n = (jnp.where(jnp.isfinite(lse_bt), g_bt.astype(jnp.float32), 0.0) / temperature).T.reshape(-1)
+    block = min(LOGPROB_VOCAB_BLOCK, v)
+    grad_bits_vn = logp_grad_bits_vtb.reshape(v, t * b)
+    if v % block:  # a copy; SmolLM2's 49152 tokens are 12 whole blocks
+        grad_bits_vn = jnp.pad(grad_bits_vn, ((0, -v % block), (0, 0)))
+
+    def dlogits_block(k):
+        grad_vn = _widen_bf16_bits(jax.lax.dynamic_slice_in_dim(grad_bits_vn, k * block, block, 0))
+        return (grad_vn * g_n[None]).astype(mdt)
+
+    head_pad = jnp.pad(head_vd, ((0, -v % block), (0, 0)))
+    dh_nd, dhead_vd = _head_block_backward(dlogits_block, head_pad, h_nd, block, mdt)
+    dh_btd = dh_nd.reshape(t, b, d).swapaxes(0, 1)
+    return dh_btd.astype(h_btd.dtype), dhead_vd[:v].astype(empty_like_head.dtype)
 
 
 _replayed_token_logprobs.defvjp(_replayed_token_logprobs_fwd, _replayed_token_logprobs_bwd)
@@ -502,6 +558,17 @@ def check_replay_attention(choice: str) -> str:
     """`choice` if it is one of `REPLAY_ATTENTION` (config `rl.replay_attention`; `Sampler.replay_attention`)."""
     if choice not in REPLAY_ATTENTION:
         raise ValueError(f"replay_attention={choice!r}; accepted: {', '.join(map(repr, REPLAY_ATTENTION))}")
+    return choice
+
+
+# config `rl.replay_probs`: with the recorded layer states, each drawn token's `onehot - softmax` ("on") or not
+REPLAY_PROBS = ("off", "on")
+
+
+def check_replay_probs(choice: str) -> str:
+    """`choice` if it is one of `REPLAY_PROBS` (config `rl.replay_probs`; `Sampler.replay_probs`)."""
+    if choice not in REPLAY_PROBS:
+        raise ValueError(f"replay_probs={choice!r}; accepted: {', '.join(map(repr, REPLAY_PROBS))}")
     return choice
 
 
@@ -1310,7 +1377,7 @@ class CausalLM(nnx.Module):
     def next_token_logprobs(self, tokens_bt: jax.Array, positions_bt: jax.Array, kv_mask_bs: jax.Array, *,
                             logits_from: int = 0, temperature=1.0, with_values: bool = False,
                             replay: tuple[jax.Array, ...] | None = None,
-                            replay_head: tuple[jax.Array, jax.Array] | None = None):
+                            replay_head: tuple[jax.Array, ...] | None = None):
         """Float32 [B, T - 1 - logits_from]: at each position `p` from `logits_from` (static) to `T - 2`, the
         log-probability of the token at `p + 1` under `softmax(logits[:, p] / temperature)`; what
         `losses.shift_to_actions` takes from the logits of `__call__(..., logits_from, logits_to=T - 1)`, without
@@ -1318,7 +1385,9 @@ class CausalLM(nnx.Module):
         `with_values`: `(logp, values_bt)`) the policy's in its update (`train_step.policy_logprobs`). `replay`: as
         `__call__`'s. `replay_head = (logp_bt, logsumexp_bt)` [B, T], aligned to tokens (slot `p + 1` holds the
         log-probability of its token and the log-normaliser of the distribution it was drawn from): the sampler's at
-        these parameters and this temperature, returned in place of the head's forward (`replayed_token_logprobs`)."""
+        these parameters and this temperature, returned in place of the head's forward (`replayed_token_logprobs`);
+        `(logp_bt, logsumexp_bt, logp_grad_vtb)`: with the sampler's `onehot - softmax` at positions `logits_from` to
+        `T - 2` ([V, T - 1 - logits_from, B]), which the head's backward reads instead of recomputing the logits."""
         if not self.has_lm_head:
             raise ValueError("next_token_logprobs needs a model with an LM head")
         t = tokens_bt.shape[1]
@@ -1330,9 +1399,9 @@ class CausalLM(nnx.Module):
             logp = chunked_token_logprobs(h_btd, head_vd, tokens_bt[:, logits_from + 1:], temperature,
                                           matmul_dtype=self.matmul_dtype)
         else:
-            logp_bt, logsumexp_bt = (x[:, logits_from + 1:] for x in replay_head)
+            logp_bt, logsumexp_bt = (x[:, logits_from + 1:] for x in replay_head[:2])
             logp = replayed_token_logprobs(h_btd, head_vd, tokens_bt[:, logits_from + 1:], temperature, logp_bt,
-                                           logsumexp_bt, matmul_dtype=self.matmul_dtype)
+                                           logsumexp_bt, *replay_head[2:], matmul_dtype=self.matmul_dtype)
         return (logp, out.values_bt) if with_values else logp
 
     def checkpoint_dtype(self):

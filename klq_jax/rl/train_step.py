@@ -158,6 +158,10 @@ class Rollout:
     # the distribution each action was drawn from (`SampleOutput.logsumexp_bt`), which the update's LM head replays
     # with `old_logp_bt` instead of running its forward (`CausalLM.next_token_logprobs(replay_head=...)`).
     sample_logsumexp_bt: Array | None = None  # float32 (B, T)
+    # With them, where the sampler recorded it (`SampleOutput.logp_grad_vtb`, config `rl.replay_probs`): each
+    # action's `onehot - softmax`, which the head's backward reads instead of recomputing the logits. The one field
+    # that does not lead with B (the head's backward reads vocabulary rows): kept only on one device.
+    sample_logp_grad_vtb: Array | None = None  # uint16 (V, T - first_action, B): bf16 bit patterns
     # True when the sampler drew from the policy itself (no top-k / top-p, the update's temperature) and
     # filled old_logp_bt, old_values_bt and entropy_bt: the loop then skips its policy forward.
     policy_stats_from_sampler: bool = flax.struct.field(pytree_node=False, default=False)
@@ -169,7 +173,7 @@ class Rollout:
     def from_samples(cls, tokens_bt, positions_bt, attention_mask_bt, response_mask_bt,
                      sample_logp_bt, eos_b, truncated_b=None, *, values_bt=None, entropy_bt=None,
                      first_action: int = 1, layer_inputs_bltd=None, layer_output_btd=None,
-                     logsumexp_bt=None, gate_up_bltf=None) -> "Rollout":
+                     logsumexp_bt=None, gate_up_bltf=None, logp_grad_vtb=None) -> "Rollout":
         """What a sampler knows; the other fields are zeros until the loop fills them.
 
         `truncated_b` defaults to `~eos_b` (every response ends at EOS or at the length limit). Pass
@@ -179,7 +183,9 @@ class Rollout:
         `response_mask_bt` entry before it must be False. `layer_inputs_bltd`, `layer_output_btd`: the sampler's
         recorded layer states, given only when it drew with the policy's current parameters; `logsumexp_bt`, its
         log-normalisers (`SampleOutput.logsumexp_bt`), kept only with them and with the policy's own distribution
-        (`values_bt` and `entropy_bt` given); `gate_up_bltf`, its recorded gate|up projections, kept with them.
+        (`values_bt` and `entropy_bt` given); `gate_up_bltf`, its recorded gate|up projections, kept with them;
+        `logp_grad_vtb`, its recorded `onehot - softmax` of each action (`SampleOutput.logp_grad_vtb`), kept with the
+        log-normalisers.
         """
         zeros_bt = jnp.zeros(tokens_bt.shape, jnp.float32)
         eos_b = jnp.asarray(eos_b, bool)
@@ -203,6 +209,7 @@ class Rollout:
             layer_inputs_bltd=layer_inputs_bltd, layer_output_btd=layer_output_btd,
             layer_gate_up_bltf=gate_up_bltf if layer_inputs_bltd is not None else None,
             sample_logsumexp_bt=(jnp.asarray(logsumexp_bt, jnp.float32) if replay_head else None),
+            sample_logp_grad_vtb=logp_grad_vtb if replay_head else None,
         )
 
     def replay(self) -> tuple[Array, ...] | None:
@@ -214,17 +221,18 @@ class Rollout:
         gate_up = () if self.layer_gate_up_bltf is None else (self.layer_gate_up_bltf,)
         return self.layer_inputs_bltd, self.layer_output_btd, *gate_up
 
-    def replay_head(self) -> tuple[Array, Array] | None:
+    def replay_head(self) -> tuple[Array, ...] | None:
         """`(logp_bt, logsumexp_bt)` for `CausalLM.next_token_logprobs(replay_head=...)`, or None: the sampler's
         log-probabilities and log-normalisers at the actions, +inf elsewhere (no gradient through the softmax at
-        a slot the loss does not read)."""
+        a slot the loss does not read); with its recorded `onehot - softmax`, `(.., logp_grad_vtb)`."""
         if self.sample_logsumexp_bt is None or self.layer_inputs_bltd is None:
             return None
-        return self.old_logp_bt, jnp.where(self.response_mask_bt, self.sample_logsumexp_bt, jnp.inf)
+        grad = () if self.sample_logp_grad_vtb is None else (self.sample_logp_grad_vtb,)
+        return self.old_logp_bt, jnp.where(self.response_mask_bt, self.sample_logsumexp_bt, jnp.inf), *grad
 
     def without_layer_states(self) -> "Rollout":
         return self.replace(layer_inputs_bltd=None, layer_output_btd=None, layer_gate_up_bltf=None,
-                            sample_logsumexp_bt=None)
+                            sample_logsumexp_bt=None, sample_logp_grad_vtb=None)
 
 
 @flax.struct.dataclass
@@ -436,7 +444,9 @@ def make_update(apply_fn: ApplyFn, algo_cfg, optimizer: optax.GradientTransforma
             perm = jax.random.permutation(key, b)
             minibatches = jax.tree.map(
                 lambda x: (x[perm] if shuffle else x).reshape(num_minibatches, b // num_minibatches, *x.shape[1:]),
-                batch)
+                batch.replace(sample_logp_grad_vtb=None))
+            if batch.sample_logp_grad_vtb is not None:  # [V, T, B]: the one step's whole batch
+                minibatches = minibatches.replace(sample_logp_grad_vtb=batch.sample_logp_grad_vtb[None])
             return jax.lax.scan(step, state, minibatches)
 
         keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(epochs))
