@@ -62,3 +62,28 @@ def test_decode_split_refuses_a_bad_round_count():
                           text=True, timeout=120)
     assert done.returncode != 0
     assert done.stderr.strip().splitlines()[-1] == "--rounds=0: expected a positive number of rounds"
+
+
+@pytest.mark.skipif(not cpu_decode.isa_runs_here("avx2") or cpu_decode.machine_unsupported(None) is not None,
+                    reason="the replays' records need the native decode step (here its AVX2 build)")
+def test_replay_quality_reports_each_replay_against_the_exact_gradient(tmp_path):
+    """`benchmarks/replay_quality.py` on a tiny Llama: every replay moves the gradient a little (bf16 roundings),
+    none by more than a bf16 step of its norm; a bad size is refused in one line."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=61, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=1)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    script = str(BENCHMARKS / "replay_quality.py")
+    done = subprocess.run([sys.executable, script, "--policy", str(tmp_path), "--batch", "2", "--new_tokens", "6"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    fields = dict(kv.split("=") for kv in done.stdout.strip().splitlines()[-1].split()[1:])
+    assert set(fields) == {"gate_up_rel_l2", "attention_rel_l2", "probs_rel_l2", "probs_alone_rel_l2",
+                           "probs_worst_array_rel_l2"}
+    assert all(0 < float(v) < 2 ** -8 for v in fields.values()), fields
+    bad = subprocess.run([sys.executable, script, "--batch", "0"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0
+    assert bad.stderr.strip().splitlines()[-1] == "--batch=0, --new_tokens=128: expected positive numbers"
