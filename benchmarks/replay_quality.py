@@ -50,7 +50,8 @@ def relative_l2(grads, ref) -> tuple[float, float]:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--policy", help="an HF folder of a Llama-family LM; default: the embedded SmolLM2-135M-Instruct")
+    parser.add_argument("--policy", help="an HF folder of a Llama-family LM; default: the embedded "
+                        "SmolLM2-135M-Instruct")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--new_tokens", type=int, default=128)
     args = parser.parse_args()

@@ -54,7 +54,8 @@ class SampleOutput:
     With `record_layers` and `record_logp_grad`: `logp_grad_vtb` [V, N, B] uint16 (response slots only, step-major),
     the bf16 bit patterns of `onehot(token) - softmax` of each drawn token's distribution (after temperature, top-k
     and top-p; a finished row's discarded draws after its EOS, zeros after the loop stops early), which the
-    update's head reads in its backward at the response's slots instead of recomputing the logits (`CausalLM.next_token_logprobs(replay_head=...)`); else None.
+    update's head reads in its backward at the response's slots instead of recomputing the logits
+    (`CausalLM.next_token_logprobs(replay_head=...)`); else None.
     """
 
     tokens_bt: jax.Array
