@@ -37,6 +37,7 @@ from klq_jax.models.hf import load_model  # noqa: E402
 from klq_jax.models.sampler import Sampler  # noqa: E402
 from klq_jax.models.transformer import positions_from_mask  # noqa: E402
 from klq_jax.rl.train_step import Rollout, compute_targets, default_algo_config, make_loss_fn  # noqa: E402
+from klq_jax.trainer import lm_apply_fn  # noqa: E402
 
 
 def relative_l2(grads, ref) -> tuple[float, float]:
@@ -60,16 +61,7 @@ def main():
     model = load_model(Path(args.policy) if args.policy else embedded_smollm2_path(), value_head=True, remat="full")
     graphdef, params = nnx.split(model)
 
-    def apply_fn(p, tokens_bt, positions_bt, mask_bt, logits_from=0, logits_to=None, replay=None):
-        out = nnx.merge(graphdef, p)(tokens_bt, positions_bt, mask_bt, logits_from=logits_from,
-                                     logits_to=logits_to, replay=replay)
-        return out.logits_btv, out.values_bt
-
-    def next_token_logprobs(p, tokens_bt, positions_bt, mask_bt, logits_from, temperature, **replays):
-        return nnx.merge(graphdef, p).next_token_logprobs(tokens_bt, positions_bt, mask_bt, logits_from=logits_from,
-                                                          temperature=temperature, with_values=True, **replays)
-
-    apply_fn.next_token_logprobs = next_token_logprobs  # the trainer's: the head replays the sampler's too
+    apply_fn = lm_apply_fn(graphdef, head_logprobs=True)  # the trainer's: the head replays the sampler's too
     rng = np.random.default_rng(0)
     vocab = model.cfg.vocab_size
     prompts = [rng.integers(min(100, vocab - 1), vocab, int(n)).tolist() for n in rng.integers(39, 49, args.batch)]

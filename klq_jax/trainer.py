@@ -365,6 +365,29 @@ def build(config) -> Setup:
                  sampler, build_reward(config), prompt_length, _matmul_dtype(config))
 
 
+def lm_apply_fn(graphdef, *, head_logprobs: bool):
+    """The update's `apply_fn(params, tokens_bt, positions_bt, mask_bt, logits_from, logits_to, replay)
+    -> (logits_btv, values_bt)` for an LM policy split as `graphdef`. With `head_logprobs` it also carries
+    `apply_fn.next_token_logprobs` (`CausalLM.next_token_logprobs(with_values=True)`): the loss then takes the
+    actions' log-probabilities from the head a block of vocabulary at a time, and with a rollout's replays
+    (`Rollout.replay_head`) the head replays the sampler's instead of running its forward."""
+    def apply_fn(params, tokens_bt, positions_bt, mask_bt, logits_from: int = 0, logits_to: int | None = None,
+                 replay=None):
+        out = nnx.merge(graphdef, params)(tokens_bt, positions_bt, mask_bt, logits_from=logits_from,
+                                          logits_to=logits_to, replay=replay)
+        return out.logits_btv, out.values_bt
+
+    def next_token_logprobs(params, tokens_bt, positions_bt, mask_bt, logits_from: int, temperature, replay=None,
+                            replay_head=None):
+        return nnx.merge(graphdef, params).next_token_logprobs(tokens_bt, positions_bt, mask_bt, logits_from=logits_from,
+                                                               temperature=temperature, with_values=True,
+                                                               replay=replay, replay_head=replay_head)
+
+    if head_logprobs:
+        apply_fn.next_token_logprobs = next_token_logprobs
+    return apply_fn
+
+
 def make_fns(setup: Setup, mesh, *, policy_stats: bool = True, replay: bool = False, replay_gate_up: str = "auto",
              replay_attention: str = "off", replay_probs: str = "off"):
     """The injected functions of the loop for an LM policy (the reference's: `make_ref_logprob_fn`).
@@ -379,24 +402,12 @@ def make_fns(setup: Setup, mesh, *, policy_stats: bool = True, replay: bool = Fa
                                   replay_attention=replay_attention, replay_probs=replay_probs)
     policy_stats = policy_stats and sampler.top_k == 0 and sampler.top_p >= 1.0
 
-    def apply_fn(params, tokens_bt, positions_bt, mask_bt, logits_from: int = 0, logits_to: int | None = None,
-                 replay=None):
-        out = nnx.merge(graphdef, params)(tokens_bt, positions_bt, mask_bt, logits_from=logits_from,
-                                          logits_to=logits_to, replay=replay)
-        return out.logits_btv, out.values_bt
-
-    def next_token_logprobs(params, tokens_bt, positions_bt, mask_bt, logits_from: int, temperature, replay=None,
-                            replay_head=None):
-        return nnx.merge(graphdef, params).next_token_logprobs(tokens_bt, positions_bt, mask_bt, logits_from=logits_from,
-                                                               temperature=temperature, with_values=True,
-                                                               replay=replay, replay_head=replay_head)
-
     # With 16-bit matmuls the update's loss takes the actions' log-probabilities from it, never making the logits
     # (train_step.policy_logprobs; docs/performance.md, item 42). Its backward recomputes the logits: one more LM-head
     # matmul, which fp32 matmuls pay for more than the rest saves (SmolLM2's fp32 update 6.60 -> 6.81 s). With the
     # replay its forward is the sampler's (item 56): no more head matmuls than the logits' path, whatever the dtype.
-    if replay or (setup.matmul_dtype is not None and jnp.dtype(setup.matmul_dtype).itemsize == 2):
-        apply_fn.next_token_logprobs = next_token_logprobs
+    apply_fn = lm_apply_fn(graphdef, head_logprobs=bool(
+        replay or (setup.matmul_dtype is not None and jnp.dtype(setup.matmul_dtype).itemsize == 2)))
 
     def sample_fn(params, prompt_batch: list[Prompt], rng):
         out = sharding.global_sample(sampler, params, [p.ids for p in prompt_batch], rng, mesh,

@@ -15,6 +15,7 @@ from klq_jax.models.hf import load_model  # noqa: E402
 from klq_jax.models.sampler import (Sampler, categorical_with_stats, filter_logits, greedy,  # noqa: E402
                                     sample_categorical)
 from klq_jax.models.transformer import KVCache, positions_from_mask, recorded_width  # noqa: E402
+from klq_jax.trainer import lm_apply_fn  # noqa: E402
 
 PAD, EOS = 0, 1
 
@@ -347,19 +348,8 @@ def test_recorded_layer_states_replay_the_update(tiny, tmp_path, decode, matmul_
             pytest.skip(f"no native decode here: {reason}")
     graphdef, params = nnx.split(model)
 
-    def apply_fn_of(graphdef):
-        def apply_fn(p, tokens_bt, positions_bt, mask_bt, logits_from=0, logits_to=None, replay=None):
-            out = nnx.merge(graphdef, p)(tokens_bt, positions_bt, mask_bt, logits_from=logits_from,
-                                         logits_to=logits_to, replay=replay)
-            return out.logits_btv, out.values_bt
-
-        def next_token_logprobs(p, tokens_bt, positions_bt, mask_bt, logits_from, temperature, **replays):
-            return nnx.merge(graphdef, p).next_token_logprobs(tokens_bt, positions_bt, mask_bt, logits_from=logits_from,
-                                                              temperature=temperature, with_values=True, **replays)
-
-        # The trainer's with the replay: the head's log-probabilities too are replayed (`Rollout.replay_head`)
-        apply_fn.next_token_logprobs = next_token_logprobs
-        return apply_fn
+    def apply_fn_of(graphdef):  # the trainer's with the replay: the head's log-probabilities too are replayed
+        return lm_apply_fn(graphdef, head_logprobs=True)
 
     apply_fn = apply_fn_of(graphdef)
     sampler = Sampler.for_model(model, eos_ids=(EOS,), pad_id=PAD, max_new_tokens=10, bucket=8, record_layers=True,
