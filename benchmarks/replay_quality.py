@@ -2,17 +2,19 @@
 
 One rollout of `--batch` prompts x `--new_tokens` tokens from the policy itself (fp32, the native decode step where it
 runs, recording what every replay reads: layer inputs, gate|up, attention q|k|v and output projection, the head's
-`onehot - softmax`), then the KLQ loss's gradient at the sampling parameters, the trainer's way
-(`train_step.policy_logprobs`), four times on that one rollout:
+`onehot - softmax`; drawn twice, the second time with the attention's record, which keeps the layer inputs in bf16
+too), then the KLQ loss's gradient at the sampling parameters, the trainer's way (`train_step.policy_logprobs`),
+four times on that one rollout:
 
     none        the layers and the head replayed from their fp32 records only: the exact fp32 gradient, up to
                 summation order (the reference)
     gate|up     + the MLPs' gate|up in bf16 (`rl.replay_gate_up="on"`)
-    +attention  + the attention's q|k|v and output projection in bf16 (`rl.replay_attention="on"`)
+    +attention  + the attention's q|k|v and output projection in bf16, and the layer inputs with them
+                (`rl.replay_attention="on"`)
     +probs      + the head's `onehot - softmax` in bf16 (`rl.replay_probs="on"`)
 
 For each, the relative L2 distance of the whole gradient from the reference, and its largest over the parameter
-arrays. The prompts are random token ids of 39-48 tokens (the dialogue prompts' lengths), rewards a linear ramp, the
+arrays; and what the head's record and the inputs' bf16 record move on their own. The prompts are random token ids of 39-48 tokens (the dialogue prompts' lengths), rewards a linear ramp, the
 reference's log-probabilities the sampler's plus a small wave: what matters is the loss's usual shape. Prints a table
 and a last line `RESULT ...`.
 
@@ -65,29 +67,37 @@ def main():
     rng = np.random.default_rng(0)
     vocab = model.cfg.vocab_size
     prompts = [rng.integers(min(100, vocab - 1), vocab, int(n)).tolist() for n in rng.integers(39, 49, args.batch)]
-    sampler = Sampler.for_model(model, eos_ids=(-1,), pad_id=0, max_new_tokens=args.new_tokens, bucket=16,
-                                record_layers=True, replay_gate_up="on", replay_attention="on", replay_probs="on")
-    out = sampler(params, prompts, jax.random.key(0))
+
+    def rollout(replay_attention):  # the same draws either way (the same key and parameters): records only differ
+        sampler = Sampler.for_model(model, eos_ids=(-1,), pad_id=0, max_new_tokens=args.new_tokens, bucket=16,
+                                    record_layers=True, replay_gate_up="on", replay_attention=replay_attention,
+                                    replay_probs="on")
+        out = sampler(params, prompts, jax.random.key(0))
+        b, t = out.tokens_bt.shape
+        batch = Rollout.from_samples(
+            out.tokens_bt, positions_from_mask(out.attention_mask_bt), out.attention_mask_bt, out.response_mask_bt,
+            out.logprobs_bt, out.eos_b, values_bt=out.values_bt, entropy_bt=out.entropy_bt,
+            first_action=out.prompt_len, layer_inputs_bltd=out.layer_inputs_bltd, layer_output_btd=out.layer_output_btd,
+            logsumexp_bt=out.logsumexp_bt, gate_up_bltf=out.gate_up_bltf, logp_grad_vtb=out.logp_grad_vtb)
+        return compute_targets(batch.replace(rewards_b=jnp.linspace(-1.0, 1.0, b),
+                                             ref_logp_bt=out.logprobs_bt + 0.05 * jnp.sin(jnp.arange(t))), 0.05, algo)
+
     algo = default_algo_config()
     algo.algo = "klq"
-    b, t = out.tokens_bt.shape
-    batch = Rollout.from_samples(
-        out.tokens_bt, positions_from_mask(out.attention_mask_bt), out.attention_mask_bt, out.response_mask_bt,
-        out.logprobs_bt, out.eos_b, values_bt=out.values_bt, entropy_bt=out.entropy_bt, first_action=out.prompt_len,
-        layer_inputs_bltd=out.layer_inputs_bltd, layer_output_btd=out.layer_output_btd, logsumexp_bt=out.logsumexp_bt,
-        gate_up_bltf=out.gate_up_bltf, logp_grad_vtb=out.logp_grad_vtb)
-    batch = compute_targets(batch.replace(rewards_b=jnp.linspace(-1.0, 1.0, b),
-                                          ref_logp_bt=out.logprobs_bt + 0.05 * jnp.sin(jnp.arange(t))), 0.05, algo)
-    grad = jax.jit(jax.grad(make_loss_fn(apply_fn, algo), has_aux=True))
-    gate_up = out.gate_up_bltf
-    if gate_up is None or out.logp_grad_vtb is None:
+    # fp32 layer inputs and the gate|up; with the attention's projections the inputs too are recorded in bf16
+    batch, batch_all = rollout("off"), rollout("on")
+    if batch.layer_gate_up_bltf is None or batch.sample_logp_grad_vtb is None:
         sys.exit("the sampler recorded no gate|up or no onehot - softmax here (the native decode step does not run)")
-    f2 = 2 * model.cfg.intermediate_size  # the gate|up columns; the attention's q|k|v and o follow them
+    np.testing.assert_array_equal(np.asarray(batch.tokens_bt), np.asarray(batch_all.tokens_bt))
+    b = batch.tokens_bt.shape[0]
+    grad = jax.jit(jax.grad(make_loss_fn(apply_fn, algo), has_aux=True))
     settings = {
         "none": batch.replace(layer_gate_up_bltf=None, sample_logp_grad_vtb=None),
-        "gate|up": batch.replace(layer_gate_up_bltf=gate_up[..., :f2], sample_logp_grad_vtb=None),
-        "+attention": batch.replace(sample_logp_grad_vtb=None),
-        "+probs": batch,
+        "gate|up": batch.replace(sample_logp_grad_vtb=None),
+        "+attention": batch_all.replace(sample_logp_grad_vtb=None),
+        "+probs": batch_all,
+        # the attention's record with the fp32 inputs: what the inputs' bf16 record adds on its own
+        "fp32 inputs": batch_all.replace(layer_inputs_bltd=batch.layer_inputs_bltd, sample_logp_grad_vtb=None),
     }
     grads = {name: grad(params, rollout, 0.05)[0] for name, rollout in settings.items()}
     print(f"KLQ loss gradient, fp32, {b} x {args.new_tokens} tokens, {model.cfg.num_layers} layers, vocabulary "
@@ -99,11 +109,14 @@ def main():
         figures[name] = (whole, worst)
         print(f"{name:18s} {whole:12.2e} {worst:18.2e}")
     probs_alone = relative_l2(grads["+probs"], grads["+attention"])[0]
+    inputs_alone = relative_l2(grads["+attention"], grads["fp32 inputs"])[0]
     print(f"the head's record alone (+probs against +attention): {probs_alone:.2e}")
+    print(f"the layer inputs' bf16 record alone (+attention against it with fp32 inputs): {inputs_alone:.2e}")
     print("RESULT " + " ".join([f"gate_up_rel_l2={figures['gate|up'][0]:.3g}",
                                 f"attention_rel_l2={figures['+attention'][0]:.3g}",
                                 f"probs_rel_l2={figures['+probs'][0]:.3g}", f"probs_alone_rel_l2={probs_alone:.3g}",
-                                f"probs_worst_array_rel_l2={figures['+probs'][1]:.3g}"]))
+                                f"probs_worst_array_rel_l2={figures['+probs'][1]:.3g}",
+                                f"inputs_alone_rel_l2={inputs_alone:.3g}"]))
 
 
 if __name__ == "__main__":

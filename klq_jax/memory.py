@@ -41,9 +41,10 @@ f, V` heads, KV heads, MLP width and vocabulary divided by `tp` where it divides
 The phases run one after another, so their temporaries do not add up (on one CPU device the reward runs beside
 the reference forward, `reward.overlap_reference`: its model's temporaries, not counted here, then add to the
 forward's; with one update step per rollout on one device the sampler's recorded layer states,
-`rl.replay_sampler_forward`, L x B x T x d in the checkpoint dtype plus B x T x d fp32, and with bf16 matmuls (or
-`rl.replay_gate_up="on"`) and the native decode step the gate|up projections, B x L x T x 2f bf16 (with
-`rl.replay_attention="on"` B x L x T x (2f + (h + 2k) hd + d)), and with `rl.replay_probs="on"` each action's
+`rl.replay_sampler_forward`, L x B x T x d in the checkpoint dtype (bf16 with `rl.replay_attention="on"`) plus
+B x T x d fp32, and with bf16 matmuls (or `rl.replay_gate_up="on"`) and the native decode step the gate|up
+projections, B x L x T x 2f bf16 (with `rl.replay_attention="on"` B x L x T x (2f + (h + 2k) hd + d)), and with
+`rl.replay_probs="on"` each action's
 onehot - softmax, V x N x B bf16, live from the rollout to the update: not counted either, and they stand in for the
 update forward's own saved layer inputs). `--measure`
 compiles the real update step, policy forward and sampler on abstract inputs (nothing is allocated, so the

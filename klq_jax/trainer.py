@@ -257,7 +257,9 @@ def replay_attention_choice(config) -> str:
     """`rl.replay_attention` (where the gate|up is replayed: `replay_gate_up_choice`): "on", the sampler records each
     layer's attention q|k|v (before the rotation) and output projection after its gate|up (bf16), and the update's
     backward replays them instead of recomputing those four matmuls; the attention itself (scores, softmax, values)
-    is still recomputed from them. With fp32 matmuls the attention's backward then reads them rounded to bf16.
+    is still recomputed from them. With fp32 matmuls the attention's backward then reads them rounded to bf16, and
+    the layers' inputs are recorded in bf16 too (they then feed only the norms, whose outputs are the projections'
+    weight-gradient operands: -49 MB for SmolLM2's 8 x 176 tokens, item 72).
     SmolLM2 fp32 update on a 2-core Zen 1: 0.92x the time for +0.12 GiB (docs/performance.md, item 67). "off"."""
     return _choice(config.rl.get("replay_attention", "off"), "rl.replay_attention", REPLAY_ATTENTION)
 

@@ -82,7 +82,7 @@ def test_replay_quality_reports_each_replay_against_the_exact_gradient(tmp_path)
     assert done.returncode == 0, done.stderr
     fields = dict(kv.split("=") for kv in done.stdout.strip().splitlines()[-1].split()[1:])
     assert set(fields) == {"gate_up_rel_l2", "attention_rel_l2", "probs_rel_l2", "probs_alone_rel_l2",
-                           "probs_worst_array_rel_l2"}
+                           "probs_worst_array_rel_l2", "inputs_alone_rel_l2"}
     assert all(0 < float(v) < 2 ** -8 for v in fields.values()), fields
     bad = subprocess.run([sys.executable, script, "--batch", "0"], capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0

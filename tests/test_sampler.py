@@ -359,8 +359,10 @@ def test_recorded_layer_states_replay_the_update(tiny, tmp_path, decode, matmul_
     out = sampler(params, PROMPTS * 2, jax.random.key(3))
     L, (b, t), d = model.cfg.num_layers, out.tokens_bt.shape, model.cfg.hidden_size
     assert out.layer_inputs_bltd.shape == (b, L, t, d) and out.layer_output_btd.shape == (b, t, d)
-    # bf16 inputs as their bits (uint16) in every decode path, as the update reads them
-    assert out.layer_inputs_bltd.dtype == (jnp.float32 if matmul_dtype is None else jnp.uint16)
+    # bf16 inputs as their bits (uint16) in every decode path, as the update reads them; bf16 with bf16 matmuls, or
+    # with the attention's projections recorded too (the native step)
+    bf16_inputs = matmul_dtype is not None or sampler.records_attention(model)
+    assert out.layer_inputs_bltd.dtype == (jnp.uint16 if bf16_inputs else jnp.float32)
     mask = np.asarray(out.attention_mask_bt)
     assert mask.sum(1).min() < t - 4 and not mask.all()  # left padding and rows that stopped at EOS
 
@@ -397,7 +399,7 @@ def test_recorded_layer_states_replay_the_update(tiny, tmp_path, decode, matmul_
             return np.asarray(jax.lax.bitcast_convert_type(bits, jnp.bfloat16).astype(jnp.float32))
 
         recorded = [("gate|up (and attention)", out.gate_up_bltf, fwd.gate_up_lbtf)]
-        if matmul_dtype is not None:
+        if bf16_inputs:
             recorded.append(("inputs", out.layer_inputs_bltd, fwd.layer_states_lbtd[:L]))
         for name, ours, ref_lbtx in recorded:
             ours, ref = widened(ours), np.asarray(ref_lbtx.astype(jnp.bfloat16).astype(jnp.float32)).swapaxes(0, 1)
@@ -415,11 +417,12 @@ def test_recorded_layer_states_replay_the_update(tiny, tmp_path, decode, matmul_
         np.testing.assert_allclose(np.asarray(out.logsumexp_bt)[:, 1:][resp[:, 1:]], lse_bt[:, :-1][resp[:, 1:]],
                                    rtol=1e-5)
         ref_lbtd = np.asarray(fwd.layer_states_lbtd)
-        ours_lbtd = np.concatenate([np.asarray(out.layer_inputs_bltd).swapaxes(0, 1),
-                                    np.asarray(out.layer_output_btd)[None]])
-        for l in range(L + 1):
+        ours = {L: np.asarray(out.layer_output_btd)}
+        if out.layer_inputs_bltd.dtype == jnp.float32:  # (as bf16 bits, with the attention's: compared above)
+            ours.update(enumerate(np.asarray(out.layer_inputs_bltd).swapaxes(0, 1)))
+        for l, ours_btd in ours.items():
             scale = np.abs(ref_lbtd[l][mask]).max()
-            np.testing.assert_allclose(ours_lbtd[l][mask], ref_lbtd[l][mask], rtol=0, atol=2e-5 * scale,
+            np.testing.assert_allclose(ours_btd[mask], ref_lbtd[l][mask], rtol=0, atol=2e-5 * scale,
                                        err_msg=f"layer {l}")
 
     algo_cfg = default_algo_config()

@@ -37,7 +37,8 @@ class SampleOutput:
     With the policy's own distribution (`top_k=0, top_p=1`), logprobs, values and entropy are those a
     forward of the policy over the sampled tokens gives, so the RL loop can skip that forward.
     With `record_layers`: `layer_inputs_bltd` [B, L, T, D], each layer's input at every slot (in the dtype the
-    update's remat keeps them, `CausalLM.checkpoint_dtype`; bf16 as its bit patterns, uint16, for the reason below),
+    update's remat keeps them, `CausalLM.checkpoint_dtype`, or bf16 where the attention's projections are recorded
+    too; bf16 as its bit patterns, uint16, for the reason below),
     and `layer_output_btd` [B, T, D] fp32, the last layer's
     output: what the sampler's prefill and decode steps computed, which an update at the same parameters replays
     instead of running its own forward (`CausalLM.__call__(replay=...)`). Slots after an early stop hold zeros.
@@ -220,6 +221,11 @@ def _generate(graphdef, state, prompt_bp, prompt_mask_bp, rng, temperature, top_
     record_attention = check_replay_attention(replay_attention) == "on" and record_gate_up
     record_logp_grad = record_logp_grad and record_layers
     inputs_dtype = model.checkpoint_dtype() or jnp.float32
+    if record_attention:
+        # Every projection replayed, the update's layers read their inputs only for the norms (the projections'
+        # weight-gradient operands): kept in bf16 as the projections are (half the bytes: -49 MB for SmolLM2's
+        # 8 x 176 slots in fp32).
+        inputs_dtype = jnp.bfloat16
     # bf16 layer inputs as bits, written by the native step at their slot in place (as the gate|up); else every
     # step's [L + 1, B, D] fp32 into a buffer converted after the loop.
     record_input_bits = record_layers and native and inputs_dtype == jnp.bfloat16
