@@ -2,21 +2,23 @@
 
 One rollout of `--batch` prompts x `--new_tokens` tokens from the policy itself (fp32, the native decode step where it
 runs, recording what every replay reads: layer inputs, gate|up, attention q|k|v and output projection, the head's
-`onehot - softmax`; drawn twice, the second time with the attention's record, which keeps the layer inputs in bf16
-too), then the KLQ loss's gradient at the sampling parameters, the trainer's way (`train_step.policy_logprobs`),
-four times on that one rollout:
+`onehot - softmax`; drawn twice, the same tokens, the second time with the attention's record, which keeps the layer
+inputs in bf16 too), then the KLQ loss's gradient at the sampling parameters, the trainer's way
+(`train_step.policy_logprobs`), five times on that one rollout:
 
-    none        the layers and the head replayed from their fp32 records only: the exact fp32 gradient, up to
-                summation order (the reference)
-    gate|up     + the MLPs' gate|up in bf16 (`rl.replay_gate_up="on"`)
-    +attention  + the attention's q|k|v and output projection in bf16, and the layer inputs with them
-                (`rl.replay_attention="on"`)
-    +probs      + the head's `onehot - softmax` in bf16 (`rl.replay_probs="on"`)
+    none         the layers and the head replayed from their fp32 records only: the exact fp32 gradient, up to
+                 summation order (the reference)
+    gate|up      + the MLPs' gate|up in bf16 (`rl.replay_gate_up="on"`)
+    +attention   + the attention's q|k|v and output projection in bf16, and the layer inputs with them
+                 (`rl.replay_attention="on"`)
+    +probs       + the head's `onehot - softmax` in bf16 (`rl.replay_probs="on"`)
+    fp32 inputs  +attention's records with the first rollout's fp32 layer inputs
 
-For each, the relative L2 distance of the whole gradient from the reference, and its largest over the parameter
-arrays; and what the head's record and the inputs' bf16 record move on their own. The prompts are random token ids of 39-48 tokens (the dialogue prompts' lengths), rewards a linear ramp, the
-reference's log-probabilities the sampler's plus a small wave: what matters is the loss's usual shape. Prints a table
-and a last line `RESULT ...`.
+For the first three, the relative L2 distance of the whole gradient from the reference, and its largest over the
+parameter arrays; and what the head's record (+probs against +attention) and the inputs' bf16 record (+attention
+against fp32 inputs) move on their own. The prompts are random token ids of 39-48 tokens (the dialogue prompts'
+lengths), rewards a linear ramp, the reference's log-probabilities the sampler's plus a small wave: what matters is
+the loss's usual shape. Prints a table and a last line `RESULT ...`.
 
     python benchmarks/replay_quality.py [--policy HF_FOLDER] [--batch 8] [--new_tokens 128]
 """

@@ -44,10 +44,9 @@ forward's; with one update step per rollout on one device the sampler's recorded
 `rl.replay_sampler_forward`, L x B x T x d in the checkpoint dtype (bf16 with `rl.replay_attention="on"`) plus
 B x T x d fp32, and with bf16 matmuls (or `rl.replay_gate_up="on"`) and the native decode step the gate|up
 projections, B x L x T x 2f bf16 (with `rl.replay_attention="on"` B x L x T x (2f + (h + 2k) hd + d)), and with
-`rl.replay_probs="on"` each action's
-onehot - softmax, V x N x B bf16, live from the rollout to the update: not counted either, and they stand in for the
-update forward's own saved layer inputs). `--measure`
-compiles the real update step, policy forward and sampler on abstract inputs (nothing is allocated, so the
+`rl.replay_probs="on"` each action's onehot - softmax, V x N x B bf16, live from the rollout to the update: not
+counted either, and they stand in for the update forward's own saved layer inputs). `--measure` compiles the real
+update step, policy forward and sampler on abstract inputs (nothing is allocated, so the
 full-size models work on a laptop) over fake CPU devices and prints XLA's
 per-device argument and temporary sizes next to the estimate. For float32 programs without remat the estimate
 is within -13%..+21% of XLA:CPU's temporaries,

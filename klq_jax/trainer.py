@@ -381,9 +381,10 @@ def lm_apply_fn(graphdef, *, head_logprobs: bool):
 
     def next_token_logprobs(params, tokens_bt, positions_bt, mask_bt, logits_from: int, temperature, replay=None,
                             replay_head=None):
-        return nnx.merge(graphdef, params).next_token_logprobs(tokens_bt, positions_bt, mask_bt, logits_from=logits_from,
-                                                               temperature=temperature, with_values=True,
-                                                               replay=replay, replay_head=replay_head)
+        model = nnx.merge(graphdef, params)
+        return model.next_token_logprobs(tokens_bt, positions_bt, mask_bt, logits_from=logits_from,
+                                         temperature=temperature, with_values=True, replay=replay,
+                                         replay_head=replay_head)
 
     if head_logprobs:
         apply_fn.next_token_logprobs = next_token_logprobs
