@@ -711,11 +711,9 @@ inline void axpy_hd(float p, const T* v, float* out, int hd) {
   for (int j = 0; j < hd; ++j) out[j] += p * widen(v[j]);
 }
 
-// probs [G][n_valid] (each head's softmax numerators) -> out [G][hd] = sum_i probs[g][i] / sum[g] * V[slot_i], with the
+// probs [G][n_valid] (each head's softmax, normalised) -> out [G][hd] = sum_i probs[g][i] * V[slot_i], with the
 // G heads' outputs held in registers (kAttVecs vectors of each at a time) and each value row read once for all G:
 // 0.03 -> ~0.02 ms per valid slot of a SmolLM2 step (axpy_hd per head loaded and stored its output at every slot).
-// The sums divide the outputs once at the end, not each numerator at each slot of each pass: on AVX2 (4 passes of a
-// 64-wide head) that was 12 scalar divisions per slot beside 24 FMAs.
 constexpr int kAttVecs = kLanes == 16 ? 4 : 2;  // AVX-512: 4 x G <= 16 accumulators; AVX2: 2 x G <= 8
 
 constexpr int kAttPrefetch = 4;  // key rows ahead
@@ -727,8 +725,8 @@ inline void prefetch_row(const T* row, int n) {
 }
 
 template <int G, typename T>
-void weighted_values(const float* probs, int stride, const float* sums, const T* v_sh, const int* slots_valid,
-                     int n_valid, int hd, float* out_gh) {
+void weighted_values(const float* probs, int stride, const T* v_sh, const int* slots_valid, int n_valid, int hd,
+                     float* out_gh) {
   for (int c0 = 0; c0 < hd; c0 += kAttVecs * kLanes) {
     const int nc = std::min(kAttVecs, (hd - c0) / kLanes);
     vfloat acc[G][kAttVecs];
@@ -744,10 +742,8 @@ void weighted_values(const float* probs, int stride, const float* sums, const T*
         for (int g = 0; g < G; ++g) acc[g][c] = vfma(p[g], vv, acc[g][c]);
       }
     }
-    for (int g = 0; g < G; ++g) {
-      const vfloat sum = vset(sums[g]);
-      for (int c = 0; c < nc; ++c) vstore(out_gh + g * hd + c0 + c * kLanes, vdiv(acc[g][c], sum));
-    }
+    for (int g = 0; g < G; ++g)
+      for (int c = 0; c < nc; ++c) vstore(out_gh + g * hd + c0 + c * kLanes, acc[g][c]);
   }
 }
 
@@ -796,7 +792,6 @@ void attend(const Dims& dm, const float* q_gh, const T* k_sh, const T* v_sh, con
     const T* k = k_sh + static_cast<int64_t>(slots_valid[i]) * hd;
     for (int g = 0; g < g_heads; ++g) scores[g * stride + i] = dot_hd(q_gh + g * hd, k, hd) / scale;
   }
-  float sums[4];  // the register path's heads (at most 4)
   const bool vectors = hd % kLanes == 0 && g_heads <= 4;
   for (int g = 0; g < g_heads; ++g) {
     float* sc = scores + g * stride;
@@ -811,7 +806,14 @@ void attend(const Dims& dm, const float* q_gh, const T* k_sh, const T* v_sh, con
     }
     const float sum = vsum(sum_v);
     if (vectors) {
-      sums[g] = sum;
+      // Normalised here, a vector division per kLanes slots, as XLA's softmax does before its dot (the same
+      // correctly rounded quotients as the scalar path's). Dividing the weighted sums instead (stop 41) rounds
+      // otherwise: with bf16 matmuls the outputs are then rounded to bf16 for the output projection, and where the
+      // two fp32 values straddle a rounding boundary they differ from XLA's by a bf16 step (a log-probability of
+      // test_sampler_rollouts_equal_xla[bf16] by 8.7e-4 on a Zen 4 VM).
+      const vfloat sum_b = vset(sum);
+      for (int i = 0; i < n_valid; i += kLanes)
+        vstore_first(sc + i, vdiv(vload_first(sc + i, n_valid - i), sum_b), n_valid - i);
       continue;
     }
     float* out = out_gh + g * hd;
@@ -820,10 +822,10 @@ void attend(const Dims& dm, const float* q_gh, const T* k_sh, const T* v_sh, con
   }
   if (!vectors) return;
   switch (g_heads) {
-    case 1: return weighted_values<1, T>(scores, stride, sums, v_sh, slots_valid, n_valid, hd, out_gh);
-    case 2: return weighted_values<2, T>(scores, stride, sums, v_sh, slots_valid, n_valid, hd, out_gh);
-    case 3: return weighted_values<3, T>(scores, stride, sums, v_sh, slots_valid, n_valid, hd, out_gh);
-    default: return weighted_values<4, T>(scores, stride, sums, v_sh, slots_valid, n_valid, hd, out_gh);
+    case 1: return weighted_values<1, T>(scores, stride, v_sh, slots_valid, n_valid, hd, out_gh);
+    case 2: return weighted_values<2, T>(scores, stride, v_sh, slots_valid, n_valid, hd, out_gh);
+    case 3: return weighted_values<3, T>(scores, stride, v_sh, slots_valid, n_valid, hd, out_gh);
+    default: return weighted_values<4, T>(scores, stride, v_sh, slots_valid, n_valid, hd, out_gh);
   }
 }
 
