@@ -93,7 +93,7 @@ def base_config() -> ml_collections.ConfigDict:
                                    # +0.2 GiB: item 66), "off"
     c.rl.replay_attention = "off"  # "on": with the gate|up, the attention's q|k|v and output projection (bf16), which
                                    # the update's backward replays too, and the layer inputs in bf16 (SmolLM2 fp32
-                                   # update 0.92x the time, +0.12 GiB: items 67, 72)
+                                   # update 0.92x the time, +0.12 GiB, less 0.05 for the inputs: items 67, 72)
     c.rl.replay_probs = "off"      # "on": with the head's replay, each drawn token's onehot - softmax (bf16), which the
                                    # head's backward reads instead of recomputing the logits (one device; +0.1 GiB:
                                    # item 71)

@@ -418,7 +418,7 @@ def test_recorded_layer_states_replay_the_update(tiny, tmp_path, decode, matmul_
                                    rtol=1e-5)
         ref_lbtd = np.asarray(fwd.layer_states_lbtd)
         ours = {L: np.asarray(out.layer_output_btd)}
-        if out.layer_inputs_bltd.dtype == jnp.float32:  # (as bf16 bits, with the attention's: compared above)
+        if not bf16_inputs:  # (as bf16 bits, with the attention's: compared above)
             ours.update(enumerate(np.asarray(out.layer_inputs_bltd).swapaxes(0, 1)))
         for l, ours_btd in ours.items():
             scale = np.abs(ref_lbtd[l][mask]).max()
