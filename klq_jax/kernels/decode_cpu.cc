@@ -804,21 +804,18 @@ void attend(const Dims& dm, const float* q_gh, const T* k_sh, const T* v_sh, con
       vstore_first(sc + i, e, n_valid - i);
       sum_v = vadd(sum_v, vkeep_first(e, n_valid - i));
     }
-    const float sum = vsum(sum_v);
-    if (vectors) {
-      // Normalised here, a vector division per kLanes slots, as XLA's softmax does before its dot (the same
-      // correctly rounded quotients as the scalar path's). Dividing the weighted sums instead (stop 41) rounds
-      // otherwise: with bf16 matmuls the outputs are then rounded to bf16 for the output projection, and where the
-      // two fp32 values straddle a rounding boundary they differ from XLA's by a bf16 step (a log-probability of
-      // test_sampler_rollouts_equal_xla[bf16] by 8.7e-4 on a Zen 4 VM).
-      const vfloat sum_b = vset(sum);
-      for (int i = 0; i < n_valid; i += kLanes)
-        vstore_first(sc + i, vdiv(vload_first(sc + i, n_valid - i), sum_b), n_valid - i);
-      continue;
-    }
+    // Normalised here, a vector division per kLanes slots, as XLA's softmax does before its dot (correctly
+    // rounded quotients, whatever the width). Dividing the weighted sums instead (stop 41) rounds otherwise: with
+    // bf16 matmuls the outputs are then rounded to bf16 for the output projection, and where the two fp32 values
+    // straddle a rounding boundary they differ from XLA's by a bf16 step (a log-probability of
+    // test_sampler_rollouts_equal_xla[bf16] by 8.7e-4 on a Zen 4 VM).
+    const vfloat sum_b = vset(vsum(sum_v));
+    for (int i = 0; i < n_valid; i += kLanes)
+      vstore_first(sc + i, vdiv(vload_first(sc + i, n_valid - i), sum_b), n_valid - i);
+    if (vectors) continue;
     float* out = out_gh + g * hd;
     std::fill(out, out + hd, 0.f);
-    for (int i = 0; i < n_valid; ++i) axpy_hd(sc[i] / sum, v_sh + static_cast<int64_t>(slots_valid[i]) * hd, out, hd);
+    for (int i = 0; i < n_valid; ++i) axpy_hd(sc[i], v_sh + static_cast<int64_t>(slots_valid[i]) * hd, out, hd);
   }
   if (!vectors) return;
   switch (g_heads) {
