@@ -101,7 +101,7 @@ def main():
         # the attention's record with the fp32 inputs: what the inputs' bf16 record adds on its own
         "fp32 inputs": batch_all.replace(layer_inputs_bltd=batch.layer_inputs_bltd, sample_logp_grad_vtb=None),
     }
-    grads = {name: grad(params, rollout, 0.05)[0] for name, rollout in settings.items()}
+    grads = {name: grad(params, setting, 0.05)[0] for name, setting in settings.items()}
     print(f"KLQ loss gradient, fp32, {b} x {args.new_tokens} tokens, {model.cfg.num_layers} layers, vocabulary "
           f"{vocab}: distance from the exact gradient (no bf16 record)")
     print(f"{'replayed in bf16':18s} {'whole (L2)':>12s} {'worst array (L2)':>18s}")
